@@ -1,0 +1,1 @@
+"""logitcache.kernels: fused sparse-KD losses (Triton) and their plain-PyTorch references."""
