@@ -1,0 +1,369 @@
+"""Typed configuration of a logitcache run, loaded from TOML.
+
+One frozen dataclass per section; the defaults live here and nowhere else. A config file is a
+TOML document whose tables mirror these dataclasses; unknown keys and values of the wrong type
+are rejected with a :class:`ConfigError` that names the key (and the closest valid one).
+
+Relative paths written inside a config file are resolved against the directory of that file,
+so ``pipe run /elsewhere/configs/demo.toml`` works from any working directory. Paths given on
+the command line (``--run-dir``, ``--set run.dir=...``) are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from logitcache.pipeline.errors import ConfigError
+
+Family = Literal["llama", "gpt2"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run's outputs go and its global seed."""
+
+    dir: str = ""  # "" means runs/<config file stem> under the working directory
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`pipe prepare-data`: corpus → BPE tokenizer → train/dev/test token windows."""
+
+    corpus: str = ""  # a directory of .txt/.train/.dev/.test(.gz) files, or a .jsonl(.gz) file
+    jsonl_field: str = "text"
+    max_chars_per_file: int = 0  # 0 = whole files; >0 keeps only the first N characters of each
+    on_decode_error: Literal["error", "skip"] = "error"
+    document_words: int = 256  # consecutive paragraphs are grouped into documents of >= N words
+    dev_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    seq_len: int = 128
+    vocab_size: int = 16000
+    min_frequency: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM built with transformers (LlamaForCausalLM or GPT2LMHeadModel)."""
+
+    family: Family = "llama"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0 = same as num_heads (Llama only)
+    intermediate_size: int = 1024  # FFN width (Llama: SwiGLU width; GPT-2: n_inner)
+    max_position_embeddings: int = 0  # 0 = data.seq_len
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by teachers and students."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 32  # windows per optimizer step (the global batch, over all ranks)
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide; >0 stops after this many optimizer steps
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 64
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (and at each epoch end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher: trained from `model` + `train`, or an existing HF model directory (`path`)."""
+
+    path: str = ""  # an existing Hugging Face model directory: skip training, use it as is
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `pipe cache-logits` stores per position (used from the cache stage on)."""
+
+    k: int = 64
+    mode: Literal["topk", "sampled"] = "topk"
+    samples: int = 64  # draws per position in `sampled` mode
+    ensemble: Literal["mean_logits", "mean_probs"] = "mean_logits"
+    weights: list[float] = field(default_factory=list)  # per-teacher weights; [] = equal
+    temperature: float = 1.0
+    batch_size: int = 32  # windows per teacher forward pass
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The student's loss: ce_weight * CE + kl_weight * T^2 * KL(teacher || student)."""
+
+    alpha: float = 0.5  # kl_weight = alpha, ce_weight = 1 - alpha (BabyLlama's convention)
+    temperature: float = 1.0
+    tail: Literal["renormalize", "ghost"] = "renormalize"
+    reduction: Literal["mean", "sum", "batchmean-compat"] = "mean"
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """The distilled student (trained by `pipe train-student`, from the student stage on)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one section per stage."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    source: str = ""  # the config file this was loaded from (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, *sections: str) -> str:
+        """SHA-256 of the named sections (all but `run`/`source` if none): what a stage depends on."""
+        data = self.to_dict()
+        names = sections or tuple(k for k in data if k not in ("run", "source"))
+        blob = json.dumps({name: data[name] for name in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    path: str | Path, overrides: typing.Sequence[str] = (), run_dir: str | Path | None = None
+) -> Config:
+    """Load a TOML config, apply ``section.key=value`` overrides, resolve paths, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Expected a TOML config file. Got {str(path)!r}, which does not exist.")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}).") from None
+    raw = _resolve_file_paths(raw, path.parent)
+    for item in overrides:
+        _apply_override(raw, item)
+    if run_dir is not None:
+        raw.setdefault("run", {})["dir"] = str(run_dir)
+    config = from_dict(Config, raw, where="")
+    if not config.run.dir:
+        config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=f"runs/{path.stem}"))
+    config = dataclasses.replace(config, source=str(path))
+    validate(config)
+    return config
+
+
+# Keys whose values are filesystem paths written relative to the config file.
+_PATH_KEYS = {("run", "dir"), ("data", "corpus")}
+
+
+def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    for section, key in _PATH_KEYS:
+        table = raw.get(section)
+        if isinstance(table, dict) and key in table:
+            table[key] = fix(table[key])
+    teachers = raw.get("teachers")
+    if isinstance(teachers, dict):
+        for table in teachers.values():
+            if isinstance(table, dict) and "path" in table:
+                table["path"] = fix(table["path"])
+    return raw
+
+
+def _parse_override_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: treat as a string
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"Expected --set section.key=value. Got {item!r}.")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"Expected --set section.key=value. Got {item!r}.")
+    _check_key_path(keys)
+    table = raw
+    for key in keys[:-1]:
+        table = table.setdefault(key, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a table.")
+    value = _parse_override_value(text.strip())
+    if (keys[0], keys[-1]) in _PATH_KEYS and isinstance(value, str):
+        value = str(Path(value).resolve())  # command-line paths are relative to the working dir
+    table[keys[-1]] = value
+
+
+def _check_key_path(keys: list[str]) -> None:
+    """Reject an override whose key does not exist, naming the closest valid key."""
+    cls: Any = Config
+    prefix: list[str] = []
+    for key in keys:
+        origin = typing.get_origin(cls)
+        if origin is dict:  # a named table such as teachers.<name>
+            cls = typing.get_args(cls)[1]
+            prefix.append(key)
+            continue
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"Unknown config key {'.'.join(keys)!r}: {'.'.join(prefix)!r} has no sub-keys.")
+        hints = typing.get_type_hints(cls)
+        if key not in hints or key == "source":
+            raise ConfigError(_unknown_key_message(".".join(prefix + [key]), key, list(hints)))
+        cls = hints[key]
+        prefix.append(key)
+
+
+def _unknown_key_message(dotted: str, key: str, valid: list[str]) -> str:
+    valid = [name for name in valid if name != "source"]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+    return f"Unknown config key {dotted!r}.{hint}"
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], raw: Any, *, where: str) -> T:
+    """Build dataclass ``cls`` from a TOML table, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Expected a table at {where or 'the top level'!r}. Got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in hints or key == "source":
+            raise ConfigError(_unknown_key_message(dotted, key, list(hints)))
+        kwargs[key] = _convert(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=dotted)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"Expected {dotted!r} to be a table of named entries. Got {value!r}.")
+        item_type = typing.get_args(tp)[1]
+        return {name: _convert(item_type, item, f"{dotted}.{name}") for name, item in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"Expected {dotted!r} to be a list. Got {value!r}.")
+        item_type = typing.get_args(tp)[0]
+        return [_convert(item_type, item, f"{dotted}[{i}]") for i, item in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"Expected {dotted!r} to be one of {', '.join(map(repr, choices))}. Got {value!r}."
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # keep configs free of Optional
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"Expected {dotted!r} to be a number. Got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"Expected {dotted!r} to be an integer. Got {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"Expected {dotted!r} to be true or false. Got {value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"Expected {dotted!r} to be a string. Got {value!r}.")
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a single type cannot express."""
+    data = config.data
+    if data.seq_len < 2:
+        raise ConfigError(f"Expected data.seq_len >= 2. Got {data.seq_len}.")
+    if not 3 < data.vocab_size <= 2**31 - 1:
+        raise ConfigError(f"Expected data.vocab_size > 3 (room for <pad>, <s>, </s>). Got {data.vocab_size}.")
+    if data.dev_fraction <= 0 or data.test_fraction < 0 or data.dev_fraction + data.test_fraction >= 1:
+        raise ConfigError(
+            "Expected 0 < data.dev_fraction, 0 <= data.test_fraction and their sum < 1. "
+            f"Got {data.dev_fraction} and {data.test_fraction}."
+        )
+    for name, teacher in config.teachers.items():
+        _validate_model(teacher.model, f"teachers.{name}.model")
+        _validate_train(teacher.train, f"teachers.{name}.train")
+    _validate_model(config.student.model, "student.model")
+    _validate_train(config.student.train, "student.train")
+    if not 0.0 <= config.student.distill.alpha <= 1.0:
+        raise ConfigError(f"Expected student.distill.alpha in [0, 1]. Got {config.student.distill.alpha}.")
+    if config.cache.weights and len(config.cache.weights) != len(config.teachers):
+        raise ConfigError(
+            f"Expected cache.weights to have one weight per teacher ({len(config.teachers)}). "
+            f"Got {len(config.cache.weights)}."
+        )
+
+
+def _validate_model(model: ModelConfig, where: str) -> None:
+    if model.hidden_size % model.num_heads:
+        raise ConfigError(
+            f"Expected {where}.hidden_size ({model.hidden_size}) divisible by num_heads ({model.num_heads})."
+        )
+    kv = model.num_kv_heads or model.num_heads
+    if model.num_heads % kv:
+        raise ConfigError(f"Expected {where}.num_heads ({model.num_heads}) divisible by num_kv_heads ({kv}).")
+    if model.family == "gpt2" and model.num_kv_heads not in (0, model.num_heads):
+        raise ConfigError(f"{where}: GPT-2 has no grouped-query attention; leave num_kv_heads at 0.")
+
+
+def _validate_train(train: TrainConfig, where: str) -> None:
+    if train.batch_size < 1 or train.grad_accum_steps < 1 or train.batch_size % train.grad_accum_steps:
+        raise ConfigError(
+            f"Expected {where}.batch_size ({train.batch_size}) to be a positive multiple of "
+            f"grad_accum_steps ({train.grad_accum_steps})."
+        )
+    if train.lr <= 0 or train.epochs < 1 and train.max_steps < 1:
+        raise ConfigError(f"Expected {where}.lr > 0 and epochs >= 1 (or max_steps >= 1).")

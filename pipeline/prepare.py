@@ -1,0 +1,194 @@
+"""`pipe prepare-data`: corpus → tokenizer.json + packed token windows (Zarr v3) + manifest.
+
+Output folder (``RUN/data``)::
+
+    tokenizer.json      HF tokenizers ByteLevel BPE trained on the train split
+    windows.zarr/       Zarr v3 group; arrays train, dev, test of shape (windows, seq_len)
+    manifest.json       counts, SHA-256 of inputs, tokenizer and each split's windows
+    provenance.json     resolved config, versions, command (not part of the deterministic output)
+    COMPLETE.json       written last
+
+Each split is one token stream: every document contributes ``<s> tokens </s>``, and the stream
+is cut into consecutive windows of ``seq_len`` tokens (the remainder, < seq_len tokens, is
+dropped and counted in the manifest). The same corpus and config give identical bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from logitcache.pipeline.config import Config
+from logitcache.pipeline.corpus import SPLITS, Document, read_corpus
+from logitcache.pipeline.errors import DataError, StageError
+from logitcache.pipeline.hashing import array_sha256, file_sha256
+from logitcache.pipeline.progress import progress_bar
+from logitcache.pipeline.rundir import (
+    RunLayout,
+    atomic_write_text,
+    is_complete,
+    mark_complete,
+    read_marker,
+    write_provenance,
+)
+from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, train_bpe
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+MANIFEST_VERSION = 1
+WINDOW_CHUNK_ROWS = 1024
+
+
+def data_fingerprint(config: Config) -> str:
+    return config.fingerprint("data")
+
+
+def window_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def _pack(docs: list[list[int]], seq_len: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """Concatenate ``<s> doc </s>`` streams and cut them into (windows, seq_len); return leftover count."""
+    total = sum(len(ids) + 2 for ids in docs)
+    stream = np.empty(total, dtype=dtype)
+    pos = 0
+    for ids in docs:
+        stream[pos] = BOS_ID
+        stream[pos + 1 : pos + 1 + len(ids)] = ids
+        stream[pos + 1 + len(ids)] = EOS_ID
+        pos += len(ids) + 2
+    n_windows = total // seq_len
+    return stream[: n_windows * seq_len].reshape(n_windows, seq_len), total - n_windows * seq_len
+
+
+def _write_windows(group: zarr.Group, name: str, windows: np.ndarray) -> None:
+    chunk_rows = max(1, min(WINDOW_CHUNK_ROWS, windows.shape[0]))
+    array = group.create_array(
+        name,
+        shape=windows.shape,
+        dtype=windows.dtype,
+        chunks=(chunk_rows, windows.shape[1]),
+        compressors=[ZstdCodec(level=3), Crc32cCodec()],
+        fill_value=0,
+    )
+    if windows.size:
+        array[...] = windows
+
+
+def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Build ``RUN/data`` from ``config.data``; return its path. Skips if already complete."""
+    layout = RunLayout(config.run_dir)
+    out = layout.data
+    fingerprint = data_fingerprint(config)
+    if is_complete(out, fingerprint) and not overwrite:
+        return out
+    if read_marker(out) is not None and not overwrite:
+        raise StageError(
+            f"{out} holds data prepared from a different [data] config. "
+            "Use another run directory (--run-dir), or pass --overwrite to replace it (later stages too)."
+        )
+    data = config.data
+    sources, splits = read_corpus(data)
+    if not splits["train"]:
+        raise DataError(
+            "Expected documents in the train split. Got none: the corpus is too small or all held out."
+        )
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    tokenizer = train_bpe(
+        (d.text for d in splits["train"]), vocab_size=data.vocab_size, min_frequency=data.min_frequency
+    )
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    vocab_size = tokenizer.get_vocab_size()
+
+    dtype = window_dtype(vocab_size)
+    group = zarr.open_group(tmp / "windows.zarr", mode="w", zarr_format=3)
+    split_stats: dict[str, Any] = {}
+    for split in SPLITS:
+        docs: list[Document] = splits[split]
+        encoded = []
+        for start in progress_bar(
+            range(0, len(docs), 256), desc=f"tokenize {split}", progress=progress, leave=False
+        ):
+            batch = tokenizer.encode_batch(
+                [d.text for d in docs[start : start + 256]], add_special_tokens=False
+            )
+            encoded.extend(e.ids for e in batch)
+        windows, leftover = _pack(encoded, data.seq_len, dtype)
+        if split in ("train", "dev") and windows.shape[0] == 0:
+            raise DataError(
+                f"The {split} split holds {sum(len(e) + 2 for e in encoded)} tokens, fewer than one window of "
+                f"data.seq_len={data.seq_len}. Use a larger corpus, a smaller seq_len or a larger "
+                f"data.{split}_fraction."
+            )
+        _write_windows(group, split, windows)
+        split_stats[split] = {
+            "documents": len(docs),
+            "words": sum(len(d.text.split()) for d in docs),
+            "tokens": int(sum(len(e) for e in encoded)),
+            "windows": int(windows.shape[0]),
+            "dropped_tokens": int(leftover),
+            "windows_sha256": array_sha256(windows),
+        }
+
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "data_config": asdict(data),
+        "vocab_size": vocab_size,
+        "seq_len": data.seq_len,
+        "window_dtype": dtype.name,
+        "special_tokens": {"pad": 0, "bos": BOS_ID, "eos": EOS_ID},
+        "inputs": [{"path": s.rel, "sha256": s.sha256, "bytes": s.bytes} for s in sources],
+        "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+        "splits": split_stats,
+    }
+    atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_provenance(tmp, config, "prepare-data")
+    mark_complete(tmp, fingerprint, {s: split_stats[s]["windows"] for s in SPLITS})
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared ``RUN/data`` folder, opened for reading."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        if read_marker(root) is None:
+            raise StageError(f"Expected prepared data in {root}. Run `pipe prepare-data CONFIG` first.")
+        return cls(root, json.loads((root / "manifest.json").read_text()))
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    def windows(self, split: str) -> np.ndarray:
+        """All windows of a split, (windows, seq_len), in their stored integer dtype."""
+        group = zarr.open_group(self.root / "windows.zarr", mode="r")
+        return group[split][...]
+
+    def windows_sha256(self, split: str) -> str:
+        return str(self.manifest["splits"][split]["windows_sha256"])

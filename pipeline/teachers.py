@@ -1,0 +1,136 @@
+"""`pipe train-teacher`: train one teacher LM on the prepared corpus (or adopt an existing one).
+
+The finished teacher is a Hugging Face model folder, ``RUN/teachers/NAME``, holding the weights
+(safetensors), config and tokenizer, so ``AutoModelForCausalLM.from_pretrained(RUN/teachers/NAME)``
+and ``AutoTokenizer.from_pretrained(RUN/teachers/NAME)`` load it; checkpoints live in
+``RUN/teachers/NAME/checkpoints/`` and a rerun after a crash resumes from the last one. A teacher
+whose config names ``path`` is an existing HF model folder: nothing is trained, later stages read
+it from there (its tokenizer must match the prepared data, checked when it is used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from logitcache.pipeline.config import Config, TeacherConfig
+from logitcache.pipeline.distributed import DistContext, init_distributed
+from logitcache.pipeline.errors import ConfigError, StageError
+from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, read_marker, write_provenance
+from logitcache.pipeline.tokenizer import load_hf_tokenizer
+from logitcache.pipeline.training import causal_lm_loss, train_model
+
+
+def teacher_config(config: Config, name: str) -> TeacherConfig:
+    if name not in config.teachers:
+        known = ", ".join(config.teachers) or "none"
+        raise ConfigError(f"Unknown teacher {name!r}. The config defines: {known}.")
+    return config.teachers[name]
+
+
+def teacher_dir(config: Config, name: str) -> Path:
+    """Where teacher ``name`` lives: its configured ``path``, or ``RUN/teachers/NAME``."""
+    teacher = teacher_config(config, name)
+    return Path(teacher.path) if teacher.path else RunLayout(config.run_dir).teacher(name)
+
+
+def teacher_fingerprint(config: Config, name: str) -> str:
+    blob = json.dumps(
+        {
+            "data": data_fingerprint(config),
+            "teacher": config.to_dict()["teachers"][name],
+            "seed": config.run.seed,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_teacher_complete(config: Config, name: str) -> bool:
+    if teacher_config(config, name).path:
+        return True
+    return is_complete(teacher_dir(config, name), teacher_fingerprint(config, name))
+
+
+def _name_seed(name: str) -> int:
+    return int.from_bytes(name.encode()[:4].ljust(4, b"\0"), "little")
+
+
+def train_teacher(
+    config: Config,
+    name: str,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    ctx: DistContext | None = None,
+) -> Path:
+    """Train teacher ``name`` (resuming if interrupted); return its model folder."""
+    teacher = teacher_config(config, name)
+    out = teacher_dir(config, name)
+    if teacher.path:
+        if not (out / "config.json").is_file():
+            raise ConfigError(
+                f"teachers.{name}.path = {str(out)!r} is not a Hugging Face model folder (no config.json)."
+            )
+        return out
+    fingerprint = teacher_fingerprint(config, name)
+    if is_complete(out, fingerprint) and not overwrite:
+        return out
+    if read_marker(out) is not None and not overwrite:
+        raise StageError(
+            f"{out} holds a teacher trained from a different config. Use another run directory (--run-dir), "
+            "or pass --overwrite to retrain it."
+        )
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    data = PreparedData.open(RunLayout(config.run_dir).data)
+    ctx = ctx or init_distributed(config.run.device)
+    train_windows = torch.from_numpy(data.windows("train").astype("int64"))  # (N, T)
+    dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
+    seed = config.run.seed + _name_seed(name)
+    model = build_model(teacher.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
+
+    def get_batch(indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"input_ids": train_windows[indices].to(device, non_blocking=True)}
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_provenance(
+            out, config, "train-teacher", {"teacher": name, "parameters": count_parameters(model)}
+        )
+    summary = train_model(
+        model,
+        train=teacher.train,
+        num_windows=train_windows.shape[0],
+        seq_len=data.seq_len,
+        get_batch=get_batch,
+        loss_fn=causal_lm_loss,
+        dev_windows=dev_windows,
+        out_dir=out,
+        seed=seed,
+        fingerprint=fingerprint,
+        ctx=ctx,
+        progress=progress,
+        desc=f"teacher {name}",
+    )
+    if ctx.is_main:
+        finalize_model_dir(out, model, data, summary | {"parameters": count_parameters(model)}, fingerprint)
+    ctx.barrier()
+    return out
+
+
+def finalize_model_dir(
+    out: Path, model: torch.nn.Module, data: PreparedData, summary: dict[str, Any], fingerprint: str
+) -> None:
+    """Save the final model + tokenizer as an HF folder, then mark it complete (last)."""
+    model.save_pretrained(out, safe_serialization=True)
+    load_hf_tokenizer(data.tokenizer_path).save_pretrained(out)
+    shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")  # byte-identical to the data's tokenizer
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    mark_complete(out, fingerprint, {"dev_loss": summary["dev_loss"], "steps": summary["steps"]})

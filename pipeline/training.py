@@ -1,0 +1,392 @@
+"""The training loop shared by teachers and students; only the batch source and the loss vary.
+
+What it does, in order: AdamW (no decay on biases and norms), linear warmup then cosine (or
+linear/constant) decay, gradient accumulation, clipping, bf16 autocast on CUDA (fp32 on CPU),
+DDP under torchrun, a dev-loss evaluation at each epoch end, JSONL metrics, and checkpoints that
+hold everything needed to continue exactly: model (safetensors), optimizer state (safetensors +
+JSON), scheduler, RNG states and the data position.
+
+Data order is a function of (seed, epoch) only: epoch ``e`` visits the training windows in the
+order of ``torch.randperm`` seeded with ``seed`` and ``e``; optimizer step ``s`` of the epoch takes
+windows ``perm[s*B:(s+1)*B]`` (the global batch ``B``), rank ``r`` of ``W`` takes the ``r``-th
+contiguous slice of it, and each rank splits its slice into ``grad_accum_steps`` micro-batches.
+Every window has the same number of target tokens, so the mean of per-micro-batch mean losses,
+averaged over ranks by DDP, equals the mean over the global batch: one rank and many ranks
+compute the same update, and a resumed run the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from logitcache.pipeline.config import TrainConfig
+from logitcache.pipeline.distributed import DistContext
+from logitcache.pipeline.errors import ConfigError, StageError
+from logitcache.pipeline.progress import progress_bar
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
+
+# A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
+# loss over the batch's target tokens as a scalar tensor.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# A batch source turns window indices (into the training split) into a batch dict on `device`.
+BatchFn = Callable[[torch.Tensor, torch.device], dict[str, torch.Tensor]]
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # optimizer steps already done in that epoch
+    global_step: int = 0
+    tokens: int = 0  # training tokens consumed (targets), over all ranks
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    num_windows: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    micro_batch: int  # windows per rank per micro-step
+
+
+def make_plan(train: TrainConfig, num_windows: int, world_size: int) -> TrainPlan:
+    if train.batch_size % (world_size * train.grad_accum_steps):
+        raise ConfigError(
+            f"Expected batch_size ({train.batch_size}) divisible by world size ({world_size}) x "
+            f"grad_accum_steps ({train.grad_accum_steps})."
+        )
+    steps_per_epoch = num_windows // train.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"Expected at least one batch of {train.batch_size} windows. The training split holds "
+            f"{num_windows} windows: lower train.batch_size or use more data."
+        )
+    total = steps_per_epoch * train.epochs
+    if train.max_steps > 0:
+        total = min(total, train.max_steps) if train.epochs > 0 else train.max_steps
+    return TrainPlan(
+        num_windows=num_windows,
+        batch_size=train.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        micro_batch=train.batch_size // (world_size * train.grad_accum_steps),
+    )
+
+
+def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_windows, generator=generator)
+
+
+def lr_factor(step: int, train: TrainConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps (warmup, then decay)."""
+    if train.warmup_steps and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps))
+    if train.schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * decay
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, entry in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    out_dir: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    keep: int,
+    fingerprint: str,
+) -> Path:
+    """Write ``out_dir/checkpoints/step-N`` atomically (temp folder + rename); keep the last ``keep``."""
+    root = out_dir / CHECKPOINT_DIR
+    final = root / f"step-{state.global_step:08d}"
+    tmp = root / f".step-{state.global_step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tensors, meta = _optimizer_to_files(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    trainer_state = {"train_state": asdict(state), "optimizer": meta, "fingerprint": fingerprint}
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    root = out_dir / CHECKPOINT_DIR
+    steps = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str
+) -> TrainState:
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if trainer_state.get("fingerprint") != fingerprint:
+        raise StageError(
+            f"The checkpoint {path} was made with a different config. Remove {path.parent} to start "
+            "over, or use another run directory."
+        )
+    weights = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied output weights are saved once; anything else missing is a real mismatch.
+    if unexpected or any("lm_head" not in name for name in missing):
+        raise StageError(
+            f"The checkpoint {path} does not match the model (missing {missing}, unexpected {unexpected})."
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    optimizer.load_state_dict(
+        _optimizer_from_files(load_file(str(path / "optimizer.safetensors")), trainer_state["optimizer"])
+    )
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    return TrainState(**trainer_state["train_state"])
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= global_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    ctx: DistContext,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> float:
+    """Mean next-token cross-entropy (nats) over all windows, sharded over ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of losses, token count)
+    for start in range(ctx.rank * batch_size, windows.shape[0], batch_size * ctx.world_size):
+        input_ids = windows[start : start + batch_size].to(ctx.device, dtype=torch.long)  # (B, T)
+        with autocast or contextlib.nullcontext():
+            logits = model(input_ids=input_ids).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum"
+        )
+        total += torch.stack(
+            [loss.double(), torch.tensor(input_ids[:, 1:].numel(), device=ctx.device).double()]
+        )
+    ctx.all_reduce_sum(total)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of full windows (the teachers' loss)."""
+    input_ids = batch["input_ids"]  # (B, T)
+    logits = model(input_ids=input_ids).logits  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def train_model(
+    model: PreTrainedModel,
+    *,
+    train: TrainConfig,
+    num_windows: int,
+    seq_len: int,
+    get_batch: BatchFn,
+    loss_fn: LossFn,
+    dev_windows: torch.Tensor,
+    out_dir: Path,
+    seed: int,
+    fingerprint: str,
+    ctx: DistContext,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> dict[str, Any]:
+    """Train ``model`` in place, resuming from the last checkpoint in ``out_dir`` if there is one.
+
+    Returns a summary (steps, tokens, final dev loss). Only rank 0 writes files.
+    """
+    plan = make_plan(train, num_windows, ctx.world_size)
+    model.to(ctx.device)
+    optimizer = make_optimizer(model, train)
+    state = TrainState()
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, fingerprint)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train, plan.total_steps), last_epoch=state.global_step - 1
+    )
+    metrics_path = out_dir / METRICS_FILE
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, state.global_step)
+    ctx.barrier()
+
+    use_cuda = ctx.device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+    train_module: torch.nn.Module = model
+    if train.compile:
+        train_module = torch.compile(train_module)
+    if ctx.distributed:
+        train_module = DistributedDataParallel(
+            train_module, device_ids=[ctx.device.index] if use_cuda else None
+        )
+    model.train()
+
+    tokens_per_step = plan.batch_size * (seq_len - 1)
+    bar = progress_bar(
+        total=plan.total_steps, initial=state.global_step, desc=desc, progress=progress, is_main=ctx.is_main
+    )
+    start_time, start_step = time.perf_counter(), state.global_step
+    dev_loss = math.nan
+    metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
+    try:
+        while state.global_step < plan.total_steps:
+            order = epoch_order(plan.num_windows, seed, state.epoch)
+            while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
+                step_start = state.step_in_epoch * plan.batch_size
+                global_batch = order[step_start : step_start + plan.batch_size]  # (B,)
+                local = global_batch.view(ctx.world_size, -1)[ctx.rank]  # (B / W,)
+                step_loss = torch.zeros((), device=ctx.device)
+                for micro, indices in enumerate(local.split(plan.micro_batch)):
+                    batch = get_batch(indices, ctx.device)
+                    last = micro == train.grad_accum_steps - 1
+                    sync = contextlib.nullcontext() if last or not ctx.distributed else train_module.no_sync()
+                    with sync:
+                        with autocast:
+                            loss = loss_fn(train_module, batch) / train.grad_accum_steps
+                        loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise StageError(
+                        f"{desc}: non-finite gradient at step {state.global_step}; lower train.lr or check the data."
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                state.tokens += tokens_per_step
+                step_loss = ctx.all_reduce_sum(step_loss) / ctx.world_size
+                bar.update(1)
+                if state.global_step % train.log_every == 0 or state.global_step == plan.total_steps:
+                    elapsed = time.perf_counter() - start_time
+                    tps = (state.global_step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                    record = {
+                        "step": state.global_step,
+                        "epoch": state.epoch,
+                        "loss": float(step_loss),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens": state.tokens,
+                        "tokens_per_s": tps,
+                    }
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    if metrics is not None:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                if state.global_step % train.checkpoint_every == 0 and state.global_step < plan.total_steps:
+                    if ctx.is_main:
+                        save_checkpoint(out_dir, model, optimizer, state, train.keep_checkpoints, fingerprint)
+                    ctx.barrier()
+            epoch_done = state.step_in_epoch >= plan.steps_per_epoch
+            dev_loss = evaluate_loss(model, dev_windows, train.eval_batch_size, ctx, autocast)
+            if metrics is not None:
+                metrics.write(
+                    json.dumps({"step": state.global_step, "epoch": state.epoch, "dev_loss": dev_loss}) + "\n"
+                )
+                metrics.flush()
+            if epoch_done:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            if ctx.is_main and state.global_step < plan.total_steps:
+                save_checkpoint(out_dir, model, optimizer, state, train.keep_checkpoints, fingerprint)
+            ctx.barrier()
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    if math.isnan(dev_loss):  # resumed after the last step: evaluate once for the summary
+        dev_loss = evaluate_loss(model, dev_windows, train.eval_batch_size, ctx, autocast)
+    return {
+        "steps": state.global_step,
+        "tokens": state.tokens,
+        "dev_loss": dev_loss,
+        "dev_perplexity": math.exp(dev_loss) if dev_loss < 700 else math.inf,
+        "plan": asdict(plan),
+    }
