@@ -1,0 +1,195 @@
+"""Helpers shared by the sparse-KD kernels: options, input validation, backend choice, launch config.
+
+Backend rule (one dispatch point, :func:`resolve_backend`):
+
+1. an explicit ``backend="triton"`` or ``backend="torch"`` keyword wins;
+2. otherwise the environment variable ``LOGITCACHE_KERNEL_BACKEND`` (``auto``/``triton``/``torch``);
+3. otherwise ``auto``: Triton when the logits live on CUDA and Triton imports, the plain-PyTorch
+   reference everywhere else (CPU training).
+
+``backend="triton"`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the interpreter
+that CI uses); anything else is a :class:`~logitcache.pipeline.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Final
+
+import torch
+
+from logitcache.pipeline.errors import ConfigError, DataError
+
+BACKENDS: Final = ("auto", "triton", "torch")
+REDUCTIONS: Final = ("mean", "sum", "batchmean-compat")
+BACKEND_ENV_VAR: Final = "LOGITCACHE_KERNEL_BACKEND"
+
+
+@dataclass(frozen=True)
+class SparseKDParams:
+    """Options of the sparse-KD loss, validated once and passed to every implementation.
+
+    ``kl_batch_div`` is the divisor of the KL sum in ``reduction="batchmean-compat"``: the leading
+    dimension of the logits as the caller gave them (``B`` for ``(B, T, V)``, ``N`` for ``(N, V)``),
+    exactly what ``torch.nn.KLDivLoss(reduction="batchmean")`` divides by.
+    """
+
+    temperature: float = 1.0
+    ce_weight: float = 0.5
+    kl_weight: float = 0.5
+    ignore_index: int = -100
+    reduction: str = "mean"
+    kl_batch_div: int = 1
+
+
+def make_params(
+    logits_shape: torch.Size | tuple[int, ...],
+    *,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    ignore_index: int,
+    reduction: str,
+) -> SparseKDParams:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"Expected reduction in {REDUCTIONS}. Got {reduction!r}. Pick one of those.")
+    if not (float(temperature) > 0.0):
+        raise ConfigError(f"Expected temperature > 0. Got {temperature!r}. Use e.g. 1.0 or 2.0.")
+    return SparseKDParams(
+        temperature=float(temperature),
+        ce_weight=float(ce_weight),
+        kl_weight=float(kl_weight),
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        kl_batch_div=max(int(logits_shape[0]), 1) if len(logits_shape) > 1 else 1,
+    )
+
+
+def check_shapes(
+    lead: tuple[int, ...],
+    vocab: int,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None,
+) -> None:
+    """Shape and dtype checks (no device sync). ``lead`` is the logits shape without the vocab dim."""
+    if vocab < 1:
+        raise DataError(f"Expected a vocabulary dimension >= 1. Got logits with last dim {vocab}.")
+    if tuple(targets.shape) != lead:
+        raise DataError(
+            f"Expected targets of shape {lead} (logits without the vocab dim). Got {tuple(targets.shape)}."
+        )
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise DataError(f"Expected integer targets. Got dtype {targets.dtype}. Cast with .long().")
+    if teacher_ids.dim() != len(lead) + 1 or tuple(teacher_ids.shape[:-1]) != lead:
+        raise DataError(
+            f"Expected teacher_ids of shape {lead + ('k',)}. Got {tuple(teacher_ids.shape)}. "
+            "Check that the cache slice matches the batch."
+        )
+    if teacher_ids.shape[-1] < 1:
+        raise DataError("Expected at least one teacher entry per position (k >= 1). Got k = 0.")
+    if teacher_ids.dtype.is_floating_point or teacher_ids.dtype == torch.bool:
+        raise DataError(f"Expected integer teacher_ids. Got dtype {teacher_ids.dtype}.")
+    if tuple(teacher_weights.shape) != tuple(teacher_ids.shape):
+        raise DataError(
+            f"Expected teacher_weights of shape {tuple(teacher_ids.shape)} (same as teacher_ids). "
+            f"Got {tuple(teacher_weights.shape)}."
+        )
+    if not teacher_weights.dtype.is_floating_point:
+        raise DataError(f"Expected floating teacher_weights. Got dtype {teacher_weights.dtype}.")
+    if tail is not None:
+        if tuple(tail.shape) != lead:
+            raise DataError(f"Expected tail of shape {lead}. Got {tuple(tail.shape)}.")
+        if not tail.dtype.is_floating_point:
+            raise DataError(f"Expected a floating tail. Got dtype {tail.dtype}.")
+
+
+def check_values(
+    vocab: int, targets: torch.Tensor, teacher_ids: torch.Tensor, ignore_index: int
+) -> None:
+    """Range checks that need a device sync: run on the torch backend only, and never while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad_target.any()):
+        value = int(targets[bad_target][0])
+        raise DataError(
+            f"Expected targets in [0, {vocab}) or ignore_index={ignore_index}. Got {value}. "
+            "Check the tokenizer/vocab size of the student."
+        )
+    if bool((teacher_ids >= vocab).any()):
+        value = int(teacher_ids.max())
+        raise DataError(
+            f"Expected teacher ids < vocab size {vocab} (negative ids mean padding). Got {value}. "
+            "The cache was written for a different vocabulary."
+        )
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` following the rule in the module docstring."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"Expected backend in {BACKENDS}. Got {requested!r}.")
+    choice = requested
+    if choice == "auto":
+        choice = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
+        if choice not in BACKENDS:
+            raise ConfigError(
+                f"Expected {BACKEND_ENV_VAR} in {BACKENDS}. Got {choice!r}. Unset it or fix its value."
+            )
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise ConfigError("Expected Triton to be importable for backend='triton'. Got ImportError. "
+                              "Install triton or use backend='torch'.")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ConfigError(
+                f"Expected CUDA tensors for backend='triton' (or TRITON_INTERPRET=1). Got device {device}. "
+                "Use backend='torch' on CPU."
+            )
+    return choice
+
+
+def next_power_of_2(value: int) -> int:
+    return 1 << max(int(value) - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_v: int
+    k_pad: int
+    num_warps: int
+
+
+def launch_config(vocab: int, k: int, *, has_tail: bool, block_v: int | None = None) -> LaunchConfig:
+    """Fixed block sizes per V (no autotuning; see docs/kernels.md for why).
+
+    One program handles one row. Without a tail, BLOCK_V covers up to 16384 vocab entries, so a
+    row of V <= 16384 is one chunk: pass 2 re-reads it from L2 right after pass 1, and DRAM sees one
+    read and one write. Larger V streams in 16384-wide chunks (like Liger's cross-entropy kernel).
+    With a tail (ghost bucket), membership in S is tested per chunk against the ids that fall in
+    the chunk (sorted), which costs k * BLOCK_V compares per row, so chunks are kept at 1024.
+    num_warps keeps ~16 fp32 values per thread per live chunk tensor.
+    """
+    if block_v is None:
+        block_v = min(next_power_of_2(vocab), 1024 if has_tail else 16384)
+    if block_v & (block_v - 1):
+        raise ConfigError(f"Expected block_v to be a power of two. Got {block_v}.")
+    num_warps = max(1, min(32, block_v // 512))
+    return LaunchConfig(block_v=block_v, k_pad=max(next_power_of_2(k), 2), num_warps=num_warps)

@@ -1,0 +1,591 @@
+"""Fused sparse-KL + cross-entropy loss against cached teacher top-k entries.
+
+What is computed (the plain-PyTorch reference :func:`sparse_kd_loss_reference` is the definition).
+For each non-ignored position with student logits ``z`` (V,), target ``y``, teacher ids ``S`` (k,),
+teacher probabilities ``w`` (k,) and, in ghost-bucket mode, the tail mass ``r``::
+
+    log_p1   = torch.log_softmax(z, -1)                       # student at T = 1 (for CE)
+    log_q    = torch.log_softmax(z / T, -1)                   # student at temperature T
+    ce       = -log_p1[y]
+    kl       = (torch.xlogy(w, w) - w * log_q[S]).sum()       # sum_j w_j (log w_j - log q_{S_j}), 0 log 0 = 0
+    outside  = torch.ones(V, dtype=torch.bool).index_fill_(0, S, False)
+    kl      += torch.xlogy(r, r) - r * torch.logsumexp(log_q[outside], -1)   # ghost bucket (tail given)
+    loss_pos = ce_weight * ce + kl_weight * T**2 * kl
+
+This is KL(teacher || student), not a soft cross-entropy: it includes the teacher entropy term
+``xlogy(w, w)``, so it is 0 when the student matches the teacher on S (and on the bucket).
+The student's mass outside S is a masked log-sum-exp over ``v not in S``, never ``1 - sum``.
+
+Reductions over positions (ignored positions, ``targets == ignore_index``, contribute nothing):
+
+- ``"mean"`` (default): ``sum(loss_pos) / n_valid`` (0 when every position is ignored, not NaN);
+- ``"sum"``: ``sum(loss_pos)``;
+- ``"batchmean-compat"``: BabyLlama's scaling, ``ce_weight * sum(ce) / n_valid
+  + kl_weight * T**2 * sum(kl) / logits.shape[0]`` (``KLDivLoss(reduction="batchmean")`` divides
+  by the leading dim: the batch size for ``(B, T, V)`` logits). See docs/kernels.md.
+
+Gradient with respect to ``z`` (what the Triton kernel writes, :func:`sparse_kd_grad_reference`)::
+
+    g = ce_coef * (softmax(z) - onehot(y))
+      + kl_coef / T * (W * q - w_on_S - r * outside * q / q_outside)
+
+with ``q = softmax(z / T)``, ``W = w.sum() + r``, ``w_on_S`` scattering (adding) ``w_j`` at
+``S_j``, ``q_outside = q[outside].sum()``, ``ce_coef = ce_weight / ce_divisor`` and
+``kl_coef = kl_weight * T**2 / kl_divisor``. This is the exact gradient of the value above with
+the weights as given: when weights + tail sum to 1 the first KL term is ``q - p_expanded``.
+
+Conventions:
+
+- ``teacher_weights`` are used as given (no renormalisation); they must be >= 0. Weights + tail
+  should sum to 1 per position; if not, the value is still the formula above (a KL only when the
+  mass sums to 1) and the gradient is its exact gradient.
+- Negative teacher ids are padding: no contribution and not part of S (sampled caches with fewer
+  distinct samples than k). Zero-weight entries with a real id contribute 0 to the value but stay in
+  S, so they are excluded from the ghost bucket.
+- Ids should be duplicate-free. With duplicates, each entry counts separately: the gradient equals
+  that of the merged entry (weights added), the value differs from the merged one by the
+  z-independent term ``sum xlogy(w_j, w_j) - xlogy(sum w_j, sum w_j)``; S is a set for the bucket.
+- Ids must be < V, targets in [0, V) or ``ignore_index``; the torch backend raises
+  :class:`~logitcache.pipeline.errors.DataError` otherwise, the Triton path does not check (that
+  would need a device sync) and out-of-range values are undefined behaviour there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from logitcache.kernels._common import (
+    LaunchConfig,
+    SparseKDParams,
+    check_shapes,
+    check_values,
+    launch_config,
+    make_params,
+    resolve_backend,
+    triton_available,
+    triton_interpreting,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Reference (plain PyTorch, dense): the definition every test and benchmark compares against.
+# ----------------------------------------------------------------------------------------------
+
+
+def _divisors(params: SparseKDParams, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_divisor, kl_divisor) for the reduction; n_valid is clamped to 1 (mean of nothing = 0)."""
+    n = n_valid.clamp(min=1)
+    one = torch.ones_like(n)
+    if params.reduction == "mean":
+        return n, n
+    if params.reduction == "sum":
+        return one, one
+    return n, one * params.kl_batch_div  # batchmean-compat
+
+
+def sparse_kd_loss_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
+    kl_weight: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Dense plain-PyTorch sparse-KD loss (see the module docstring). Differentiable by autograd.
+
+    Computes in float64 when the logits are float64, else float32; returns that dtype.
+    """
+    vocab = logits.shape[-1]
+    lead = tuple(logits.shape[:-1])
+    check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
+    params = make_params(
+        logits.shape, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    check_values(vocab, targets, teacher_ids, ignore_index)
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    k = teacher_ids.shape[-1]
+    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    ids = teacher_ids.reshape(-1, k).long()  # (N, k)
+    present = ids >= 0  # (N, k) negative ids are padding
+    safe_ids = ids.clamp(min=0)
+    w = teacher_weights.reshape(-1, k).to(compute_dtype).masked_fill(~present, 0.0)  # (N, k)
+    valid = y != params.ignore_index  # (N,)
+    temp = params.temperature
+
+    log_p1 = torch.log_softmax(z, dim=-1)  # (N, V)
+    ce = -log_p1.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)
+
+    log_q = torch.log_softmax(z / temp, dim=-1)  # (N, V)
+    log_q_s = log_q.gather(1, safe_ids)  # (N, k)
+    kl = (torch.xlogy(w, w) - w * log_q_s).sum(dim=1)  # (N,)
+    if tail is not None:
+        r = tail.reshape(-1).to(compute_dtype)  # (N,)
+        in_s = torch.zeros_like(z, dtype=torch.bool).scatter_(1, safe_ids, present)  # (N, V)
+        has_outside = ~in_s.all(dim=1)  # (N,)
+        # masked log-sum-exp over v not in S; rows with nothing outside get a dummy finite row so
+        # that autograd stays NaN-free, and their value is fixed below.
+        masked = log_q.masked_fill(in_s, float("-inf"))
+        masked = torch.where(has_outside.unsqueeze(1), masked, torch.zeros_like(masked))
+        log_q_out = torch.logsumexp(masked, dim=1)  # (N,)
+        ghost = torch.xlogy(r, r) - r * log_q_out
+        ghost = torch.where(has_outside | (r <= 0), ghost, torch.full_like(ghost, float("inf")))
+        kl = kl + ghost
+
+    ce_div, kl_div = _divisors(params, valid.sum().to(compute_dtype))
+    per_pos = params.ce_weight * ce / ce_div + params.kl_weight * temp**2 * kl / kl_div  # (N,)
+    return torch.where(valid, per_pos, torch.zeros_like(per_pos)).sum()
+
+
+def sparse_kd_grad_reference(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
+    kl_weight: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Closed-form d loss / d logits (the formula the Triton kernel writes), in the reference's dtype.
+
+    Tests check it against autograd of :func:`sparse_kd_loss_reference`.
+    """
+    vocab = logits.shape[-1]
+    params = make_params(
+        logits.shape, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    k = teacher_ids.shape[-1]
+    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
+    y = targets.reshape(-1)
+    ids = teacher_ids.reshape(-1, k).long()
+    present = ids >= 0
+    safe_ids = ids.clamp(min=0)
+    w = teacher_weights.reshape(-1, k).to(compute_dtype).masked_fill(~present, 0.0)  # (N, k)
+    valid = y != params.ignore_index
+    temp = params.temperature
+
+    p1 = torch.softmax(z, dim=-1)  # (N, V)
+    q = torch.softmax(z / temp, dim=-1)  # (N, V)
+    onehot = torch.zeros_like(z).scatter_(1, y.clamp(min=0).unsqueeze(1), 1.0)
+    w_on_s = torch.zeros_like(z).scatter_add_(1, safe_ids, w)  # (N, V) duplicates add up
+    total = w.sum(dim=1)  # (N,)
+    kl_grad = total.unsqueeze(1) * q - w_on_s
+    if tail is not None:
+        r = tail.reshape(-1).to(compute_dtype)
+        outside = ~torch.zeros_like(z, dtype=torch.bool).scatter_(1, safe_ids, present)  # (N, V)
+        q_out = (q * outside).sum(dim=1, keepdim=True)  # masked sum, (N, 1)
+        ghost = torch.where(outside, q / q_out.clamp(min=torch.finfo(compute_dtype).tiny), 0.0)
+        kl_grad = kl_grad + r.unsqueeze(1) * (q - ghost)
+    ce_div, kl_div = _divisors(params, valid.sum().to(compute_dtype))
+    grad = params.ce_weight / ce_div * (p1 - onehot) + params.kl_weight * temp / kl_div * kl_grad
+    grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
+    return grad.reshape(logits.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel: one program per row, loss and gradient in one launch.
+# ----------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sparse_kd_fwd_kernel(
+        logits_ptr,  # (N, V) student logits, fp32/bf16/fp16
+        grad_ptr,  # (N, V) d loss / d logits, logits dtype; may alias logits_ptr (in-place)
+        targets_ptr,  # (N,) int target token
+        ids_ptr,  # (N, K) int teacher ids, negative = padding; ascending when HAS_TAIL
+        weights_ptr,  # (N, K) float teacher probabilities
+        tail_ptr,  # (N,) float ghost-bucket mass, read only when HAS_TAIL
+        n_valid_ptr,  # (1,) int number of non-ignored positions (device scalar: no host sync)
+        row_loss_ptr,  # (N,) fp32 out: this row's scaled contribution to the loss
+        logits_row_stride,
+        grad_row_stride,
+        ids_row_stride,
+        weights_row_stride,
+        vocab_size,
+        num_entries,  # K
+        inv_temperature,  # 1 / T
+        ce_weight,
+        kl_weight_t2,  # kl_weight * T**2
+        kl_static_div,  # KL divisor when not dividing by n_valid (1 or the batch size)
+        ignore_index,
+        CE_BY_VALID: tl.constexpr,
+        KL_BY_VALID: tl.constexpr,
+        HAS_TAIL: tl.constexpr,
+        TEMP_IS_ONE: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        K_PAD: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        logits_row = logits_ptr + row * logits_row_stride
+        grad_row = grad_ptr + row * grad_row_stride
+        offs_v = tl.arange(0, BLOCK_V)
+        target = tl.load(targets_ptr + row).to(tl.int64)
+
+        if target == ignore_index:
+            for chunk_start in range(0, vocab_size, BLOCK_V):
+                offs = chunk_start + offs_v
+                zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+                tl.store(grad_row + offs, zeros.to(grad_ptr.dtype.element_ty), mask=offs < vocab_size)
+            tl.store(row_loss_ptr + row, 0.0)
+            return
+
+        n_valid = tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
+        if CE_BY_VALID:
+            ce_coef = ce_weight / n_valid
+        else:
+            ce_coef = ce_weight + 0.0 * n_valid
+        if KL_BY_VALID:
+            kl_coef = kl_weight_t2 / n_valid
+        else:
+            kl_coef = kl_weight_t2 / kl_static_div + 0.0 * n_valid
+        kl_grad_coef = kl_coef * inv_temperature  # T**2 * (1/T) from the chain rule through z / T
+
+        # Gather the teacher entries and the target logit before any write (in-place safe).
+        offs_k = tl.arange(0, K_PAD)
+        k_in = offs_k < num_entries
+        ids_row = ids_ptr + row * ids_row_stride
+        weights_row = weights_ptr + row * weights_row_stride
+        ids = tl.load(ids_row + offs_k, mask=k_in, other=-1).to(tl.int64)  # (K_PAD,)
+        present = k_in & (ids >= 0)
+        safe_ids = tl.where(present, ids, 0)
+        weights = tl.load(weights_row + offs_k, mask=present, other=0.0).to(tl.float32)  # (K_PAD,)
+        z_s = tl.load(logits_row + safe_ids, mask=present, other=0.0).to(tl.float32)  # (K_PAD,)
+        z_y = tl.load(logits_row + target).to(tl.float32)
+        if HAS_TAIL:
+            tail_mass = tl.load(tail_ptr + row).to(tl.float32)
+            # padding slots past K sort after every vocab id for the per-chunk range counts
+            ids_for_count = tl.where(k_in, ids, 1 << 40)
+        else:
+            tail_mass = 0.0
+
+        # Pass 1: online log-sum-exp at T = 1 and at T (shared running max: max(z/T) = max(z)/T),
+        # plus, with a tail, a masked online log-sum-exp over v not in S with its own max.
+        run_max = float("-inf")
+        sum_exp_1 = 0.0
+        sum_exp_t = 0.0
+        out_max = float("-inf")
+        out_sum = 0.0
+        for chunk_start in range(0, vocab_size, BLOCK_V):
+            offs = chunk_start + offs_v
+            in_vocab = offs < vocab_size
+            z = tl.load(logits_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            sum_exp_1 = sum_exp_1 * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+            if not TEMP_IS_ONE:
+                sum_exp_t = sum_exp_t * tl.exp((run_max - new_max) * inv_temperature) + tl.sum(
+                    tl.exp((z - new_max) * inv_temperature), axis=0
+                )
+            run_max = new_max
+            if HAS_TAIL:
+                # ids are sorted, so those inside [chunk_start, chunk_start + BLOCK_V) are a range
+                first = tl.sum((ids_for_count < chunk_start).to(tl.int32), axis=0)
+                last = tl.sum((ids_for_count < chunk_start + BLOCK_V).to(tl.int32), axis=0)
+                in_s = offs < 0  # all False, (BLOCK_V,)
+                for slot in range(first, last):
+                    in_s = in_s | (offs == tl.load(ids_row + slot).to(tl.int64))
+                outside = in_vocab & (~in_s)
+                z_out = tl.where(outside, z, float("-inf"))
+                new_out_max = tl.maximum(out_max, tl.max(z_out, axis=0))
+                safe_out_max = tl.where(new_out_max == float("-inf"), 0.0, new_out_max)
+                out_sum = out_sum * tl.exp((out_max - safe_out_max) * inv_temperature) + tl.sum(
+                    tl.where(outside, tl.exp((z - safe_out_max) * inv_temperature), 0.0), axis=0
+                )
+                out_max = new_out_max
+
+        lse_1 = run_max + tl.log(sum_exp_1)
+        if TEMP_IS_ONE:
+            lse_t = lse_1
+        else:
+            lse_t = run_max * inv_temperature + tl.log(sum_exp_t)
+
+        # Loss of this row.
+        ce = lse_1 - z_y
+        zt_s = z_s * inv_temperature
+        log_weights = tl.log(tl.where(weights > 0.0, weights, 1.0))  # 0 log 0 = 0, no log(0) evaluated
+        kl_terms = tl.where(weights > 0.0, weights * (log_weights - (zt_s - lse_t)), 0.0)
+        kl = tl.sum(kl_terms, axis=0)
+        total_mass = tl.sum(weights, axis=0) + tail_mass
+        if HAS_TAIL:
+            has_outside = out_sum > 0.0
+            lse_out = tl.where(has_outside, out_max * inv_temperature + tl.log(out_sum), 0.0)
+            ghost = tail_mass * (tl.log(tl.where(tail_mass > 0.0, tail_mass, 1.0)) - (lse_out - lse_t))
+            ghost = tl.where(has_outside, ghost, float("inf"))
+            kl += tl.where(tail_mass > 0.0, ghost, 0.0)
+            ghost_mass = tl.where(has_outside, tail_mass, 0.0)  # NaN-free gradient when S = vocab
+        tl.store(row_loss_ptr + row, ce_coef * ce + kl_coef * kl)
+
+        # Gradient values at S and at y, from the gathered logits (computed before pass 2 so that
+        # an in-place pass 2 cannot clobber their inputs). Duplicated ids get the merged weight.
+        merged_weights = tl.zeros([K_PAD], dtype=tl.float32)
+        for slot in range(0, num_entries):
+            slot_id = tl.load(ids_row + slot).to(tl.int64)
+            slot_w = tl.load(weights_row + slot).to(tl.float32)
+            merged_weights += tl.where(present & (ids == slot_id), slot_w, 0.0)
+        is_target = present & (ids == target)
+        grad_s = ce_coef * (tl.exp(z_s - lse_1) - tl.where(is_target, 1.0, 0.0)) + kl_grad_coef * (
+            total_mass * tl.exp(zt_s - lse_t) - merged_weights
+        )
+        target_in_s = tl.max(is_target.to(tl.int32), axis=0) > 0
+        target_w = tl.sum(tl.where(is_target, weights, 0.0), axis=0)
+        zt_y = z_y * inv_temperature
+        if HAS_TAIL:
+            target_teacher = tl.where(target_in_s, target_w, ghost_mass * tl.exp(zt_y - lse_out))
+        else:
+            target_teacher = target_w
+        grad_y = ce_coef * (tl.exp(z_y - lse_1) - 1.0) + kl_grad_coef * (
+            total_mass * tl.exp(zt_y - lse_t) - target_teacher
+        )
+
+        # Pass 2: the gradient for every v as if v were neither y nor in S ...
+        for chunk_start in range(0, vocab_size, BLOCK_V):
+            offs = chunk_start + offs_v
+            in_vocab = offs < vocab_size
+            z = tl.load(logits_row + offs, mask=in_vocab, other=0.0).to(tl.float32)
+            p_1 = tl.exp(z - lse_1)
+            if TEMP_IS_ONE:
+                q_t = p_1
+            else:
+                q_t = tl.exp(z * inv_temperature - lse_t)
+            grad = ce_coef * p_1 + kl_grad_coef * total_mass * q_t
+            if HAS_TAIL:
+                grad -= kl_grad_coef * ghost_mass * tl.exp(z * inv_temperature - lse_out)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+        # ... then overwrite S and y. The barrier orders these stores after pass 2's stores of the
+        # same addresses by other threads of this program. Duplicate addresses get equal values.
+        tl.debug_barrier()
+        tl.store(grad_row + safe_ids, grad_s.to(grad_ptr.dtype.element_ty), mask=present)
+        tl.store(grad_row + target, grad_y.to(grad_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _interpreted(kernel_fn):  # noqa: ANN001
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return InterpretedFunction(kernel_fn)
+
+
+def _fwd_kernel():
+    """The kernel, interpreted when TRITON_INTERPRET=1 even if this module was imported earlier."""
+    kernel = _sparse_kd_fwd_kernel
+    if triton_interpreting() and type(kernel).__name__ != "InterpretedFunction":
+        return _interpreted(kernel.fn)
+    return kernel
+
+
+def sparse_kd_forward_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None,
+    params: SparseKDParams,
+    *,
+    grad_out: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Launch the kernel on 2-D inputs; writes d loss / d logits into ``grad_out`` (may be ``logits``).
+
+    Returns the per-row losses (N,) in fp32, already scaled by the reduction; their sum is the loss.
+    ``n_valid`` (device int scalar) is the number of non-ignored positions of the whole batch (the
+    fused-linear variant passes the global count while launching per chunk).
+    """
+    n_rows, vocab = logits.shape
+    k = teacher_ids.shape[1]
+    if logits.stride(1) != 1 or grad_out.stride(1) != 1:
+        raise ValueError("internal: logits and grad_out need a contiguous last dim")
+    if tail is not None:
+        # sorted ids let the kernel find the ids of each vocab chunk as a contiguous range
+        teacher_ids, order = torch.sort(teacher_ids, dim=1)
+        teacher_weights = teacher_weights.gather(1, order)
+    teacher_ids = teacher_ids.contiguous()
+    teacher_weights = teacher_weights.contiguous()
+    if n_valid is None:
+        n_valid = (targets != params.ignore_index).sum()
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return row_loss
+    config: LaunchConfig = launch_config(vocab, k, has_tail=tail is not None, block_v=block_v)
+    reduction = params.reduction
+    _fwd_kernel()[(n_rows,)](
+        logits,
+        grad_out,
+        targets.contiguous(),
+        teacher_ids,
+        teacher_weights,
+        tail.contiguous() if tail is not None else row_loss,
+        n_valid,
+        row_loss,
+        logits.stride(0),
+        grad_out.stride(0),
+        teacher_ids.stride(0),
+        teacher_weights.stride(0),
+        vocab,
+        k,
+        1.0 / params.temperature,
+        params.ce_weight,
+        params.kl_weight * params.temperature**2,
+        float(params.kl_batch_div if reduction == "batchmean-compat" else 1),
+        params.ignore_index,
+        CE_BY_VALID=reduction in ("mean", "batchmean-compat"),
+        KL_BY_VALID=reduction == "mean",
+        HAS_TAIL=tail is not None,
+        TEMP_IS_ONE=params.temperature == 1.0,
+        BLOCK_V=config.block_v,
+        K_PAD=config.k_pad,
+        num_warps=config.num_warps,
+    )
+    return row_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: a functional custom op (torch.compile sees no graph break) whose forward returns the
+# loss and the already-scaled gradient; backward multiplies by grad_output.
+# ----------------------------------------------------------------------------------------------
+
+
+def _params_from_op_args(
+    temperature: float, ce_weight: float, kl_weight: float, ignore_index: int, reduction: str,
+    kl_batch_div: int,
+) -> SparseKDParams:
+    return SparseKDParams(
+        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
+        reduction=reduction, kl_batch_div=kl_batch_div,
+    )
+
+
+@torch.library.custom_op("logitcache::sparse_kd_loss", mutates_args=())
+def _sparse_kd_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    ignore_index: int,
+    reduction: str,
+    kl_batch_div: int,
+    block_v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params = _params_from_op_args(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
+    grad = torch.empty_like(logits)
+    row_loss = sparse_kd_forward_triton(
+        logits, targets, teacher_ids, teacher_weights, tail, params, grad_out=grad,
+        block_v=block_v if block_v > 0 else None,
+    )
+    return row_loss.sum(), grad
+
+
+@_sparse_kd_op.register_fake
+def _sparse_kd_op_fake(logits, targets, teacher_ids, teacher_weights, tail, *args):  # noqa: ANN001
+    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)
+
+
+def _sparse_kd_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.save_for_backward(output[1])
+
+
+def _sparse_kd_backward(ctx, grad_loss, _grad_of_grad):  # noqa: ANN001
+    (grad_logits,) = ctx.saved_tensors
+    scaled = grad_logits * grad_loss.to(grad_logits.dtype)
+    return (scaled,) + (None,) * 11
+
+
+_sparse_kd_op.register_autograd(_sparse_kd_backward, setup_context=_sparse_kd_setup_context)
+
+
+class _SparseKDInplace(torch.autograd.Function):
+    """Eager-only variant that writes the gradient into the logits buffer (no N x V allocation).
+
+    The caller's logits tensor holds the gradient afterwards; backward scales it in place, so
+    the graph cannot be replayed (no ``retain_graph``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_ids, teacher_weights, tail, params, block_v):  # noqa: ANN001
+        row_loss = sparse_kd_forward_triton(
+            logits, targets, teacher_ids, teacher_weights, tail, params, grad_out=logits, block_v=block_v,
+        )
+        ctx.save_for_backward(logits)
+        return row_loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):  # noqa: ANN001
+        (grad_logits,) = ctx.saved_tensors
+        grad_logits.mul_(grad_loss.to(grad_logits.dtype))
+        return grad_logits, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_kd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
+    kl_weight: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    inplace_grad: bool = False,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Sparse-KD loss ``ce_weight * CE + kl_weight * T**2 * KL(teacher || student)`` (module docstring).
+
+    Shapes: ``logits`` (..., V); ``targets`` (...); ``teacher_ids``/``teacher_weights`` (..., k);
+    ``tail`` (...) or None. Returns a scalar: fp32 on the Triton path, the reference's dtype on
+    the torch path. ``backend``: "auto" | "triton" | "torch" (see logitcache.kernels._common).
+    ``inplace_grad=True`` (Triton, eager only) stores the gradient in the logits buffer, saving one
+    N x V allocation; the logits' contents are destroyed. ``block_v`` overrides the chunk width.
+    """
+    vocab = logits.shape[-1]
+    lead = tuple(logits.shape[:-1])
+    check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
+    kwargs = dict(
+        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    if resolve_backend(backend, logits.device) == "torch":
+        return sparse_kd_loss_reference(logits, targets, teacher_ids, teacher_weights, tail, **kwargs)
+    params = make_params(logits.shape, **kwargs)
+    k = teacher_ids.shape[-1]
+    logits_2d = logits.reshape(-1, vocab)  # (N, V)
+    if logits_2d.stride(-1) != 1:
+        logits_2d = logits_2d.contiguous()
+    targets_1d = targets.reshape(-1)  # (N,)
+    ids_2d = teacher_ids.reshape(-1, k)  # (N, k)
+    weights_2d = teacher_weights.reshape(-1, k)  # (N, k)
+    tail_1d = tail.reshape(-1) if tail is not None else None  # (N,)
+    if inplace_grad and not torch.compiler.is_compiling():
+        return _SparseKDInplace.apply(logits_2d, targets_1d, ids_2d, weights_2d, tail_1d, params, block_v)
+    loss, _ = _sparse_kd_op(
+        logits_2d, targets_1d, ids_2d, weights_2d, tail_1d,
+        params.temperature, params.ce_weight, params.kl_weight, params.ignore_index, params.reduction,
+        params.kl_batch_div, int(block_v or 0),
+    )
+    return loss
