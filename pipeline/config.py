@@ -119,7 +119,9 @@ class CacheConfig:
 class DistillConfig:
     """The student's loss: ce_weight * CE + kl_weight * T^2 * KL(teacher || student)."""
 
-    alpha: float = 0.5  # kl_weight = alpha, ce_weight = 1 - alpha (BabyLlama's convention)
+    # kl_weight = alpha, ce_weight = 1 - alpha. BabyLlama's code puts alpha on the CE term
+    # instead; at the papers' alpha = 0.5 the two conventions coincide.
+    alpha: float = 0.5
     temperature: float = 1.0
     tail: Literal["renormalize", "ghost"] = "renormalize"
     reduction: Literal["mean", "sum", "batchmean-compat"] = "mean"

@@ -36,7 +36,7 @@ from logitcache.pipeline.rundir import (
     read_marker,
     write_provenance,
 )
-from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, train_bpe
+from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, load_hf_tokenizer, train_bpe
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 MANIFEST_VERSION = 1
@@ -106,6 +106,9 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
         (d.text for d in splits["train"]), vocab_size=data.vocab_size, min_frequency=data.min_frequency
     )
     tokenizer.save(str(tmp / "tokenizer.json"))
+    # Re-save through transformers so the folder also holds tokenizer_config.json (special tokens):
+    # AutoTokenizer.from_pretrained(RUN/data) then works, and teachers copy these files as they are.
+    load_hf_tokenizer(tmp / "tokenizer.json").save_pretrained(tmp)
     vocab_size = tokenizer.get_vocab_size()
 
     dtype = window_dtype(vocab_size)

@@ -1,0 +1,145 @@
+"""Configs: the shipped files load, overrides apply, bad keys and types are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from logitcache.pipeline.config import Config, load_config
+from logitcache.pipeline.errors import ConfigError
+
+from .conftest import REPO
+
+SHIPPED = sorted((REPO / "configs").glob("*.toml"))
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in SHIPPED} >= {"demo.toml", "babyllama2-10m.toml", "babyllama1-10m.toml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert len(config.teachers) >= 2
+    assert Path(config.data.corpus).is_dir(), "paths in a config resolve relative to the config file"
+
+
+def test_babyllama2_numbers():
+    config = load_config(REPO / "configs" / "babyllama2-10m.toml")
+    assert config.data.vocab_size == 16000 and config.data.seq_len == 128
+    for model in [t.model for t in config.teachers.values()] + [config.student.model]:
+        assert (model.family, model.hidden_size, model.num_layers) == ("llama", 960, 32)
+        assert (model.num_heads, model.num_kv_heads, model.intermediate_size) == (15, 5, 2560)
+    train = config.student.train
+    assert (train.lr, train.weight_decay, train.batch_size, train.epochs) == (7e-4, 5.0, 128, 8)
+    assert (train.warmup_steps, train.schedule) == (600, "cosine")
+    assert (config.student.distill.alpha, config.student.distill.temperature) == (0.5, 1.0)
+    assert len(config.teachers) == 2 and config.cache.ensemble == "mean_logits"
+
+
+def test_babyllama1_numbers():
+    config = load_config(REPO / "configs" / "babyllama1-10m.toml")
+    families = sorted(
+        (t.model.family, t.model.hidden_size, t.model.num_layers) for t in config.teachers.values()
+    )
+    assert families == [("gpt2", 1536, 24), ("llama", 1024, 24)]
+    student = config.student.model
+    assert (student.hidden_size, student.num_layers, student.num_heads, student.intermediate_size) == (
+        512,
+        16,
+        8,
+        1024,
+    )
+    assert (config.student.train.lr, config.student.train.epochs, config.student.train.weight_decay) == (
+        2.5e-4,
+        6,
+        0.1,
+    )
+
+
+def test_overrides_and_run_dir(tmp_path: Path):
+    demo = REPO / "configs" / "demo.toml"
+    config = load_config(
+        demo,
+        [
+            "data.seq_len=64",
+            "teachers.llama.train.lr=1e-3",
+            "cache.weights=[0.25, 0.75]",
+            "run.dir=somewhere",
+        ],
+    )
+    assert config.data.seq_len == 64
+    assert config.teachers["llama"].train.lr == 1e-3
+    assert config.cache.weights == [0.25, 0.75]
+    assert config.run_dir == Path("somewhere").resolve()  # command-line paths: relative to the cwd
+    assert load_config(demo, run_dir=tmp_path / "r").run_dir == tmp_path / "r"
+
+
+def test_int_accepted_for_float_but_not_reverse():
+    demo = REPO / "configs" / "demo.toml"
+    assert load_config(demo, ["student.distill.temperature=2"]).student.distill.temperature == 2.0
+    with pytest.raises(ConfigError, match=r"'data.seq_len' to be an integer"):
+        load_config(demo, ["data.seq_len=1.5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.seq_lne=3", r"Unknown config key 'data.seq_lne'. Did you mean 'seq_len'\?"),
+        ("dta.seq_len=3", r"Unknown config key 'dta'. Did you mean 'data'\?"),
+        (
+            "teachers.llama.model.hiden_size=3",
+            r"'teachers.llama.model.hiden_size'. Did you mean 'hidden_size'\?",
+        ),
+        ("data.seq_len=abc", r"Expected 'data.seq_len' to be an integer. Got 'abc'"),
+        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled'. Got 'dense'"),
+        ("student.distill.alpha=1.5", r"alpha in \[0, 1\]"),
+        ("data.seq_len", r"Expected --set section.key=value"),
+        ("teachers.llama.train.batch_size=10", r"multiple of grad_accum_steps|batch_size"),
+    ],
+)
+def test_bad_overrides_are_named(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "demo.toml", [override, "teachers.llama.train.grad_accum_steps=4"])
+
+
+def test_unknown_key_in_file(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[data]\ncorpus = "x"\nvocab = 100\n')
+    with pytest.raises(ConfigError, match=r"Unknown config key 'data.vocab'. Did you mean 'vocab_size'\?"):
+        load_config(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[data\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_relative_paths_resolve_against_config_file(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.toml"
+    path.write_text('[run]\ndir = "../out"\n[data]\ncorpus = "texts"\n')
+    config = load_config(path)
+    assert config.run_dir == tmp_path / "out"
+    assert Path(config.data.corpus) == tmp_path / "sub" / "texts"
+
+
+def test_default_run_dir_from_config_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "exp7.toml"
+    path.write_text('[data]\ncorpus = "texts"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).run_dir == Path("runs/exp7")
+
+
+def test_fingerprint_tracks_sections():
+    demo = REPO / "configs" / "demo.toml"
+    a = load_config(demo)
+    b = load_config(demo, ["teachers.llama.train.lr=1e-2"])
+    assert a.fingerprint("data") == b.fingerprint("data")
+    assert a.fingerprint("teachers") != b.fingerprint("teachers")
+    assert a.fingerprint("data") == load_config(demo, ["run.dir=/elsewhere"]).fingerprint("data")
