@@ -1,0 +1,245 @@
+"""Encode selected entries into the stored arrays and decode them back (NumPy, no zarr).
+
+All transforms happen here, before zarr's codec chain, so that the stored arrays are plain
+integers / floats readable by any Zarr v3 implementation (no numcodecs filters).
+
+Ids (``id_code``), stored as ``uint16`` when ``vocab_size <= 65536`` else ``int32``:
+
+* ``sorted_gaps``: per position the ids are sorted ascending and stored as
+  ``[id_0, id_1 - id_0, ..., id_{k-1} - id_{k-2}]``; decoding is ``cumsum`` (exact). Values are
+  reordered to match. Gaps are smaller and far more compressible than ids in rank order. A gap of
+  0 after the first slot marks a padding slot (sampled mode only); it decodes to the previous id.
+* ``rank``: ids as selected, most probable first.
+
+Values (``value_code``); ``p`` = probability at the cache temperature, ``logp = log p``,
+``p_max`` = the largest ``p`` of the position:
+
+=============  =========  ========================================================  ========================================
+code           dtype      stored value                                              decoding error bound per entry
+=============  =========  ========================================================  ========================================
+``ratio_qB``   u8 / u16   ``q = rint(p / p_max * (2^B - 1))`` (B = 8, 12, 16);        ``|d p| <= p_max / (2 (2^B - 1))``
+                          decoded ``u = q / (2^B - 1)`` (so ``p ~ u * p_max``)        before renormalisation
+``logp_qB``    u8 / u16   ``q = rint((max(logp, f) - f) / -f * (2^B - 1))``,          ``|d logp| <= -f / (2 (2^B - 1))``
+                          ``f = logp_floor``; decoded ``u = exp(f + q (-f) / (2^B-1))``  (below ``f``: decodes to ``e^f``)
+``logp_fp16``  float16    ``logp`` rounded to float16 (clamped to [-1000, 0])         ``|d logp| <= 2^-11 |logp|``
+``logp_bf16``  u16        the upper 16 bits of float32 ``logp``, round-to-nearest     ``|d logp| <= 2^-8 |logp|``
+``logp_fp32``  float32    ``logp`` (clamped to [-1000, 0])                           float32 rounding only
+``count``      u16        number of draws of the id (sampled mode)                   exact; weight = count / num_samples
+=============  =========  ========================================================  ========================================
+
+The reader turns the decoded ``u`` into weights by renormalising over the stored entries of the
+position: ``w = u / sum(u)`` (renormalised top-k) or ``w = u / sum(u) * (1 - tail)``
+(ghost-bucket mode: the stored entries plus the tail sum to exactly 1). ``ratio_qB`` therefore
+needs no scale: the top entry always stores ``2^B - 1``. ``count`` is used as ``count / n``.
+
+Tail mass (topk mode): float32, exact as computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from logitcache.cache.metadata import CacheMetadata
+from logitcache.pipeline.errors import CacheError
+
+FLOAT_LOGP_MIN = -1000.0  # exp(-1000) == 0 in float32: nothing is lost by clamping there
+
+
+def value_bits(value_code: str) -> int:
+    """B of a ``*_qB`` code."""
+    return int(value_code.rsplit("_q", 1)[1])
+
+
+def value_dtype(value_code: str) -> np.dtype:
+    """Storage dtype of the values array."""
+    if value_code in ("logp_q8", "ratio_q8"):
+        return np.dtype("uint8")
+    if value_code in ("logp_q12", "logp_q16", "ratio_q12", "ratio_q16", "logp_bf16", "count"):
+        return np.dtype("uint16")
+    if value_code == "logp_fp16":
+        return np.dtype("float16")
+    if value_code == "logp_fp32":
+        return np.dtype("float32")
+    raise CacheError(f"Expected a known value code. Got {value_code!r}.")
+
+
+def value_max(value_code: str, *, num_samples: int | None = None) -> float:
+    """Largest valid stored integer for integer codes (used by verify)."""
+    if value_code == "count":
+        return float(num_samples or 0)
+    if "_q" in value_code:
+        return float((1 << value_bits(value_code)) - 1)
+    if value_code == "logp_bf16":
+        return float(np.iinfo(np.uint16).max)
+    return 0.0  # float codes store log p <= 0
+
+
+@dataclass(frozen=True)
+class EncodedEntries:
+    """The arrays written for a block of rows."""
+
+    ids: np.ndarray  # (R, T, k) uint16 | int32
+    values: np.ndarray  # (R, T, k) see value_dtype
+    tail: np.ndarray | None  # (R, T) float32, None in sampled mode
+
+
+@dataclass(frozen=True)
+class DecodedEntries:
+    """Entries read back: ids exact, weights within the code's error bound."""
+
+    ids: np.ndarray  # (R, T, k) int64
+    weights: np.ndarray  # (R, T, k) float32, see normalize_weights; 0 in padding slots
+    tail: np.ndarray | None  # (R, T) float32 or None
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> upper 16 bits, rounded to nearest even (finite inputs only)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype(np.uint16)
+
+
+def _bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_values(logprobs: np.ndarray, *, value_code: str, logp_floor: float) -> np.ndarray:
+    """Encode float log-probabilities with a probability code (not ``count``)."""
+    logp = np.minimum(np.asarray(logprobs, dtype=np.float64), 0.0)
+    if value_code.startswith("logp_q"):
+        levels = (1 << value_bits(value_code)) - 1
+        scaled = (np.maximum(logp, logp_floor) - logp_floor) / -logp_floor * levels
+        return np.rint(scaled).astype(value_dtype(value_code))
+    if value_code.startswith("ratio_q"):
+        levels = (1 << value_bits(value_code)) - 1
+        ratio = np.exp(logp - logp.max(axis=-1, keepdims=True))  # p / p_max, in [0, 1]
+        return np.rint(ratio * levels).astype(value_dtype(value_code))
+    clamped = np.maximum(logp, FLOAT_LOGP_MIN)
+    if value_code == "logp_fp16":
+        return clamped.astype(np.float16)
+    if value_code == "logp_bf16":
+        return _bf16_bits(clamped.astype(np.float32))
+    if value_code == "logp_fp32":
+        return clamped.astype(np.float32)
+    raise CacheError(f"Expected a probability value code. Got {value_code!r}.")
+
+
+def decode_probs(
+    values: np.ndarray, *, value_code: str, logp_floor: float, num_samples: int | None = None
+) -> np.ndarray:
+    """Stored values -> unnormalised weights ``u`` (float32), see the module docstring."""
+    if value_code == "count":
+        return (values.astype(np.float64) / float(num_samples or 1)).astype(np.float32)
+    if value_code.startswith("logp_q"):
+        levels = (1 << value_bits(value_code)) - 1
+        logp = logp_floor + values.astype(np.float64) * (-logp_floor / levels)
+        return np.exp(logp).astype(np.float32)
+    if value_code.startswith("ratio_q"):
+        levels = (1 << value_bits(value_code)) - 1
+        return (values.astype(np.float64) / levels).astype(np.float32)
+    if value_code == "logp_bf16":
+        return np.exp(_bf16_to_float32(values)).astype(np.float32)
+    if value_code in ("logp_fp16", "logp_fp32"):
+        return np.exp(values.astype(np.float32))
+    raise CacheError(f"Expected a known value code. Got {value_code!r}.")
+
+
+def mass_tolerance(metadata: CacheMetadata) -> float | None:
+    """Bound on ``|sum(decoded u) + tail - 1|`` for a valid topk position, or None where the code
+    stores no absolute scale (``ratio_qB``: verify checks ``max q == 2^B - 1`` instead).
+
+    Derived from the per-entry bounds in the module docstring summed over k entries, plus 1e-5
+    for float32 rounding of the tail and of the sum.
+    """
+    enc, k = metadata.encoding, metadata.k
+    code = enc.value_code
+    slack = 1e-5
+    if code.startswith("ratio_q") or code == "count":
+        return None
+    if code.startswith("logp_q"):
+        half_step = -enc.logp_floor / (2 * ((1 << value_bits(code)) - 1))
+        return float(np.expm1(half_step)) + k * float(np.exp(enc.logp_floor)) + slack
+    # Float codes: |dp| <= p * expm1(u |logp|) and p |logp| <= 1/e, so the sum is <= ~k u / e.
+    unit = {"logp_fp16": 2.0**-11, "logp_bf16": 2.0**-8, "logp_fp32": 2.0**-24}[code]
+    return 1.1 * k * unit / np.e + slack
+
+
+def _to_numpy(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()  # type: ignore[no-any-return, union-attr]
+    return np.asarray(x)
+
+
+def _gaps(sorted_ids: np.ndarray) -> np.ndarray:
+    return np.diff(sorted_ids, axis=-1, prepend=np.zeros_like(sorted_ids[..., :1]))
+
+
+def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries:
+    """Encode a :class:`TopkSelection` or :class:`SampledSelection` (torch or NumPy fields)."""
+    from logitcache.cache.select import SampledSelection, TopkSelection
+
+    id_dtype = np.dtype(metadata.id_dtype)
+    enc = metadata.encoding
+    if isinstance(selection, TopkSelection):
+        if metadata.mode != "topk":
+            raise CacheError(f"Expected a SampledSelection for a cache in mode {metadata.mode!r}. Got a TopkSelection.")
+        ids = _to_numpy(selection.ids).astype(np.int64)
+        logp = _to_numpy(selection.logprobs)
+        tail = _to_numpy(selection.tail).astype(np.float32)
+        if enc.id_code == "sorted_gaps":
+            order = np.argsort(ids, axis=-1, kind="stable")
+            ids = _gaps(np.take_along_axis(ids, order, axis=-1))
+            logp = np.take_along_axis(logp, order, axis=-1)
+        values = encode_values(logp, value_code=enc.value_code, logp_floor=enc.logp_floor)
+        return EncodedEntries(ids=ids.astype(id_dtype), values=values, tail=np.clip(tail, 0.0, 1.0))
+    if isinstance(selection, SampledSelection):
+        if metadata.mode != "sampled":
+            raise CacheError(f"Expected a TopkSelection for a cache in mode {metadata.mode!r}. Got a SampledSelection.")
+        ids = _to_numpy(selection.ids).astype(np.int64)
+        counts = _to_numpy(selection.counts).astype(np.int64)
+        order = np.argsort(ids, axis=-1, kind="stable")  # already ascending; stable keeps padding last
+        ids = _gaps(np.take_along_axis(ids, order, axis=-1))
+        counts = np.take_along_axis(counts, order, axis=-1)
+        return EncodedEntries(ids=ids.astype(id_dtype), values=counts.astype(np.uint16), tail=None)
+    raise CacheError(f"Expected a TopkSelection or SampledSelection. Got {type(selection).__name__}.")
+
+
+def decode_entries(
+    ids: np.ndarray,
+    values: np.ndarray,
+    tail: np.ndarray | None,
+    metadata: CacheMetadata,
+    *,
+    weights: str = "renormalized",
+) -> DecodedEntries:
+    """Inverse of :func:`encode_entries`: exact ids, weights for the loss.
+
+    ``weights="renormalized"``: per position the weights sum to 1 (tail returned as None).
+    ``weights="ghost"``: the weights sum to ``1 - tail`` and the tail is returned (topk mode only).
+    Sampled mode: weights = count / n (they sum to 1), tail None.
+    """
+    if weights not in ("renormalized", "ghost"):
+        raise CacheError(f"Expected weights='renormalized' or 'ghost'. Got {weights!r}.")
+    ids64 = ids.astype(np.int64)
+    if metadata.encoding.id_code == "sorted_gaps":
+        ids64 = np.cumsum(ids64, axis=-1)
+    unnormalized = decode_probs(
+        values,
+        value_code=metadata.encoding.value_code,
+        logp_floor=metadata.encoding.logp_floor,
+        num_samples=metadata.num_samples,
+    )
+    if metadata.mode == "sampled":
+        if weights == "ghost":
+            raise CacheError("Expected weights='renormalized' for a sampled cache (it has no tail). Got 'ghost'.")
+        return DecodedEntries(ids=ids64, weights=unnormalized, tail=None)
+    if tail is None:
+        raise CacheError("Expected a tail array in a topk cache. Got none: the cache is damaged.")
+    total = unnormalized.astype(np.float64).sum(axis=-1, keepdims=True)  # (R, T, 1), > 0 for valid data
+    scale = 1.0 / np.maximum(total, np.finfo(np.float64).tiny)
+    if weights == "ghost":
+        scale = scale * (1.0 - tail.astype(np.float64))[..., None]
+        return DecodedEntries(ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=tail.astype(np.float32))
+    return DecodedEntries(ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=None)
