@@ -40,7 +40,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from logitcache.cache.metadata import CacheMetadata
 from logitcache.pipeline.errors import CacheError
 
@@ -184,7 +183,9 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
     enc = metadata.encoding
     if isinstance(selection, TopkSelection):
         if metadata.mode != "topk":
-            raise CacheError(f"Expected a SampledSelection for a cache in mode {metadata.mode!r}. Got a TopkSelection.")
+            raise CacheError(
+                f"Expected a SampledSelection for a cache in mode {metadata.mode!r}. Got a TopkSelection."
+            )
         ids = _to_numpy(selection.ids).astype(np.int64)
         logp = _to_numpy(selection.logprobs)
         tail = _to_numpy(selection.tail).astype(np.float32)
@@ -196,7 +197,9 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
         return EncodedEntries(ids=ids.astype(id_dtype), values=values, tail=np.clip(tail, 0.0, 1.0))
     if isinstance(selection, SampledSelection):
         if metadata.mode != "sampled":
-            raise CacheError(f"Expected a TopkSelection for a cache in mode {metadata.mode!r}. Got a SampledSelection.")
+            raise CacheError(
+                f"Expected a TopkSelection for a cache in mode {metadata.mode!r}. Got a SampledSelection."
+            )
         ids = _to_numpy(selection.ids).astype(np.int64)
         counts = _to_numpy(selection.counts).astype(np.int64)
         order = np.argsort(ids, axis=-1, kind="stable")  # already ascending; stable keeps padding last
@@ -233,7 +236,9 @@ def decode_entries(
     )
     if metadata.mode == "sampled":
         if weights == "ghost":
-            raise CacheError("Expected weights='renormalized' for a sampled cache (it has no tail). Got 'ghost'.")
+            raise CacheError(
+                "Expected weights='renormalized' for a sampled cache (it has no tail). Got 'ghost'."
+            )
         return DecodedEntries(ids=ids64, weights=unnormalized, tail=None)
     if tail is None:
         raise CacheError("Expected a tail array in a topk cache. Got none: the cache is damaged.")
@@ -241,5 +246,7 @@ def decode_entries(
     scale = 1.0 / np.maximum(total, np.finfo(np.float64).tiny)
     if weights == "ghost":
         scale = scale * (1.0 - tail.astype(np.float64))[..., None]
-        return DecodedEntries(ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=tail.astype(np.float32))
+        return DecodedEntries(
+            ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=tail.astype(np.float32)
+        )
     return DecodedEntries(ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=None)

@@ -135,10 +135,14 @@ def parse_json_dict(data: object, field_name: str) -> dict[str, Any]:
         # Round-trip through JSON: the stored value must equal what a reader gets back.
         return dict(json.loads(json.dumps(dict(data), allow_nan=False, sort_keys=True)))
     except (TypeError, ValueError) as exc:
-        raise _fail(field_name, "JSON-serialisable (str/int/float/bool/None/list/dict, finite)", str(exc)) from None
+        raise _fail(
+            field_name, "JSON-serialisable (str/int/float/bool/None/list/dict, finite)", str(exc)
+        ) from None
 
 
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str) -> None:
+def _check_keys(
+    data: Mapping[str, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str
+) -> None:
     if not isinstance(data, Mapping):
         raise CacheError(f"Expected {where} to be a JSON object. Got {type(data).__name__}.")
     unknown = sorted(set(data) - set(allowed))
@@ -175,7 +179,12 @@ class TeacherInfo:
         parse_choice(self.dtype, "teachers[].dtype", TEACHER_DTYPES)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256, "dtype": self.dtype}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "weights_sha256": self.weights_sha256,
+            "dtype": self.dtype,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherInfo:
@@ -299,9 +308,7 @@ class CacheMetadata:
         object.__setattr__(self, "teachers", teachers)
         k = parse_positive_int(self.k, "k")
         if k >= vocab:
-            raise CacheError(
-                f"Expected k < vocab_size. Got k={k}, vocab_size={vocab}. Choose a smaller k."
-            )
+            raise CacheError(f"Expected k < vocab_size. Got k={k}, vocab_size={vocab}. Choose a smaller k.")
         parse_str(self.package_version, "package_version")
         parse_choice(self.ensemble, "ensemble", ENSEMBLE_RULES)
         if self.teacher_weights is not None:

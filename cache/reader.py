@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-
 from logitcache.cache import storage
 from logitcache.cache.encoding import decode_entries
 from logitcache.cache.layout import DONE_ARRAY, Layout, shard_key, sharded_names
@@ -46,7 +45,9 @@ WindowSelection = slice | Sequence[int] | np.ndarray | torch.Tensor
 class CacheReader:
     """A finished, complete cache. Create with :func:`open_cache`."""
 
-    def __init__(self, store: Any, group: zarr.Group, metadata: CacheMetadata, layout: Layout, summary: dict[str, Any]):
+    def __init__(
+        self, store: Any, group: zarr.Group, metadata: CacheMetadata, layout: Layout, summary: dict[str, Any]
+    ):
         self.store = store
         self.metadata = metadata
         self.layout = layout
@@ -101,7 +102,9 @@ class CacheReader:
             if step != 1:
                 raise CacheError(f"Expected a contiguous slice of windows. Got step {step}.")
             return slice(start, stop), np.arange(start, stop, dtype=np.int64), None
-        index = np.asarray(windows.cpu() if isinstance(windows, torch.Tensor) else windows, dtype=np.int64).reshape(-1)
+        index = np.asarray(
+            windows.cpu() if isinstance(windows, torch.Tensor) else windows, dtype=np.int64
+        ).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= self.num_windows):
             raise CacheError(
                 f"Expected window indices in [0, {self.num_windows}). Got [{index.min()}, {index.max()}]."

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
 from logitcache.pipeline.errors import CacheError, TeacherError
 
 
@@ -93,7 +92,9 @@ def ensemble_logprobs(
         )
     shapes = {tuple(z.shape) for z in teacher_logits}
     if len(shapes) != 1:
-        described = ", ".join(f"'{n}': {tuple(z.shape)}" for n, z in zip(teacher_names, teacher_logits, strict=True))
+        described = ", ".join(
+            f"'{n}': {tuple(z.shape)}" for n, z in zip(teacher_names, teacher_logits, strict=True)
+        )
         raise TeacherError(
             f"Expected all teachers to share one vocabulary and batch shape (B, T, V). Got {described}. "
             "Teachers must use the same tokenizer."

@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from logitcache.pipeline.errors import CacheError
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
-
-from logitcache.pipeline.errors import CacheError
 
 StoreLike = str | os.PathLike[str] | Store
 """A cache location: a filesystem path, or any zarr v3 ``Store`` (LocalStore, FsspecStore, ...)."""
@@ -34,7 +33,9 @@ def resolve_store(store: StoreLike, *, read_only: bool, must_exist: bool) -> Sto
     """
     if isinstance(store, Store):
         if not read_only and store.read_only:
-            raise CacheError(f"Expected a writable store. Got a read-only store {store}. Open it with read_only=False.")
+            raise CacheError(
+                f"Expected a writable store. Got a read-only store {store}. Open it with read_only=False."
+            )
         return store
     if not isinstance(store, str | os.PathLike):
         raise CacheError(f"Expected a cache path or a zarr Store. Got {type(store).__name__}.")
@@ -42,7 +43,9 @@ def resolve_store(store: StoreLike, *, read_only: bool, must_exist: bool) -> Sto
     if path.exists() and not path.is_dir():
         raise CacheError(f"Expected a cache directory at {path}. Got an existing file. Choose another path.")
     if must_exist and not path.is_dir():
-        raise CacheError(f"Expected a logit cache at {path}. Got no such directory. Run `pipe cache-logits` first.")
+        raise CacheError(
+            f"Expected a logit cache at {path}. Got no such directory. Run `pipe cache-logits` first."
+        )
     return LocalStore(path, read_only=read_only)
 
 

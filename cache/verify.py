@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-
 from logitcache.cache import storage
 from logitcache.cache.encoding import FLOAT_LOGP_MIN, decode_probs, mass_tolerance, value_bits, value_max
 from logitcache.cache.layout import DONE_ARRAY, STATS_ARRAY, Layout, shard_key, sharded_names
@@ -34,7 +33,12 @@ class ShardReport:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shard": self.shard, "windows": list(self.windows), "ok": self.ok, "problems": list(self.problems)}
+        return {
+            "shard": self.shard,
+            "windows": list(self.windows),
+            "ok": self.ok,
+            "problems": list(self.problems),
+        }
 
 
 @dataclass
@@ -153,10 +157,14 @@ def _verify_shard(
         try:
             data[name] = np.asarray(array[start:stop])
         except Exception as exc:  # noqa: BLE001 - checksum / truncation / decode errors
-            report.problems.append(f"array '{name}': shard file {key} unreadable ({type(exc).__name__}: {exc})")
+            report.problems.append(
+                f"array '{name}': shard file {key} unreadable ({type(exc).__name__}: {exc})"
+            )
     if "ids" in data and "values" in data:
         report.problems += [f"array 'ids': {p}" for p in _check_ids(data["ids"], data["values"], metadata)]
-        report.problems += [f"array 'values': {p}" for p in _check_values(data["values"], data.get("tail"), metadata)]
+        report.problems += [
+            f"array 'values': {p}" for p in _check_values(data["values"], data.get("tail"), metadata)
+        ]
     return report
 
 
@@ -192,7 +200,9 @@ def verify_cache(
             report.problems.append(f"{name} mismatch: cache has {stored}, expected {given}")
     leftovers = [key for key in storage.list_keys(zstore) if key.endswith(".partial")]
     if leftovers:
-        report.problems.append(f"{len(leftovers)} temporary '.partial' files left by a crash (e.g. {leftovers[0]})")
+        report.problems.append(
+            f"{len(leftovers)} temporary '.partial' files left by a crash (e.g. {leftovers[0]})"
+        )
     arrays: dict[str, zarr.Array] = {}
     for name in sharded_names(metadata):
         node = group.get(name)

@@ -26,9 +26,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, Crc32cCodec
-
 from logitcache.cache import storage
 from logitcache.cache.encoding import encode_entries
 from logitcache.cache.layout import (
@@ -46,13 +43,17 @@ from logitcache.cache.layout import (
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
 from logitcache.cache.select import SampledSelection, TopkSelection
 from logitcache.pipeline.errors import CacheError
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -> zarr.Array:
     if spec.blosc:
         comp = metadata.encoding.compressor
         compressors: list[Any] = [
-            BloscCodec(cname=comp.cname, clevel=comp.clevel, shuffle=comp.shuffle, typesize=spec.dtype.itemsize),
+            BloscCodec(
+                cname=comp.cname, clevel=comp.clevel, shuffle=comp.shuffle, typesize=spec.dtype.itemsize
+            ),
             Crc32cCodec(),  # last: every inner chunk carries its own checksum
         ]
     else:
@@ -74,7 +75,9 @@ def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -
 def _read_attrs(group: zarr.Group) -> tuple[CacheMetadata, Layout, dict[str, Any] | None]:
     attrs = dict(group.attrs)
     if METADATA_KEY not in attrs:
-        raise CacheError("Expected a logitcache cache (group attribute 'logitcache'). Got a zarr group without it.")
+        raise CacheError(
+            "Expected a logitcache cache (group attribute 'logitcache'). Got a zarr group without it."
+        )
     raw = attrs[METADATA_KEY]
     if isinstance(raw, dict):
         parse_format_version(raw.get("format_version"))
@@ -166,11 +169,15 @@ class CacheWriter:
         start, stop = self.shard_rows(shard)
         encoded = encode_entries(selection, self.metadata)
         entropy = np.asarray(
-            selection.entropy.detach().cpu().numpy() if hasattr(selection.entropy, "detach") else selection.entropy,
+            selection.entropy.detach().cpu().numpy()
+            if hasattr(selection.entropy, "detach")
+            else selection.entropy,
             dtype=np.float64,
         )
         positions = float((stop - start) * self.layout.seq_len)
-        captured = float((1.0 - encoded.tail.astype(np.float64)).sum()) if encoded.tail is not None else positions
+        captured = (
+            float((1.0 - encoded.tail.astype(np.float64)).sum()) if encoded.tail is not None else positions
+        )
         stats = np.array([[positions, captured, float(entropy.sum())]], dtype=np.float64)
         try:
             self._arrays["ids"][start:stop] = encoded.ids
@@ -213,7 +220,9 @@ class CacheWriter:
         try:
             self._group.update_attributes({COMPLETE_KEY: summary})
         except OSError as exc:
-            raise CacheError(f"Expected to write the cache summary. Got {type(exc).__name__}: {exc}.") from exc
+            raise CacheError(
+                f"Expected to write the cache summary. Got {type(exc).__name__}: {exc}."
+            ) from exc
         return summary
 
 
@@ -260,7 +269,9 @@ def create_cache(
                 "Pass overwrite=True (--overwrite) to replace it, or choose another path."
             )
         differing = old_metadata.differences(metadata)
-        differing += [f"layout.{key}" for key, value in layout.to_dict().items() if old_layout.to_dict()[key] != value]
+        differing += [
+            f"layout.{key}" for key, value in layout.to_dict().items() if old_layout.to_dict()[key] != value
+        ]
         if differing:
             raise CacheError(
                 f"Expected the unfinished cache at {storage.describe(zstore)} to have the same settings. "
@@ -305,5 +316,7 @@ def open_cache_writer(store: storage.StoreLike, *, metadata: CacheMetadata) -> C
         )
     group = zarr.open_group(zstore, mode="r+")
     if DONE_ARRAY not in group:
-        raise CacheError("Expected the cache arrays to exist. Got none: rank 0 has not finished create_cache.")
+        raise CacheError(
+            "Expected the cache arrays to exist. Got none: rank 0 has not finished create_cache."
+        )
     return CacheWriter(zstore, group, old_metadata, layout)
