@@ -1,0 +1,52 @@
+"""The `pipe` CLI: help everywhere, version, and user errors as one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from logitcache.pipeline import __version__
+from logitcache.pipeline.cli import cli
+
+PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
+
+
+def _commands() -> list[str]:
+    return sorted(cli.commands)
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    assert {"prepare-data", "train-teacher", "run"} <= set(_commands())
+    for name in _commands():
+        result = runner.invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Usage: " in result.output and "--run-dir" in result.output or name in ("evaluate", "report")
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare-data", "missing.toml"], "error: Expected a TOML config file. Got 'missing.toml', which does not exist."),
+        (["prepare-data", "{demo}", "--set", "data.vocab=5"], "error: Unknown config key 'data.vocab'. Did you mean 'vocab_size'?"),
+        (["train-teacher", "{demo}", "--teacher", "nope", "--run-dir", "{tmp}"], "error: Unknown teacher 'nope'. The config defines: llama, gpt2."),
+        (["train-teacher", "{demo}", "--teacher", "llama", "--run-dir", "{tmp}"], "error: Expected prepared data in"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line(args: list[str], message: str, tmp_path: Path):
+    from .conftest import REPO
+
+    args = [a.format(demo=REPO / "configs" / "demo.toml", tmp=tmp_path) for a in args]
+    done = subprocess.run([*PIPE, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message)
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
