@@ -26,7 +26,7 @@ import zarr
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.corpus import SPLITS, Document, read_corpus
 from logitcache.pipeline.errors import DataError, StageError
-from logitcache.pipeline.hashing import array_sha256, file_sha256
+from logitcache.cache.hashing import array_sha256, file_sha256
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     RunLayout,

@@ -13,7 +13,7 @@ import zarr
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.corpus import group_documents
 from logitcache.pipeline.errors import DataError, StageError
-from logitcache.pipeline.hashing import array_sha256
+from logitcache.cache.hashing import array_sha256
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
