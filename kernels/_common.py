@@ -13,13 +13,12 @@ that CI uses); anything else is a :class:`~logitcache.pipeline.errors.ConfigErro
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Final
 
 import torch
-
 from logitcache.pipeline.errors import ConfigError, DataError
 
 BACKENDS: Final = ("auto", "triton", "torch")
@@ -128,13 +127,12 @@ def check_values(
         )
 
 
-@functools.cache
+# find_spec does not import triton (the interpreter choice happens at its first import)
+_TRITON_INSTALLED: Final = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def triton_interpreting() -> bool:
