@@ -82,6 +82,14 @@ def key_size(store: Store, key: str) -> int | None:
     return int(size)
 
 
+def read_bytes(store: Store, key: str) -> bytes | None:
+    """The whole value of ``key``, or None if it does not exist."""
+    from zarr.core.buffer.core import default_buffer_prototype
+
+    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else bytes(buffer.to_bytes())
+
+
 def is_empty(store: Store) -> bool:
     return bool(sync(store.is_empty("")))
 

@@ -20,6 +20,7 @@ from logitcache.cache.layout import DONE_ARRAY, STATS_ARRAY, Layout, shard_key, 
 from logitcache.cache.metadata import CacheMetadata
 from logitcache.cache.writer import _read_attrs
 from logitcache.pipeline.errors import CacheError
+from zarr.abc.store import Store
 
 
 @dataclass
@@ -121,7 +122,7 @@ def _check_values(values: np.ndarray, tail: np.ndarray | None, metadata: CacheMe
             problems.append(f"counts that do not sum to num_samples={metadata.num_samples}")
     if metadata.mode == "topk":
         if tail is None:
-            problems.append("no tail data")
+            pass  # missing / unreadable tail shard: reported by the caller
         elif not np.isfinite(tail).all() or (tail < 0).any() or (tail > 1).any():
             problems.append("tail mass outside [0, 1] or non-finite")
         elif not problems:
@@ -136,6 +137,36 @@ def _check_values(values: np.ndarray, tail: np.ndarray | None, metadata: CacheMe
     return problems
 
 
+_EMPTY = (1 << 64) - 1  # sharding index entry of an absent inner chunk
+
+
+def check_shard_index(blob: bytes, *, chunks_per_shard: int, chunks_expected: int) -> str | None:
+    """Structural check of one shard file (zarr v3 sharding, index at the end, crc32c-protected).
+
+    Index = ``chunks_per_shard`` pairs of little-endian uint64 (offset, nbytes), then a 4-byte
+    crc32c. The writer stores every inner chunk inside the array (``write_empty_chunks``), so the
+    first ``chunks_expected`` entries must all be present and lie inside the file: a truncated or
+    emptied shard would otherwise read back as fill values without any error.
+    """
+    import crc32c
+
+    index_bytes = 16 * chunks_per_shard
+    if len(blob) < index_bytes + 4:
+        return f"{len(blob)} bytes, shorter than its index ({index_bytes + 4} bytes): truncated"
+    index, stored_crc = blob[-index_bytes - 4 : -4], blob[-4:]
+    if crc32c.crc32c(index).to_bytes(4, "little") != stored_crc:
+        return "shard index checksum mismatch"
+    entries = np.frombuffer(index, dtype="<u8").reshape(chunks_per_shard, 2)
+    data_end = len(blob) - index_bytes - 4
+    for chunk in range(chunks_expected):
+        offset, nbytes = (int(x) for x in entries[chunk])
+        if offset == _EMPTY and nbytes == _EMPTY:
+            return f"inner chunk {chunk} absent from the shard"
+        if offset + nbytes > data_end:
+            return f"inner chunk {chunk} extends past the end of the data: truncated"
+    return None
+
+
 def _verify_shard(
     shard: int,
     layout: Layout,
@@ -143,6 +174,7 @@ def _verify_shard(
     arrays: dict[str, zarr.Array],
     done: np.ndarray | None,
     present: dict[str, set[str]],
+    store: Store,
 ) -> ShardReport:
     start, stop = layout.shard_rows(shard)
     report = ShardReport(shard=shard, windows=(start, stop))
@@ -153,6 +185,15 @@ def _verify_shard(
         key = shard_key(name, shard, array.ndim)
         if key not in present[name]:
             report.problems.append(f"array '{name}': shard file {key} missing")
+            continue
+        blob = storage.read_bytes(store, key) or b""
+        chunks_per_shard = layout.windows_per_shard // layout.windows_per_chunk
+        chunks_expected = -(-(stop - start) // layout.windows_per_chunk)
+        structural = check_shard_index(
+            blob, chunks_per_shard=chunks_per_shard, chunks_expected=chunks_expected
+        )
+        if structural is not None:
+            report.problems.append(f"array '{name}': shard file {key} unreadable ({structural})")
             continue
         try:
             data[name] = np.asarray(array[start:stop])
@@ -223,5 +264,5 @@ def verify_cache(
         report.problems.append(f"array '{STATS_ARRAY}' missing")
     present = {name: set(storage.list_keys(zstore, f"{name}/c/")) for name in arrays}
     for shard in range(layout.num_shards):
-        report.shards.append(_verify_shard(shard, layout, metadata, arrays, done, present))
+        report.shards.append(_verify_shard(shard, layout, metadata, arrays, done, present, zstore))
     return report

@@ -1,0 +1,151 @@
+"""Ensemble and per-position selection (cache/select.py) against independent float64 NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from logitcache.cache.select import ensemble_logprobs, select_sampled, select_topk, window_seed
+from logitcache.pipeline.errors import CacheError, TeacherError
+
+# (B, T, V) with an odd V and T so nothing lines up with a power of two
+SHAPE = (3, 5, 37)
+
+
+def _np_log_softmax(z: np.ndarray) -> np.ndarray:
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def _teachers(seed: int = 0, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(SHAPE, generator=g, dtype=torch.float64) * 3 for _ in range(n)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_mean_logits_matches_reference(temperature: float) -> None:
+    zs = _teachers()
+    weights = [1.0, 2.0, 0.5]
+    got = ensemble_logprobs(
+        zs, teacher_names=["a", "b", "c"], window_indices=[0, 1, 2], weights=weights, temperature=temperature
+    )
+    mean = sum(w * z.numpy() for w, z in zip(weights, zs, strict=True)) / sum(weights)
+    want = _np_log_softmax(mean / temperature)
+    # float64 throughout: only rounding differences (~1e-15 relative) remain
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_mean_probs_matches_reference() -> None:
+    zs = _teachers(1, 2)
+    weights = [3.0, 1.0]
+    got = ensemble_logprobs(
+        zs,
+        teacher_names=["a", "b"],
+        window_indices=[0, 1, 2],
+        rule="mean_probs",
+        weights=weights,
+        temperature=2.0,
+    )
+    probs = sum(w * np.exp(_np_log_softmax(z.numpy() / 2.0)) for w, z in zip(weights, zs, strict=True)) / 4.0
+    np.testing.assert_allclose(got.numpy(), np.log(probs), rtol=0, atol=1e-12)
+
+
+def test_float32_and_bf16_teachers_compute_in_float32() -> None:
+    zs = [z.to(torch.bfloat16) for z in _teachers(2, 2)]
+    got = ensemble_logprobs(zs, teacher_names=["a", "b"], window_indices=[0, 1, 2])
+    assert got.dtype == torch.float32
+    want = _np_log_softmax((zs[0].double().numpy() + zs[1].double().numpy()) / 2)
+    # the bf16 inputs are exact in float32; float32 log_softmax error ~ 1e-6 at |logp| ~ 10
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_topk_ids_logprobs_and_tail() -> None:
+    logp = ensemble_logprobs(_teachers(3, 1), teacher_names=["a"], window_indices=[0, 1, 2])
+    sel = select_topk(logp, k=6)
+    lp = logp.numpy()
+    order = np.argsort(-lp, axis=-1, kind="stable")[..., :6]
+    np.testing.assert_array_equal(np.sort(sel.ids.numpy(), -1), np.sort(order, -1))
+    np.testing.assert_allclose(sel.logprobs.numpy(), np.take_along_axis(lp, sel.ids.numpy(), -1), atol=1e-6)
+    probs = np.exp(lp)
+    tail = probs.sum(-1) - np.take_along_axis(probs, order, -1).sum(-1)
+    np.testing.assert_allclose(sel.tail.numpy(), tail, rtol=1e-6, atol=1e-7)
+    entropy = -(probs * lp).sum(-1)
+    np.testing.assert_allclose(sel.entropy.numpy(), entropy, rtol=1e-6)
+
+
+def test_tiny_tail_is_accurate_in_float32() -> None:
+    # One very peaked position: tail ~ 35 * e^-30 ~ 3.3e-12, far below float32's 1 - sum resolution (6e-8).
+    z = torch.zeros(1, 1, 37, dtype=torch.float32)
+    z[0, 0, :2] = 30.0
+    sel = select_topk(torch.log_softmax(z, -1), k=2)
+    exact = 35 * np.exp(-30.0) / (2 + 35 * np.exp(-30.0))
+    assert sel.tail.item() == pytest.approx(exact, rel=1e-5)
+    naive = 1 - torch.softmax(z, -1)[0, 0, :2].sum().item()
+    assert abs(naive - exact) > 1e-9 or naive == 0.0  # the naive formula loses it entirely
+
+
+def test_sampled_counts_reproducible_across_batch_split() -> None:
+    logp = ensemble_logprobs(_teachers(4, 1), teacher_names=["a"], window_indices=[10, 11, 12])
+    whole = select_sampled(logp.float(), num_samples=8, seed=7, window_indices=[10, 11, 12])
+    first = select_sampled(logp[:1].float(), num_samples=8, seed=7, window_indices=[10])
+    rest = select_sampled(logp[1:].float(), num_samples=8, seed=7, window_indices=[11, 12])
+    torch.testing.assert_close(whole.ids, torch.cat([first.ids, rest.ids]))
+    torch.testing.assert_close(whole.counts, torch.cat([first.counts, rest.counts]))
+    assert bool((whole.counts.sum(-1) == 8).all())
+    other_seed = select_sampled(logp.float(), num_samples=8, seed=8, window_indices=[10, 11, 12])
+    assert not torch.equal(other_seed.ids, whole.ids)
+    assert window_seed(7, 10) != window_seed(7, 11)
+
+
+def test_sampled_structure_matches_draws() -> None:
+    # Independent check: redraw with the documented generator and count with np.unique.
+    logp = torch.log_softmax(torch.randn(1, 4, 37, generator=torch.Generator().manual_seed(5)), -1)
+    sel = select_sampled(logp, num_samples=12, seed=3, window_indices=[42])
+    g = torch.Generator().manual_seed(window_seed(3, 42))
+    draws = torch.multinomial(logp[0].exp(), 12, replacement=True, generator=g).numpy()
+    for t in range(4):
+        ids, counts = np.unique(draws[t], return_counts=True)
+        u = len(ids)
+        np.testing.assert_array_equal(sel.ids[0, t, :u].numpy(), ids)
+        np.testing.assert_array_equal(sel.counts[0, t, :u].numpy(), counts)
+        assert bool((sel.counts[0, t, u:] == 0).all())
+        assert bool((sel.ids[0, t, u:] == ids[-1]).all())  # padding repeats the last real id
+
+
+def test_sampled_is_unbiased_on_average() -> None:
+    # Over many windows the mean count/n per id converges to p (std of the mean ~ sqrt(p/(n W))).
+    logp = torch.log_softmax(torch.randn(1, 1, 37, generator=torch.Generator().manual_seed(6)) * 2, -1)
+    windows = 400
+    sel = select_sampled(
+        logp.expand(windows, 1, 37).contiguous(), num_samples=16, seed=0, window_indices=list(range(windows))
+    )
+    estimate = torch.zeros(37, dtype=torch.float64)
+    estimate.scatter_add_(0, sel.ids.reshape(-1), sel.counts.reshape(-1).double() / 16)
+    estimate /= windows
+    p = logp.exp().reshape(-1).double()
+    assert float((estimate - p).abs().max()) < 5 * float((p / (16 * windows)).sqrt().max())
+
+
+def test_nan_logits_name_teacher_and_window() -> None:
+    zs = _teachers(0, 2)
+    zs[1][2, 3, 4] = float("nan")
+    with pytest.raises(TeacherError, match=r"teacher 'gpt2'.*window 17, position 3"):
+        ensemble_logprobs(zs, teacher_names=["llama", "gpt2"], window_indices=[15, 16, 17])
+    zs[1][2, 3, 4] = float("inf")
+    with pytest.raises(TeacherError, match="gpt2"):
+        ensemble_logprobs(zs, teacher_names=["llama", "gpt2"], window_indices=[15, 16, 17], rule="mean_probs")
+
+
+def test_different_vocab_sizes_refused() -> None:
+    a = torch.zeros(1, 2, 37)
+    b = torch.zeros(1, 2, 40)
+    with pytest.raises(TeacherError, match="same tokenizer"):
+        ensemble_logprobs([a, b], teacher_names=["a", "b"], window_indices=[0])
+
+
+def test_k_at_least_vocab_refused() -> None:
+    logp = torch.log_softmax(torch.zeros(1, 2, 37), -1)
+    with pytest.raises(CacheError, match="k < vocab"):
+        select_topk(logp, k=37)
+    with pytest.raises(CacheError, match="vocab"):
+        select_sampled(logp, num_samples=37, seed=0, window_indices=[0])
