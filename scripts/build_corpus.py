@@ -585,6 +585,8 @@ def build_austen(files: PackageFiles) -> str:
             if cut < 0:
                 raise BuildError("Expected 'A NOTE ON THE TEXT' in Northanger Abbey. Got none.")
             text = text[:cut]
+        # Editors' notes on where a volume of some edition ended: not Austen's text.
+        text = re.sub(r"(?m)^[ \t]*\[(?:At this point in the|End volume)[^\]]*\]$", "", text)
         novels.append(text.replace("_", ""))  # _italics_
     return normalise("\n\n".join(novels))
 
@@ -920,6 +922,10 @@ def clean_milton(name: str, text: str) -> str:
         if index < 0:
             raise BuildError("Expected 'INDEX TO THE NOTES.' in comus_gut.txt. Got none.")
         text = text[:index]  # an index of line numbers
+        contents, introduction = text.find("\nCONTENTS.\n"), text.find("\nINTRODUCTION.\n")
+        if not 0 < contents < introduction:
+            raise BuildError("Expected CONTENTS. before INTRODUCTION. in comus_gut.txt. Got another layout.")
+        text = text[:contents] + text[introduction:]  # a table of page numbers
         text = re.sub(r"\{\d+:[A-Z]\}", "", text)  # footnote anchors like {22:B}
         text = re.sub(r"~([^~]{1,80}?)~", r"\1", text)  # ~lemma~ in the notes, may span a line
         text = re.sub(r"\{=([A-Za-z])\}", lambda m: unicodedata.normalize("NFC", m.group(1) + "\u0304"), text)
