@@ -1,0 +1,188 @@
+"""Benchmark of fused_linear_sparse_kd_loss against its matmul floor, eager, torch.compile, Liger, CCE.
+
+Run on a CUDA machine from the repository root::
+
+    python -m benchmarks.bench_fused_linear                 # N=16384, H=1024, V=128256, k=64, bf16
+    python -m benchmarks.bench_fused_linear --csv $OUT/bench_fused_linear.csv --skip-eager
+
+Rows (all forward + backward, gradients for hidden and weight):
+
+- ``gemm floor``: the three matmuls any implementation does, ``hidden @ W.T`` (N x V),
+  ``grad_logits @ W`` and ``grad_logits.T @ hidden``, timed alone with full-size operands; the
+  issue's target is ours <= 1.15x this (``x floor`` column);
+- ``ours``: the chunked Triton path (default chunk size), and ``ours chunk=C`` with ``--sweep-chunks``;
+- ``eager`` / ``torch.compile``: dense logits + the plain-PyTorch reference (OOM is reported);
+- ``liger FLCE`` and ``CCE``: Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy's
+  ``linear_cross_entropy``: CE only, a floor for what a fused loss can cost (optional wheels:
+  ``../shared/device/fetch-wheels.sh liger-kernel==0.8.5 cut-cross-entropy==25.1.1``).
+
+``peak / inputs`` is the peak CUDA memory during the step over (weight + hidden + their gradients);
+the target for ours is <= 1.2. ``--smoke`` runs a tiny shape on CPU (interpreter), numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from benchmarks import (
+    REPO_ROOT,
+    append_csv,
+    device_name,
+    ensure_logitcache_importable,
+    git_commit,
+    print_table,
+    time_ms,
+    today,
+)
+
+COLUMNS = (
+    "device", "date", "commit", "shape", "dtype", "mode", "impl", "ms", "ms_p20", "ms_p80", "TFLOP/s",
+    "x floor", "peak MiB", "peak / inputs",
+)
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def parse_args(argv=None):  # noqa: ANN001
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="16384x1024x128256x64", help="NxHxVxk")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--modes", default="topk,ghost")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--csv", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_fused_linear.csv")
+    parser.add_argument("--skip-eager", action="store_true", help="skip the dense eager/compile baselines")
+    parser.add_argument("--sweep-chunks", action="store_true", help="also time chunk sizes 128..2048")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (interpreter), no CSV")
+    return parser.parse_args(argv)
+
+
+def _peak(fn, params) -> tuple[float, float]:  # noqa: ANN001
+    """(peak MiB during one call, that peak over weight + hidden + their gradients)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return float("nan"), float("nan")
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    inputs = 2 * sum(p.numel() * p.element_size() for p in params)
+    return peak / 2**20, peak / inputs
+
+
+def gemm_floor_ms(hidden, weight) -> float:  # noqa: ANN001
+    """do_bench ms of the three matmuls with full-size operands (a grad_logits-shaped buffer)."""
+    import torch
+
+    with torch.no_grad():
+        logits_buf = hidden.new_empty((hidden.shape[0], weight.shape[0]))  # (N, V)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.empty_like(weight)
+
+        def gemms():
+            torch.mm(hidden, weight.t(), out=logits_buf)
+            torch.mm(logits_buf, weight, out=grad_h)
+            torch.mm(logits_buf.t(), hidden, out=grad_w)
+
+        return time_ms(gemms)[0]
+
+
+def run(args) -> list[dict]:  # noqa: ANN001
+    import torch
+    from logitcache.kernels import fused_linear_sparse_kd_loss, fused_linear_sparse_kd_loss_reference
+
+    from benchmarks.bench_kernel import make_inputs
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, DTYPES[args.dtype])
+    n, hidden_size, vocab, k = (int(x) for x in args.shape.lower().split("x"))
+    flops = 6.0 * n * hidden_size * vocab
+    facts = dict(device=device_name(), date=today(), commit=git_commit(), shape=args.shape, dtype=args.dtype)
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(n, hidden_size, generator=gen, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) / hidden_size**0.5).to(dtype)
+    weight.requires_grad_()
+    params = [hidden, weight]
+    rows: list[dict] = []
+
+    def add(mode, impl, fn, floor_ms=None):  # noqa: ANN001
+        try:
+            ms = time_ms(fn, grad_to_none=params)
+            peak_mib, ratio = _peak(fn, params)
+        except torch.OutOfMemoryError:
+            rows.append(dict(facts, mode=mode, impl=impl, ms="OOM"))
+            torch.cuda.empty_cache()
+            return None
+        row = dict(facts, mode=mode, impl=impl, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], **{
+            "TFLOP/s": flops / ms[0] / 1e9, "peak MiB": peak_mib, "peak / inputs": ratio})
+        if floor_ms:
+            row["x floor"] = ms[0] / floor_ms
+        rows.append(row)
+        return ms[0]
+
+    floor_ms = gemm_floor_ms(hidden, weight)
+    rows.append(dict(facts, mode="-", impl="gemm floor (3 matmuls)", ms=floor_ms, **{
+        "TFLOP/s": flops / floor_ms / 1e9, "x floor": 1.0}))
+
+    for mode in args.modes.split(","):
+        _, _, ids, weights, tail = make_inputs(n, vocab, k, dtype, mode, device)  # logits unused
+        targets = torch.randint(0, vocab, (n,), generator=gen, device=device)
+        targets[::17] = -100
+        kw = dict(temperature=args.temperature)
+
+        def ours(chunk_size=None):  # noqa: ANN001
+            fused_linear_sparse_kd_loss(hidden, weight, targets, ids, weights, tail, backend="triton",  # noqa: B023
+                                        chunk_size=chunk_size, **kw).backward()  # noqa: B023
+
+        add(mode, "ours", ours, floor_ms)
+        if args.sweep_chunks:
+            for chunk in (128, 256, 512, 1024, 2048):
+                add(mode, f"ours chunk={chunk}", lambda c=chunk: ours(c), floor_ms)
+        if not args.skip_eager:
+            def eager():
+                fused_linear_sparse_kd_loss_reference(hidden, weight, targets, ids, weights, tail, **kw).backward()  # noqa: B023
+
+            compiled_loss = torch.compile(fused_linear_sparse_kd_loss_reference, dynamic=False)
+
+            def compiled():
+                compiled_loss(hidden, weight, targets, ids, weights, tail, **kw).backward()  # noqa: B023
+
+            add(mode, "eager", eager, floor_ms)
+            add(mode, "torch.compile", compiled, floor_ms)
+        if mode == args.modes.split(",")[0] and device == "cuda":  # CE-only peers: once
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+                liger = LigerFusedLinearCrossEntropyLoss()
+                add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)  # noqa: B023
+            except ImportError:
+                rows.append(dict(facts, mode="CE only", impl="liger FLCE", ms="not installed"))
+            try:
+                from cut_cross_entropy import linear_cross_entropy
+
+                add("CE only", "CCE", lambda: linear_cross_entropy(hidden, weight, targets).backward(), floor_ms)  # noqa: B023
+            except ImportError:
+                rows.append(dict(facts, mode="CE only", impl="CCE", ms="not installed"))
+    return rows
+
+
+def main(argv=None) -> None:  # noqa: ANN001
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        args.shape, args.dtype, args.skip_eager = "33x16x300x5", "fp32", True
+    ensure_logitcache_importable()
+    rows = run(args)
+    print_table(rows, COLUMNS)
+    if not args.smoke:
+        append_csv(args.csv, rows, COLUMNS)
+        print(f"\nappended {len(rows)} rows to {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
