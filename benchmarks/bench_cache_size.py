@@ -54,9 +54,11 @@ from logitcache.cache.select import SampledSelection, TopkSelection
 
 VALUE_CODES = (
     "ratio_q8",
+    "ratio_q10",
     "ratio_q12",
     "ratio_q16",
     "logp_q8",
+    "logp_q10",
     "logp_q12",
     "logp_q16",
     "logp_fp16",
@@ -70,7 +72,7 @@ CODECS = {
     "zstd7-bit": Compressor("zstd", 7, "bitshuffle"),
     "lz4-5-bit": Compressor("lz4", 5, "bitshuffle"),
 }
-DEFAULT_CODEC = "zstd3-bit"
+DEFAULT_CODEC = "default"  # Encoding() defaults: see docs/cache-format.md
 FAKE_SHA = hashlib.sha256(b"benchmark").hexdigest()
 
 
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         "--chunk-windows", type=int, default=4, help="windows per inner chunk for the main sweep"
     )
     parser.add_argument(
-        "--chunk-sweep", default="1,4,16", help="windows_per_chunk values for the read-rate sweep"
+        "--chunk-sweep", default="1,4,16,64", help="windows_per_chunk values for the read-rate sweep"
     )
     parser.add_argument("--sampled", action="store_true", help="also write sampled-mode caches (n = k)")
     parser.add_argument(
@@ -387,18 +389,17 @@ def main(argv: list[str] | None = None) -> None:
     k_ref = 64 if 64 in ks else ks[-1]
     selection = select_topk(teacher_logp, k=k_ref)
     default = Encoding()
-    print(f"\ncodec sweep (k={k_ref}, {default.id_code}/{default.value_code}):")
+    print(f"\ncodec sweep (k={k_ref}, {default.id_code}/{default.value_code}; one codec for all arrays):")
     for codec, compressor in CODECS.items():
-        if codec != DEFAULT_CODEC:
-            run(
-                k_ref,
-                Encoding(value_code=default.value_code, compressor=compressor),
-                selection,
-                "topk",
-                codec,
-                per_chunk,
-                False,
-            )
+        run(
+            k_ref,
+            Encoding(value_code=default.value_code, compressor=compressor, id_compressor=compressor),
+            selection,
+            "topk",
+            codec,
+            per_chunk,
+            False,
+        )
     print(f"\nchunk sweep (k={k_ref}, default encoding): windows_per_chunk -> read rates")
     for chunk_windows in (int(x) for x in args.chunk_sweep.split(",")):
         if chunk_windows <= num_windows:

@@ -17,7 +17,7 @@ Values (``value_code``); ``p`` = probability at the cache temperature, ``logp = 
 =============  =========  ========================================================  ========================================
 code           dtype      stored value                                              decoding error bound per entry
 =============  =========  ========================================================  ========================================
-``ratio_qB``   u8 / u16   ``q = rint(p / p_max * (2^B - 1))`` (B = 8, 12, 16);        ``|d p| <= p_max / (2 (2^B - 1))``
+``ratio_qB``   u8 / u16   ``q = rint(p / p_max * (2^B - 1))`` (B = 8, 10, 12, 16);        ``|d p| <= p_max / (2 (2^B - 1))``
                           decoded ``u = q / (2^B - 1)`` (so ``p ~ u * p_max``)        before renormalisation
 ``logp_qB``    u8 / u16   ``q = rint((max(logp, f) - f) / -f * (2^B - 1))``,          ``|d logp| <= -f / (2 (2^B - 1))``
                           ``f = logp_floor``; decoded ``u = exp(f + q (-f) / (2^B-1))``  (below ``f``: decodes to ``e^f``)
@@ -55,7 +55,16 @@ def value_dtype(value_code: str) -> np.dtype:
     """Storage dtype of the values array."""
     if value_code in ("logp_q8", "ratio_q8"):
         return np.dtype("uint8")
-    if value_code in ("logp_q12", "logp_q16", "ratio_q12", "ratio_q16", "logp_bf16", "count"):
+    if value_code in (
+        "logp_q10",
+        "logp_q12",
+        "logp_q16",
+        "ratio_q10",
+        "ratio_q12",
+        "ratio_q16",
+        "logp_bf16",
+        "count",
+    ):
         return np.dtype("uint16")
     if value_code == "logp_fp16":
         return np.dtype("float16")

@@ -30,12 +30,14 @@ Mode = Literal["topk", "sampled"]
 IdCode = Literal["sorted_gaps", "rank"]
 ValueCode = Literal[
     "logp_q8",
+    "logp_q10",
     "logp_q12",
     "logp_q16",
     "logp_fp16",
     "logp_bf16",
     "logp_fp32",
     "ratio_q8",
+    "ratio_q10",
     "ratio_q12",
     "ratio_q16",
     "count",
@@ -46,12 +48,14 @@ MODES: Final = ("topk", "sampled")
 ID_CODES: Final = ("sorted_gaps", "rank")
 VALUE_CODES: Final = (
     "logp_q8",
+    "logp_q10",
     "logp_q12",
     "logp_q16",
     "logp_fp16",
     "logp_bf16",
     "logp_fp32",
     "ratio_q8",
+    "ratio_q10",
     "ratio_q12",
     "ratio_q16",
     "count",
@@ -225,13 +229,15 @@ class Encoding:
     first id then the gaps to the previous id; values reordered to match) or ``"rank"`` (ids and
     values in rank order, most probable first). ``value_code``: see :mod:`logitcache.cache.encoding`.
     ``logp_floor``: lower end of the range of the ``logp_q*`` codes (log-probabilities below it are
-    stored as the floor).
+    stored as the floor). ``compressor``: Blosc settings of the values and tail arrays;
+    ``id_compressor``: of the ids array (gaps compress best with another shuffle than values).
     """
 
     id_code: str = "sorted_gaps"
-    value_code: str = "ratio_q12"
+    value_code: str = "ratio_q10"
     logp_floor: float = -20.0
     compressor: Compressor = field(default_factory=Compressor)
+    id_compressor: Compressor = field(default_factory=lambda: Compressor(shuffle="shuffle"))
 
     def __post_init__(self) -> None:
         parse_choice(self.id_code, "encoding.id_code", ID_CODES)
@@ -240,10 +246,12 @@ class Encoding:
         if floor >= 0:
             raise _fail("encoding.logp_floor", "a negative number", self.logp_floor)
         object.__setattr__(self, "logp_floor", floor)
-        if isinstance(self.compressor, Mapping):
-            object.__setattr__(self, "compressor", Compressor.from_dict(self.compressor))
-        if not isinstance(self.compressor, Compressor):
-            raise _fail("encoding.compressor", "a Compressor", self.compressor)
+        for name in ("compressor", "id_compressor"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, Compressor.from_dict(value))
+            elif not isinstance(value, Compressor):
+                raise _fail(f"encoding.{name}", "a Compressor", value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,17 +259,19 @@ class Encoding:
             "value_code": self.value_code,
             "logp_floor": self.logp_floor,
             "compressor": self.compressor.to_dict(),
+            "id_compressor": self.id_compressor.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Encoding:
-        keys = ("id_code", "value_code", "logp_floor", "compressor")
+        keys = ("id_code", "value_code", "logp_floor", "compressor", "id_compressor")
         _check_keys(data, keys, keys, "cache metadata 'encoding'")
         return cls(
             id_code=data["id_code"],
             value_code=data["value_code"],
             logp_floor=data["logp_floor"],
             compressor=Compressor.from_dict(data["compressor"]),
+            id_compressor=Compressor.from_dict(data["id_compressor"]),
         )
 
 

@@ -49,7 +49,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -> zarr.Array:
     if spec.blosc:
-        comp = metadata.encoding.compressor
+        comp = metadata.encoding.id_compressor if spec.name == "ids" else metadata.encoding.compressor
         compressors: list[Any] = [
             BloscCodec(
                 cname=comp.cname, clevel=comp.clevel, shuffle=comp.shuffle, typesize=spec.dtype.itemsize

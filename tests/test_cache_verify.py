@@ -134,7 +134,7 @@ def test_semantic_damage_is_found(cache_copy: Path) -> None:
         return d
 
     def bad_values(d: np.ndarray) -> np.ndarray:
-        d[0, 0, :] = 5000  # above 4095 for ratio_q12
+        d[0, 0, :] = 5000  # above 1023 for the default ratio_q10
         return d
 
     def bad_tail(d: np.ndarray) -> np.ndarray:
