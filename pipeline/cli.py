@@ -101,6 +101,101 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
     click.echo(f"done: {cfg.run_dir}")
 
 
+@cli.command("evaluate")
+@click.argument("model_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared data folder (RUN/data): held-out perplexity, loss and calibration (ECE) on --split.",
+)
+@click.option(
+    "--blimp",
+    "blimp_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory of BLiMP .jsonl files (native format): minimal-pair accuracy.",
+)
+@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--ece-bins", type=click.IntRange(min=1), default=15, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Evaluate every model of a run (RUN/teachers/*, RUN/students/*) on RUN/data; "
+    "results go to RUN/eval/results.json unless --out says otherwise.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the results JSON here (default: stdout, or RUN/eval/results.json with --run-dir).",
+)
+def evaluate_cmd(
+    model_dirs: tuple[Path, ...],
+    data_dir: Path | None,
+    blimp_dir: Path | None,
+    split: str,
+    batch_size: int,
+    ece_bins: int,
+    device: str,
+    run_dir: Path | None,
+    out: Path | None,
+) -> None:
+    """Held-out perplexity, BLiMP and calibration of MODEL_DIR... (any Hugging Face causal LM folders)."""
+    from logitcache.pipeline.evaluation.evaluate import (
+        EvalOptions,
+        dumps_results,
+        evaluate_models,
+        evaluate_run,
+        write_results,
+    )
+
+    options = EvalOptions(
+        data_dir=data_dir,
+        blimp_dir=blimp_dir,
+        split=split,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        ece_bins=ece_bins,
+        device=device,
+    )
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    if run_dir is not None and not model_dirs:
+        path = evaluate_run(run_dir, options=options, out=out, log=log)
+        click.echo(f"results: {path}")
+        return
+    if not model_dirs:
+        raise click.UsageError("Expected MODEL_DIR arguments or --run-dir RUN.")
+    if run_dir is not None and data_dir is None:
+        options = EvalOptions(**{**options.__dict__, "data_dir": run_dir / "data"})
+    results = evaluate_models(model_dirs, options=options, log=log)
+    if out is None and run_dir is not None:
+        out = run_dir / "eval" / "results.json"
+    if out is None:
+        click.echo(dumps_results(results), nl=False)
+    else:
+        click.echo(f"results: {write_results(results, out)}")
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--results",
+    "results_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Evaluation results JSON (default: RUN/eval/results.json when it exists).",
+)
+def report_cmd(run_dir: Path, results_path: Path | None) -> None:
+    """Write RUN/eval/report.html and PNG figures: training curves, BLiMP bars, reliability diagrams."""
+    from logitcache.pipeline.evaluation.report import build_report
+
+    click.echo(f"report: {build_report(run_dir, results_path=results_path)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:

@@ -1,0 +1,281 @@
+"""`pipe evaluate`: held-out perplexity, BLiMP and calibration of model folders, as one JSON document.
+
+The results document (``RUN/eval/results.json`` for a run; ``--out`` on the command line)::
+
+    {"format": "logitcache-eval", "version": 1,
+     "provenance": {versions, git_commit, command, platform, time},
+     "settings":   {data, split, blimp, batch_size, ece_bins, device, ...},
+     "models": [{"name", "path", "architecture", "parameters", "seconds",
+                 "held_out": {split, windows, tokens, loss, perplexity, ece, reliability{...}} | null,
+                 "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...]}
+
+``held_out`` is null without prepared data, ``blimp`` null without a BLiMP directory. Non-finite
+numbers are written as null (JSON has no NaN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from logitcache.pipeline.errors import ConfigError, DataError, StageError
+from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
+from logitcache.pipeline.evaluation.calibration import DEFAULT_BINS
+from logitcache.pipeline.evaluation.heldout import evaluate_held_out
+from logitcache.pipeline.evaluation.loading import (
+    check_model_matches_data,
+    has_tokenizer,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from logitcache.pipeline.models import count_parameters
+from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.rundir import RunLayout, _git_commit, atomic_write_text, package_versions
+
+RESULTS_FORMAT = "logitcache-eval"
+RESULTS_VERSION = 1
+RESULTS_FILE = "results.json"
+MODEL_GROUPS = ("teachers", "students")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate on and how (the CLI's options; the library's keyword arguments)."""
+
+    data_dir: Path | None = None  # a prepared RUN/data folder: held-out perplexity and ECE
+    blimp_dir: Path | None = None  # a directory of BLiMP .jsonl files
+    split: Literal["test", "dev"] = "test"
+    batch_size: int = 32
+    ece_bins: int = DEFAULT_BINS
+    device: str = "auto"
+
+
+def find_run_models(run_dir: str | Path) -> list[Path]:
+    """Finished model folders of a run: ``RUN/teachers/*`` then ``RUN/students/*`` holding config.json."""
+    layout = RunLayout(Path(run_dir))
+    found: list[Path] = []
+    for group in MODEL_GROUPS:
+        root = layout.root / group
+        if root.is_dir():
+            found.extend(sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()))
+    return found
+
+
+def model_name(path: Path) -> str:
+    """``teachers/llama`` for a run's model folders, the folder name otherwise."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name in MODEL_GROUPS else path.name
+
+
+def evaluate_models(
+    model_dirs: Sequence[str | Path],
+    *,
+    options: EvalOptions = EvalOptions(),
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model folder; return the results document (see the module docstring)."""
+    if not model_dirs:
+        raise ConfigError("Expected at least one model directory to evaluate. Got none.")
+    if options.data_dir is None and options.blimp_dir is None:
+        raise ConfigError(
+            "Expected --data (held-out perplexity, ECE) or --blimp (BLiMP), or both. Got neither."
+        )
+    if options.batch_size < 1 or options.ece_bins < 1:
+        raise ConfigError(
+            f"Expected batch_size >= 1 and ece_bins >= 1. Got {options.batch_size} and {options.ece_bins}."
+        )
+    if options.split not in ("test", "dev"):
+        raise ConfigError(f"Expected split 'test' or 'dev'. Got {options.split!r}.")
+    device = resolve_device(options.device)
+    # Read the inputs once, and before any model, so a bad input fails fast.
+    data = PreparedData.open(options.data_dir) if options.data_dir is not None else None
+    windows = None
+    if data is not None:
+        windows = data.windows(options.split)
+        if windows.shape[0] == 0:
+            raise DataError(
+                f"Expected windows in the {options.split} split of {data.root}. Got none: "
+                "use --split dev, or prepare the data with a larger data.test_fraction."
+            )
+    pairs: list[BlimpPair] | None = read_blimp(options.blimp_dir) if options.blimp_dir is not None else None
+
+    entries = []
+    names: dict[str, int] = {}
+    for model_dir in map(Path, model_dirs):
+        name = model_name(model_dir)
+        names[name] = names.get(name, 0) + 1
+        if names[name] > 1:
+            name = f"{name}#{names[name]}"
+        entry = _evaluate_one(
+            model_dir,
+            name,
+            data=data,
+            windows=windows,
+            pairs=pairs,
+            options=options,
+            device=device,
+            progress=progress,
+        )
+        entries.append(entry)
+        if log is not None:
+            log(summary_line(entry))
+
+    settings: dict[str, Any] = {
+        "split": options.split,
+        "batch_size": options.batch_size,
+        "ece_bins": options.ece_bins,
+        "device": str(device),
+        "data": str(data.root.resolve()) if data is not None else None,
+        "blimp": str(Path(options.blimp_dir).resolve()) if options.blimp_dir is not None else None,
+    }
+    if data is not None:
+        settings["data_windows_sha256"] = data.windows_sha256(options.split)
+        settings["data_tokenizer_sha256"] = data.manifest.get("tokenizer_sha256")
+    if pairs is not None:
+        settings["blimp_pairs"] = len(pairs)
+        settings["blimp_paradigms"] = len({p.paradigm for p in pairs})
+    return {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "provenance": {
+            "versions": package_versions(),
+            "git_commit": _git_commit(),
+            "command": sys.argv,
+            "platform": platform.platform(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "settings": settings,
+        "models": entries,
+    }
+
+
+def _evaluate_one(
+    model_dir: Path,
+    name: str,
+    *,
+    data: PreparedData | None,
+    windows: Any,
+    pairs: list[BlimpPair] | None,
+    options: EvalOptions,
+    device: Any,
+    progress: bool | None,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    model = load_causal_lm(model_dir, device=device)
+    tokenizer = None
+    if pairs is not None or has_tokenizer(model_dir):
+        tokenizer = load_tokenizer(model_dir, fallback=data.root if data is not None else None)
+    held_out = blimp = None
+    if data is not None:
+        check_model_matches_data(model, model_dir, data, tokenizer if has_tokenizer(model_dir) else None)
+        held_out = evaluate_held_out(
+            model,
+            windows,
+            split=options.split,
+            batch_size=options.batch_size,
+            num_bins=options.ece_bins,
+            progress=progress,
+        ).to_dict()
+    if pairs is not None:
+        blimp = evaluate_blimp(
+            model, tokenizer, pairs, batch_size=options.batch_size, progress=progress
+        ).to_dict()
+    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return {
+        "name": name,
+        "path": str(model_dir.resolve()),
+        "architecture": architectures[0],
+        "model_type": getattr(model.config, "model_type", ""),
+        "parameters": count_parameters(model),
+        "held_out": held_out,
+        "blimp": blimp,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def summary_line(entry: dict[str, Any]) -> str:
+    """``teachers/llama: test perplexity 45.21 (loss 3.811), ECE 0.0123, BLiMP 61.3 %`` (what is there)."""
+    parts = []
+    if entry.get("held_out"):
+        h = entry["held_out"]
+        parts.append(
+            f"{h['split']} perplexity {_num(h['perplexity'], '.2f')} (loss {_num(h['loss'], '.4f')})"
+        )
+        parts.append(f"ECE {_num(h['ece'], '.4f')}")
+    if entry.get("blimp"):
+        parts.append(f"BLiMP {100 * entry['blimp']['overall']:.1f} %")
+    return f"{entry['name']}: " + ", ".join(parts)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps_results(results: dict[str, Any]) -> str:
+    """The results document as JSON text (indented, keys sorted, non-finite numbers as null)."""
+    return json.dumps(_finite(results), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Write the results document atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, dumps_results(results))
+    return path
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"Expected an evaluation results JSON at {path}. Got an unreadable file ({exc})."
+        ) from None
+    if not isinstance(results, dict) or results.get("format") != RESULTS_FORMAT:
+        raise DataError(
+            f"Expected a {RESULTS_FORMAT} results JSON at {path} (from `pipe evaluate`). Got another file."
+        )
+    return results
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    options: EvalOptions = EvalOptions(),
+    out: str | Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Evaluate every finished model of a run on ``RUN/data``; write ``RUN/eval/results.json`` (or ``out``)."""
+    layout = RunLayout(Path(run_dir))
+    models = find_run_models(layout.root)
+    if not models:
+        raise StageError(
+            f"Expected trained models in {layout.root}/teachers or {layout.root}/students. Found none: "
+            "train them first (pipe run CONFIG)."
+        )
+    if options.data_dir is None:
+        options = EvalOptions(**{**options.__dict__, "data_dir": layout.data})
+    results = evaluate_models(models, options=options, progress=progress, log=log)
+    return write_results(results, out if out is not None else layout.eval / RESULTS_FILE)

@@ -1,0 +1,113 @@
+"""Opening what is evaluated: any Hugging Face causal LM folder, its tokenizer, and checks against the data.
+
+Every failure a user can cause (no such folder, a folder that is not a causal LM, a model whose
+tokenizer differs from the one the prepared data was tokenized with) is a one-line
+:class:`~logitcache.pipeline.errors.TeacherError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from logitcache.pipeline.errors import ConfigError, TeacherError
+from logitcache.pipeline.models import load_model
+from logitcache.pipeline.prepare import PreparedData
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"Expected device auto, cpu or cuda. Got {device!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"Expected a CUDA GPU for device {device!r}. Got none: use --device cpu.")
+    return torch.device(device)
+
+
+def load_causal_lm(path: str | Path, *, device: torch.device) -> PreTrainedModel:
+    """A saved HF causal LM in float32 and eval mode on ``device``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TeacherError(
+            f"Expected a model directory at {path}. Got {'a file' if path.exists() else 'nothing'}."
+        )
+    try:
+        model = load_model(path)
+    except TeacherError:
+        raise
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherError(
+            f"Expected a Hugging Face causal language model at {path}. Got one transformers cannot load "
+            f"as AutoModelForCausalLM ({reason[:200]})."
+        ) from None
+    return model.to(device).eval()
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: Path, *, fallback: Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the model, else the one in ``fallback`` (a prepared-data folder)."""
+    source = model_dir if has_tokenizer(model_dir) else fallback
+    if source is None:
+        raise TeacherError(
+            f"Expected a tokenizer in {model_dir} (tokenizer.json or tokenizer_config.json). Found none: "
+            "pass --data RUN/data to use the tokenizer of the prepared data."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherError(
+            f"Expected a loadable tokenizer in {source}. Got an error ({reason[:200]})."
+        ) from None
+
+
+def output_vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output layer: the number of token ids the model can take and predict."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest input the model takes (None when its config sets no limit)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model_matches_data(
+    model: PreTrainedModel, model_dir: Path, data: PreparedData, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    """The prepared windows are token ids of the data's tokenizer: the model must use the same one."""
+    vocab = output_vocab_size(model)
+    if vocab < data.vocab_size:
+        raise TeacherError(
+            f"Expected {model_dir} to predict the {data.vocab_size} tokens of the prepared data {data.root}. "
+            f"Got an output layer of {vocab} tokens: evaluate it on data prepared with its own tokenizer."
+        )
+    if tokenizer is None:
+        return
+    if (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer.json").read_bytes() == (
+        data.tokenizer_path.read_bytes()
+    ):
+        return
+    model_vocab = tokenizer.get_vocab()
+    data_vocab = AutoTokenizer.from_pretrained(data.root).get_vocab()
+    if model_vocab != data_vocab:
+        same_size = "with other token ids" if len(model_vocab) == len(data_vocab) else ""
+        raise TeacherError(
+            f"Expected {model_dir} to use the tokenizer of the prepared data {data.root} "
+            f"({len(data_vocab)} tokens). Got a tokenizer of {len(model_vocab)} tokens {same_size}".rstrip()
+            + ": evaluate it on data prepared with its own tokenizer, or leave out --data."
+        )
