@@ -8,11 +8,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "corpus"
+CORPUS = Path(os.environ.get("LOGITCACHE_TEST_CORPUS", REPO / "corpus"))  # override to test on another corpus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test models are tiny: one intra-op thread is fastest, and several threads per process spin
+# against each other when tests run subprocesses (DDP ranks, resumed runs) side by side.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def corpus_slice(name: str, chars: int) -> str:
@@ -50,12 +55,12 @@ intermediate_size = 64
 
 [teachers.llama.train]
 lr = 3e-3
-batch_size = 8
+batch_size = 16
 epochs = 1
 warmup_steps = 2
-checkpoint_every = 4
+checkpoint_every = 1000
 log_every = 1
-eval_batch_size = 32
+eval_batch_size = 64
 
 [teachers.gpt.model]
 family = "gpt2"
@@ -66,9 +71,10 @@ intermediate_size = 64
 
 [teachers.gpt.train]
 lr = 3e-3
-batch_size = 8
+batch_size = 16
 epochs = 1
 log_every = 1
+checkpoint_every = 1000
 """
 
 

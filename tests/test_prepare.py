@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from logitcache.cache.hashing import array_sha256
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.corpus import group_documents
 from logitcache.pipeline.errors import DataError, StageError
-from logitcache.cache.hashing import array_sha256
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -181,9 +181,9 @@ def test_undecodable_bytes_reported_with_offset_and_skippable(tmp_path: Path, sm
 
 
 def test_split_too_small_for_one_window(tmp_path: Path, small_corpus: Path):
-    config_path = write_config(tmp_path / "c.toml", small_corpus, tmp_path / "r", seq_len=4096)
+    config_path = write_config(tmp_path / "c.toml", small_corpus, tmp_path / "r", seq_len=20000)
     _expect_data_error(
-        config_path, r"The dev split holds \d+ tokens, fewer than one window of data.seq_len=4096"
+        config_path, r"The dev split holds \d+ tokens, fewer than one window of data.seq_len=20000"
     )
 
 

@@ -79,7 +79,7 @@ def test_retrain_with_other_config_is_refused(tiny_config: Path):
 
 def test_resume_after_kill_reproduces_trajectory(tiny_config: Path, tmp_path: Path):
     """kill -9 in the middle of training, rerun: the loss trajectory equals an uninterrupted run."""
-    overrides = ["teachers.llama.train.epochs=4", "teachers.llama.train.checkpoint_every=3"]
+    overrides = ["teachers.llama.train.epochs=2", "teachers.llama.train.checkpoint_every=10"]
     config = load_config(tiny_config, overrides)
     prepare_data(config)
     reference = train_teacher(config, "llama", progress=False)
