@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from logitcache.pipeline import __version__
 from logitcache.pipeline.errors import LogitcacheError
 
@@ -89,7 +90,10 @@ def train_teacher_cmd(
 @CONFIG_ARG
 @_common_options
 def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> None:
-    """Run every stage in order (prepare-data, train each teacher), skipping completed ones."""
+    """Run every stage in order, skipping completed ones.
+
+    prepare-data, train-teacher (each teacher), cache-logits, verify-cache.
+    """
     from logitcache.pipeline.distributed import shutdown_distributed
     from logitcache.pipeline.runner import run_pipeline
 
@@ -194,6 +198,80 @@ def report_cmd(run_dir: Path, results_path: Path | None) -> None:
     from logitcache.pipeline.evaluation.report import build_report
 
     click.echo(f"report: {build_report(run_dir, results_path=results_path)}")
+
+
+@cli.command("cache-logits")
+@CONFIG_ARG
+@_common_options
+@click.option("--overwrite", is_flag=True, help="Replace a complete cache, or one made with other settings.")
+def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
+    """Run the teachers once over the training windows and write their ensemble's top-k (RUN/cache).
+
+    Resumable: rerunning after a crash finishes the unfinished shards. Works under torchrun (ranks
+    write disjoint shards).
+    """
+    from logitcache.pipeline.cache_logits import cache_logits
+    from logitcache.pipeline.distributed import shutdown_distributed
+
+    cfg = _load(config, overrides, run_dir)
+    try:
+        out = cache_logits(cfg, overwrite=overwrite)
+    finally:
+        shutdown_distributed()
+    summary = (
+        json.loads((out / "COMPLETE.json").read_text())["summary"]
+        if (out / "COMPLETE.json").is_file()
+        else {}
+    )
+    if summary:
+        click.echo(
+            f"cache {out}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
+            f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
+            f"{summary['mean_teacher_entropy']:.3f} nats"
+        )
+
+
+@cli.command("verify-cache")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Prepared data folder to check alignment against (default: RUN/data beside RUN/cache).",
+)
+@click.option(
+    "--recompute",
+    type=int,
+    default=0,
+    metavar="N",
+    help="Also rerun the teachers on N random windows and compare with the stored entries.",
+)
+@click.option("--seed", type=int, default=0, help="Seed choosing the --recompute windows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: int, as_json: bool) -> None:
+    """Check a cache: metadata, every shard present and complete, checksums, ids, values, tail, hashes.
+
+    Exits 1 when any check fails, naming the shard and the problem.
+    """
+    from logitcache.pipeline.cache_logits import verify
+
+    report = verify(path, data_dir=data_dir, recompute=recompute, seed=seed)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        for line in report.get("problems", []):
+            click.echo(f"FAIL {line}")
+        for shard in report.get("shards", []):
+            for problem in shard.get("problems", []):
+                click.echo(f"FAIL shard {shard['shard']}: {problem}")
+        if "recompute" in report:
+            click.echo(
+                f"recompute: {json.dumps(report['recompute'] | {'windows': len(report['recompute']['windows'])})}"
+            )
+        click.echo(f"{'OK' if report['ok'] else 'FAILED'}: {report['store']}")
+    if not report["ok"]:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,6 +113,14 @@ class CacheConfig:
     weights: list[float] = field(default_factory=list)  # per-teacher weights; [] = equal
     temperature: float = 1.0
     batch_size: int = 32  # windows per teacher forward pass
+    # Storage (docs/cache-format.md): ids sorted per position and stored as gaps; probabilities as
+    # p / p_max on 10 bits (the default measured in docs/benchmarks.md).
+    id_code: Literal["sorted_gaps", "rank"] = "sorted_gaps"
+    value_code: Literal[
+        "ratio_q8", "ratio_q10", "ratio_q12", "ratio_q16",
+        "logp_q8", "logp_q10", "logp_q12", "logp_q16", "logp_fp16", "logp_bf16", "logp_fp32",
+    ] = "ratio_q10"  # fmt: skip
+    windows_per_shard: int = 0  # 0 = sized by the cache library for shards of tens of MB
 
 
 @dataclass(frozen=True)
@@ -128,12 +136,29 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LoaderConfig:
+    """How the student's batches are read (pipeline/student_data.py)."""
+
+    workers: int = 2  # DataLoader worker processes; 0 = read in the training process
+    prefetch_factor: int = 2  # work items read ahead per worker
+    # Shuffle order: windows are permuted in blocks of `shuffle_block` consecutive windows, then
+    # within buffers of `shuffle_buffer_blocks` blocks (cheap cache reads). 0 = one cache chunk.
+    shuffle_block: int = 0
+    shuffle_buffer_blocks: int = 8
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     """The distilled student (trained by `pipe train-student`, from the student stage on)."""
 
+    # "cache": KD from RUN/cache; "online": the teachers run at every step (full vocabulary);
+    # "ce": no teacher (cross-entropy only). Output: RUN/students/NAME, NAME = `name` or the mode.
+    mode: Literal["cache", "online", "ce"] = "cache"
+    name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 @dataclass(frozen=True)

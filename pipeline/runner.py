@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete, is_verified, verify_stage
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.distributed import init_distributed
 from logitcache.pipeline.prepare import data_fingerprint, prepare_data
@@ -21,7 +22,7 @@ class StageResult:
 def run_pipeline(
     config: Config, *, progress: bool | None = None, log: Callable[[str], None] = print
 ) -> list[StageResult]:
-    """Run prepare-data, then train every teacher; each stage is skipped when already complete."""
+    """Run every stage in order; each is skipped when its output is complete for this config."""
     ctx = init_distributed(config.run.device)
     results: list[StageResult] = []
 
@@ -38,4 +39,17 @@ def run_pipeline(
         if not done:
             train_teacher(config, name, progress=progress, ctx=ctx)
         results.append(StageResult(f"train-teacher {name}", done))
+
+    done = is_cache_complete(config)
+    log(f"[cache-logits] {'complete, skipped' if done else 'running'}")
+    if not done:
+        cache_logits(config, progress=progress, ctx=ctx)
+    results.append(StageResult("cache-logits", done))
+
+    done = is_verified(config)
+    log(f"[verify-cache] {'verified, skipped' if done else 'running'}")
+    if not done and ctx.is_main:
+        verify_stage(config, progress=progress)
+    ctx.barrier()
+    results.append(StageResult("verify-cache", done))
     return results

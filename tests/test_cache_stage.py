@@ -1,0 +1,229 @@
+"""`pipe cache-logits` / `pipe verify-cache` on real (tiny) trained teachers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from logitcache.cache import open_cache
+from logitcache.pipeline.cache_logits import cache_logits, verify
+from logitcache.pipeline.config import load_config
+from logitcache.pipeline.errors import CacheError, StageError, TeacherError
+from logitcache.pipeline.prepare import PreparedData, prepare_data
+from logitcache.pipeline.runner import run_pipeline
+from logitcache.pipeline.teachers import train_teacher
+
+PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
+CACHE_SETTINGS = ["cache.k=16", "cache.batch_size=16", "cache.windows_per_shard=128"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A prepared corpus and two trained tiny teachers (one Llama, one GPT-2), made once."""
+    from .conftest import CORPUS, corpus_slice, write_config
+
+    root = tmp_path_factory.mktemp("cache-stage")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in sorted(p.name for p in CORPUS.glob("*.txt.gz"))[:4]:
+        (corpus / name.removesuffix(".gz")).write_text(corpus_slice(name, 30_000))
+    config_path = write_config(root / "c.toml", corpus, root / "base")
+    config = load_config(config_path)
+    prepare_data(config)
+    for name in config.teachers:
+        train_teacher(config, name, progress=False)
+    return config_path, root / "base"
+
+
+def _fresh_run(base_run: tuple[Path, Path], tmp_path: Path, name: str = "run") -> Path:
+    run = tmp_path / name
+    shutil.copytree(base_run[1], run)
+    return run
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _reference_topk(run: Path, windows: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: both teachers loaded with transformers, mean of raw logits, top-k."""
+    models = [AutoModelForCausalLM.from_pretrained(run / "teachers" / n).eval() for n in ("llama", "gpt")]
+    ids = torch.from_numpy(windows.astype(np.int64))
+    with torch.no_grad():
+        logits = torch.stack([m(input_ids=ids).logits for m in models]).mean(0)  # (B, T, V)
+    probs = logits.double().softmax(-1)
+    top = probs.topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def test_cache_matches_teacher_ensemble_and_verifies(base_run, tmp_path: Path):
+    run = _fresh_run(base_run, tmp_path)
+    config = load_config(base_run[0], CACHE_SETTINGS, run_dir=run)
+    results = run_pipeline(config, progress=False, log=lambda _: None)
+    assert [(r.name, r.skipped) for r in results] == [
+        ("prepare-data", True), ("train-teacher llama", True), ("train-teacher gpt", True),
+        ("cache-logits", False), ("verify-cache", False),
+    ]  # fmt: skip
+    reader = open_cache(run / "cache" / "logits.zarr")
+    data = PreparedData.open(run / "data")
+    reader.check_compatible(
+        tokenizer_sha256=data.manifest["tokenizer_sha256"],
+        dataset_sha256=data.windows_sha256("train"),
+        vocab_size=data.vocab_size,
+    )
+    rows = np.array([0, 5, reader.num_windows - 1])
+    ref_ids, ref_probs = _reference_topk(run, data.windows("train")[rows], k=16)
+    batch = reader.read_windows(rows, weights="ghost")
+    order = batch.ids.argsort(-1)
+    got_ids = batch.ids.gather(-1, order)
+    ref_sorted, ref_order = ref_ids.sort(-1)
+    assert torch.equal(got_ids, ref_sorted)
+    ref_p = ref_probs.gather(-1, ref_order).float()
+    got_p = batch.weights.gather(-1, order)
+    # ratio_q10: each stored p is p_max * round(1023 p / p_max) / 1023, then rescaled to 1 - tail.
+    assert (got_p - ref_p).abs().max() <= ref_p.amax() / 1023 + 1e-5
+    assert torch.allclose(batch.tail, 1 - ref_probs.sum(-1).float(), atol=1e-5)
+
+    summary = json.loads((run / "cache" / "COMPLETE.json").read_text())["summary"]
+    assert summary["positions"] == reader.num_windows * reader.seq_len
+    assert 0 < summary["mean_captured_mass"] <= 1 and summary["bytes_per_position"] > 0
+    assert json.loads((run / "cache" / "verify.json").read_text())["ok"] is True
+    again = run_pipeline(config, progress=False, log=lambda _: None)
+    assert all(r.skipped for r in again)
+
+    report = verify(run / "cache", recompute=3)
+    assert report["ok"] and report["recompute"]["ok"], report.get("recompute")
+    assert report["recompute"]["positions_with_other_topk_set"] == 0
+
+
+def _cache_in_same_place(base_run, tmp_path: Path, overrides: list[str]) -> dict[str, str]:
+    """Build a reference cache in tmp_path/run (the metadata records teacher paths), keep its digest."""
+    run = _fresh_run(base_run, tmp_path)
+    cache_logits(load_config(base_run[0], overrides, run_dir=run), progress=False)
+    digest = _tree(run / "cache" / "logits.zarr")
+    shutil.rmtree(run)
+    return digest
+
+
+def test_kill_and_resume_is_bit_identical(base_run, tmp_path: Path):
+    settings = [*CACHE_SETTINGS, "cache.windows_per_shard=32"]  # many shards: the kill lands mid-run
+    reference = _cache_in_same_place(base_run, tmp_path, settings)
+    run = _fresh_run(base_run, tmp_path)
+    args = [*PIPE, "cache-logits", str(base_run[0]), "--run-dir", str(run)]
+    args += [a for s in settings for a in ("--set", s)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done_dir = run / "cache" / "logits.zarr" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(done_dir.glob("*"))) < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "cache" / "COMPLETE.json").exists()
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "bytes/position" in resumed.stdout
+    assert _tree(run / "cache" / "logits.zarr") == reference
+
+
+def test_two_ranks_write_the_same_bytes(base_run, tmp_path: Path):
+    reference = _cache_in_same_place(base_run, tmp_path, CACHE_SETTINGS)
+    run = _fresh_run(base_run, tmp_path)
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+        "-m", "logitcache.pipeline.cli", "cache-logits", str(base_run[0]), "--run-dir", str(run),
+    ] + [a for s in CACHE_SETTINGS for a in ("--set", s)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _tree(run / "cache" / "logits.zarr")
+    assert len(got) > 4 and got == reference
+
+
+def test_complete_cache_is_not_overwritten(base_run, tmp_path: Path):
+    run = _fresh_run(base_run, tmp_path)
+    cache_logits(load_config(base_run[0], CACHE_SETTINGS, run_dir=run), progress=False)
+    before = _tree(run / "cache")
+    other = load_config(base_run[0], [*CACHE_SETTINGS, "cache.k=8"], run_dir=run)
+    with pytest.raises(CacheError) as info:
+        cache_logits(other, progress=False)
+    assert "overwrite" in str(info.value) and "\n" not in str(info.value)
+    assert _tree(run / "cache") == before
+    cache_logits(other, overwrite=True, progress=False)
+    assert open_cache(run / "cache" / "logits.zarr").k == 8
+
+
+def test_bad_teachers_are_refused(base_run, tmp_path: Path):
+    run = _fresh_run(base_run, tmp_path)
+    # A teacher with another tokenizer.
+    alien = tmp_path / "alien"
+    shutil.copytree(run / "teachers" / "gpt", alien)
+    vocab = json.loads((alien / "tokenizer.json").read_text())
+    tokens = vocab["model"]["vocab"]
+    a, b = sorted(tokens)[100:102]
+    tokens[a], tokens[b] = tokens[b], tokens[a]
+    (alien / "tokenizer.json").write_text(json.dumps(vocab))
+    config = load_config(base_run[0], [*CACHE_SETTINGS, f"teachers.gpt.path={alien}"], run_dir=run)
+    with pytest.raises(TeacherError, match="different tokenizer"):
+        cache_logits(config, progress=False)
+
+    # A teacher whose weights make NaN logits.
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "teachers" / "gpt", broken)
+    model = AutoModelForCausalLM.from_pretrained(broken)
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = float("nan")
+    model.save_pretrained(broken)
+    config = load_config(base_run[0], [*CACHE_SETTINGS, f"teachers.gpt.path={broken}"], run_dir=run)
+    with pytest.raises(TeacherError, match="Expected finite logits from teacher 'gpt'"):
+        cache_logits(config, progress=False)
+
+    vocab_size = PreparedData.open(run / "data").vocab_size
+    with pytest.raises(CacheError, match="k < vocab"):
+        cache_logits(load_config(base_run[0], [f"cache.k={vocab_size}"], run_dir=run), progress=False)
+    assert not (run / "cache" / "COMPLETE.json").exists()
+
+
+def test_missing_teacher_and_file_in_the_way(base_run, tmp_path: Path):
+    run = _fresh_run(base_run, tmp_path)
+    shutil.rmtree(run / "teachers" / "gpt")
+    with pytest.raises(StageError, match="Teacher 'gpt' is not trained yet"):
+        cache_logits(load_config(base_run[0], CACHE_SETTINGS, run_dir=run), progress=False)
+    run2 = _fresh_run(base_run, tmp_path, "run2")
+    (run2 / "cache").write_text("not a folder")
+    with pytest.raises(CacheError, match="Got a file"):
+        cache_logits(load_config(base_run[0], CACHE_SETTINGS, run_dir=run2), progress=False)
+
+
+def test_verify_cli_names_the_damaged_shard(base_run, tmp_path: Path):
+    run = _fresh_run(base_run, tmp_path)
+    cache_logits(load_config(base_run[0], CACHE_SETTINGS, run_dir=run), progress=False)
+    ok = subprocess.run([*PIPE, "verify-cache", str(run / "cache")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().endswith(str(run / "cache" / "logits.zarr"))
+    shard = sorted((run / "cache" / "logits.zarr" / "values" / "c").rglob("*"))
+    victim = next(p for p in shard if p.is_file())
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 3] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    bad = subprocess.run(
+        [*PIPE, "verify-cache", str(run / "cache"), "--json"], capture_output=True, text=True
+    )
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False and report["bad_shards"] == [int(victim.name)]
+    assert os.path.exists(run / "cache" / "COMPLETE.json")  # verification changes nothing
