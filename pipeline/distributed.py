@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 from logitcache.pipeline.errors import ConfigError
 
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from logitcache.pipeline.config import ModelConfig
-from logitcache.pipeline.errors import TeacherError
-from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -17,6 +14,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.utils import logging as hf_logging
+
+from logitcache.pipeline.config import ModelConfig
+from logitcache.pipeline.errors import TeacherError
+from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 # Our own progress bars cover the long work; transformers' per-save "Writing model shards" bars
 # would only add noise to logs.

@@ -23,10 +23,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from logitcache.cache.hashing import array_sha256, file_sha256
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.corpus import SPLITS, Document, read_corpus
 from logitcache.pipeline.errors import DataError, StageError
-from logitcache.cache.hashing import array_sha256, file_sha256
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     RunLayout,
@@ -37,7 +39,6 @@ from logitcache.pipeline.rundir import (
     write_provenance,
 )
 from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, load_hf_tokenizer, train_bpe
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 MANIFEST_VERSION = 1
 WINDOW_CHUNK_ROWS = 1024

@@ -28,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
+
 from logitcache.pipeline.config import TrainConfig
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.progress import progress_bar
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
-from transformers import PreTrainedModel
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
 # loss over the batch's target tokens as a scalar tensor.
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 # A batch source turns window indices (into the training split) into a batch dict on `device`.
 BatchFn = Callable[[torch.Tensor, torch.device], dict[str, torch.Tensor]]
+# The visiting order of epoch `epoch`: a permutation of range(num_windows) from (num_windows, seed, epoch).
+OrderFn = Callable[[int, int, int], torch.Tensor]
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -90,6 +93,16 @@ def make_plan(train: TrainConfig, num_windows: int, world_size: int) -> TrainPla
 def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_windows, generator=generator)
+
+
+def step_micro_batches(
+    order: torch.Tensor, step_in_epoch: int, plan: TrainPlan, *, rank: int, world_size: int
+) -> list[torch.Tensor]:
+    """Window indices of each micro-batch of ``rank`` at optimizer step ``step_in_epoch`` of an epoch."""
+    start = step_in_epoch * plan.batch_size
+    global_batch = order[start : start + plan.batch_size]  # (B,)
+    local = global_batch.view(world_size, -1)[rank]  # (B / W,)
+    return list(local.split(plan.micro_batch))
 
 
 def lr_factor(step: int, train: TrainConfig, total_steps: int) -> float:
@@ -275,10 +288,17 @@ def train_model(
     ctx: DistContext,
     progress: bool | None = None,
     desc: str = "train",
+    order_fn: OrderFn = epoch_order,
+    on_start: Callable[[TrainPlan, TrainState], None] | None = None,
+    wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place, resuming from the last checkpoint in ``out_dir`` if there is one.
 
-    Returns a summary (steps, tokens, final dev loss). Only rank 0 writes files.
+    Returns a summary (steps, tokens, final dev loss). Only rank 0 writes files. Hooks (students):
+    ``order_fn`` gives each epoch's window order (default :func:`epoch_order`); ``on_start(plan,
+    state)`` is called once the starting point is known (after a resume), so a batch source can
+    read ahead; ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to
+    ``loss_fn`` (e.g. the model plus its loss), sharing the model's parameters.
     """
     plan = make_plan(train, num_windows, ctx.world_size)
     model.to(ctx.device)
@@ -295,10 +315,12 @@ def train_model(
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, state.global_step)
     ctx.barrier()
+    if on_start is not None:
+        on_start(plan, TrainState(**asdict(state)))
 
     use_cuda = ctx.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
-    train_module: torch.nn.Module = model
+    train_module: torch.nn.Module = wrap(model) if wrap is not None else model
     if train.compile:
         train_module = torch.compile(train_module)
     if ctx.distributed:
@@ -316,13 +338,13 @@ def train_model(
     metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
     try:
         while state.global_step < plan.total_steps:
-            order = epoch_order(plan.num_windows, seed, state.epoch)
+            order = order_fn(plan.num_windows, seed, state.epoch)
             while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
-                step_start = state.step_in_epoch * plan.batch_size
-                global_batch = order[step_start : step_start + plan.batch_size]  # (B,)
-                local = global_batch.view(ctx.world_size, -1)[ctx.rank]  # (B / W,)
+                micro_batches = step_micro_batches(
+                    order, state.step_in_epoch, plan, rank=ctx.rank, world_size=ctx.world_size
+                )
                 step_loss = torch.zeros((), device=ctx.device)
-                for micro, indices in enumerate(local.split(plan.micro_batch)):
+                for micro, indices in enumerate(micro_batches):
                     batch = get_batch(indices, ctx.device)
                     last = micro == train.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last or not ctx.distributed else train_module.no_sync()
