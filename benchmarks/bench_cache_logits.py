@@ -1,0 +1,130 @@
+"""cache-logits throughput vs a plain teacher forward pass, side by side in one run.
+
+Target (issue 5): the whole stage (teachers + ensemble + top-k selection + background encode,
+compress and write) reaches >= 0.9x the tokens/s of the teachers' forward passes alone at the
+same batch size, i.e. the GPU (or CPU) never waits on the disk.
+
+    python -m benchmarks.bench_cache_logits configs/demo.toml --run-dir runs/demo
+
+Needs a run directory with prepared data and trained teachers (`pipe run` up to the teachers).
+The cache is written to a temporary copy of the run directory; nothing in RUN changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logitcache.pipeline.cache_logits import EnsembleSelector, _teacher_dirs, cache_logits
+from logitcache.pipeline.config import load_config
+from logitcache.pipeline.distributed import resolve_device
+from logitcache.pipeline.prepare import PreparedData
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats of each measurement")
+    parser.add_argument("--csv", default="benchmarks/results/cache_logits.csv")
+    args = parser.parse_args()
+
+    config = load_config(args.config, run_dir=args.run_dir)
+    data = PreparedData.open(Path(args.run_dir) / "data")
+    device = resolve_device(config.run.device)
+    selector = EnsembleSelector(config, _teacher_dirs(config), data, device)
+    windows = data.windows("train")  # both measurements cover all training windows
+    tokens = windows.size
+    batch = config.cache.batch_size
+
+    def plain_forward() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for begin in range(0, windows.shape[0], batch):
+                ids = torch.from_numpy(windows[begin : begin + batch].astype(np.int64)).to(device)
+                for model in selector.models:
+                    with selector.autocast:
+                        _ = model(input_ids=ids).logits
+        _sync(device)
+        return tokens / (time.perf_counter() - start)
+
+    def whole_stage() -> tuple[float, dict]:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            run.mkdir()
+            (run / "data").symlink_to(Path(args.run_dir).resolve() / "data")
+            (run / "teachers").symlink_to(Path(args.run_dir).resolve() / "teachers")
+            cfg = load_config(args.config, run_dir=run)
+            start = time.perf_counter()
+            out = cache_logits(cfg, progress=False)
+            seconds = time.perf_counter() - start
+            summary = json.loads((out / "COMPLETE.json").read_text())["summary"]
+            shutil.rmtree(out)
+        return tokens / seconds, summary
+
+    forward_rates, stage_rates, summary = [], [], {}
+    for _ in range(args.repeats):
+        forward_rates.append(plain_forward())
+        rate, summary = whole_stage()
+        stage_rates.append(rate)
+    forward, stage = max(forward_rates), max(stage_rates)
+    row = {
+        "date": dt.date.today().isoformat(),
+        "commit": _commit(),
+        "device": _device_name(device),
+        "config": args.config,
+        "teachers": len(selector.models),
+        "batch_windows": batch,
+        "seq_len": windows.shape[1],
+        "k": config.cache.k,
+        "forward_tokens_per_s": round(forward),
+        "cache_logits_tokens_per_s": round(stage),
+        "ratio": round(stage / forward, 3),
+        "bytes_per_position": round(summary.get("bytes_per_position", float("nan")), 1),
+    }
+    print("| " + " | ".join(row) + " |")
+    print("|" + "---|" * len(row))
+    print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
