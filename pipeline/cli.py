@@ -274,6 +274,39 @@ def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: in
         sys.exit(1)
 
 
+@cli.command("train-student")
+@CONFIG_ARG
+@click.option(
+    "--mode",
+    type=click.Choice(["cache", "online", "ce"]),
+    default=None,
+    help="cache: distil from RUN/cache; online: run the teachers at every step; ce: no teacher "
+    "(default: student.mode of the config, 'cache').",
+)
+@click.option("--name", default=None, help="Output folder RUN/students/NAME (default: student.name, else the mode).")
+@_common_options
+@click.option("--overwrite", is_flag=True, help="Retrain a student that was trained from a different config.")
+def train_student_cmd(
+    config: Path,
+    mode: str | None,
+    name: str | None,
+    overrides: tuple[str, ...],
+    run_dir: Path | None,
+    overwrite: bool,
+) -> None:
+    """Train the student (resumes from its last checkpoint). Works under torchrun."""
+    from logitcache.pipeline.distributed import shutdown_distributed
+    from logitcache.pipeline.student import train_student
+
+    extra = ([f"student.mode={mode}"] if mode else []) + ([f'student.name="{name}"'] if name else [])
+    cfg = _load(config, (*overrides, *extra), run_dir)
+    try:
+        out = train_student(cfg, overwrite=overwrite)
+    finally:
+        shutdown_distributed()
+    click.echo(f"student {cfg.student.name or cfg.student.mode}: {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:
