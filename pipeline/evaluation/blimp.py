@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from logitcache.pipeline.errors import DataError, TeacherError
 from logitcache.pipeline.evaluation.loading import max_positions, output_vocab_size
 from logitcache.pipeline.progress import progress_bar
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "field", "linguistics_term")
 

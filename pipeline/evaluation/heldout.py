@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
+
 from logitcache.pipeline.errors import DataError, TeacherError
 from logitcache.pipeline.evaluation.calibration import (
     DEFAULT_BINS,
@@ -27,7 +29,6 @@ from logitcache.pipeline.evaluation.calibration import (
 )
 from logitcache.pipeline.evaluation.loading import max_positions, output_vocab_size
 from logitcache.pipeline.progress import progress_bar
-from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from logitcache.pipeline.errors import ConfigError, TeacherError
 from logitcache.pipeline.models import load_model
 from logitcache.pipeline.prepare import PreparedData
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 

@@ -147,7 +147,7 @@ def plot_blimp_phenomena(models: list[dict[str, Any]], colors: dict[str, Any], p
             ys, [100 * v for v in values], height=height * 0.92, color=colors[m["name"]], label=m["name"]
         )
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-    ax.axvline(50, color="grey", ls="--", lw=1, label="chance (50 %)")
+    ax.axvline(50, color="grey", ls="--", lw=1, label="chance (50 %)", zorder=0)
     ax.set_yticks(range(len(rows)), [r.replace("_", " ") for r in rows])
     ax.get_yticklabels()[0].set_fontweight("bold")
     ax.invert_yaxis()
@@ -168,7 +168,7 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig = plt.figure(figsize=(4.2 * cols, 5.2 * rows))
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1] * rows, hspace=0.08)
+    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1] * rows, hspace=0.08, wspace=0.3)
     for i, m in enumerate(models):
         r, c = divmod(i, cols)
         rel = m["held_out"]["reliability"]
@@ -179,6 +179,19 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
         conf = [math.nan if v is None else v for v in rel["confidence"]]
         ax = fig.add_subplot(grid[2 * r, c])
         ax.bar(centers, acc, width=width * 0.95, color=colors[m["name"]], alpha=0.85, label="accuracy")
+        gap_low = [min(a, c) for a, c in zip(acc, conf, strict=True)]
+        gap = [abs(a - c) for a, c in zip(acc, conf, strict=True)]
+        ax.bar(
+            centers,
+            gap,
+            bottom=gap_low,
+            width=width * 0.95,
+            color="none",
+            edgecolor="crimson",
+            hatch="///",
+            lw=0.8,
+            label="gap to mean confidence",
+        )
         ax.plot(conf, acc, "k.", ms=4, label="(mean confidence, accuracy)")
         ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", xticklabels=[])
@@ -193,7 +206,8 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
         share = [k / max(rel["total"], 1) for k in rel["count"]]
         ax_count = fig.add_subplot(grid[2 * r + 1, c])
         ax_count.bar(centers, share, width=width * 0.95, color="grey")
-        ax_count.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="share")
+        ax_count.set_yscale("log")  # most positions sit in the low bins; the others must stay visible
+        ax_count.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="share of tokens")
         ax_count.grid(alpha=0.3)
     return _save(fig, path)
 
