@@ -162,6 +162,16 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """`pipe evaluate` as a stage of `pipe run`: held-out perplexity/ECE on RUN/data, BLiMP if given."""
+
+    blimp_dir: str = ""  # a directory of BLiMP .jsonl files (native format); "" = no BLiMP
+    split: Literal["test", "dev"] = "test"
+    batch_size: int = 32
+    ece_bins: int = 15
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: one section per stage."""
 
@@ -170,6 +180,7 @@ class Config:
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""  # the config file this was loaded from (informational)
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,7 +227,7 @@ def load_config(
 
 
 # Keys whose values are filesystem paths written relative to the config file.
-_PATH_KEYS = {("run", "dir"), ("data", "corpus")}
+_PATH_KEYS = {("run", "dir"), ("data", "corpus"), ("evaluate", "blimp_dir")}
 
 
 def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -258,7 +269,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"--set {dotted}: {key!r} is not a table.")
     value = _parse_override_value(text.strip())
-    if (keys[0], keys[-1]) in _PATH_KEYS and isinstance(value, str):
+    if (keys[0], keys[-1]) in _PATH_KEYS and isinstance(value, str) and value:  # "" stays "" (unset)
         value = str(Path(value).resolve())  # command-line paths are relative to the working dir
     table[keys[-1]] = value
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from logitcache.pipeline.cli import main
 from logitcache.pipeline.config import ModelConfig, load_config
 from logitcache.pipeline.errors import ConfigError, DataError, LogitcacheError, TeacherError
@@ -27,7 +29,6 @@ from logitcache.pipeline.evaluation.loading import load_tokenizer
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.tokenizer import BOS_ID, load_hf_tokenizer, train_bpe
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .conftest import REPO, corpus_slice, write_config
 
@@ -432,3 +433,19 @@ def test_blimp_dev_data(model_dirs):
     some = subset[::100]
     direct = [transformers_score(model, tokenizer, p.good) for p in some]
     np.testing.assert_allclose(result.good_scores[::100], direct, atol=1e-4)
+
+
+def test_evaluate_section_of_the_config(tmp_path: Path, small_corpus: Path):
+    config_path = write_config(
+        tmp_path / "c.toml",
+        small_corpus,
+        tmp_path / "run",
+        extra='\n[evaluate]\nblimp_dir = "blimp"\nsplit = "dev"\n',
+    )
+    config = load_config(config_path)
+    assert config.evaluate.blimp_dir == str(tmp_path / "blimp")  # relative to the config file
+    options = EvalOptions.from_config(config)
+    assert options.data_dir == tmp_path / "run" / "data"
+    assert options.blimp_dir == tmp_path / "blimp"
+    assert (options.split, options.batch_size, options.ece_bins) == ("dev", 32, 15)
+    assert EvalOptions.from_config(load_config(config_path, ["evaluate.blimp_dir="])).blimp_dir is None

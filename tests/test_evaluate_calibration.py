@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from logitcache.pipeline.evaluation.calibration import (
     CalibrationAccumulator,
     ReliabilityDiagram,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from logitcache.pipeline.config import Config
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
 from logitcache.pipeline.evaluation.calibration import DEFAULT_BINS
@@ -56,6 +57,19 @@ class EvalOptions:
     batch_size: int = 32
     ece_bins: int = DEFAULT_BINS
     device: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: Config) -> EvalOptions:
+        """The options of a run's evaluate stage: ``[evaluate]`` of the config, on ``RUN/data``."""
+        section = config.evaluate
+        return cls(
+            data_dir=RunLayout(config.run_dir).data,
+            blimp_dir=Path(section.blimp_dir) if section.blimp_dir else None,
+            split=section.split,
+            batch_size=section.batch_size,
+            ece_bins=section.ece_bins,
+            device=config.run.device,
+        )
 
 
 def find_run_models(run_dir: str | Path) -> list[Path]:

@@ -334,7 +334,7 @@ def _html(
             f"<code>{html.escape(str(settings.get('data')))}</code> ({html.escape(split)} split), BLiMP "
             f"<code>{html.escape(str(settings.get('blimp')))}</code>. BLiMP in % (a pair is right when the good "
             "sentence's summed log-probability is strictly higher; overall and per field = unweighted mean over "
-            "paradigms). ECE over 15 equal-width confidence bins unless the results say otherwise.</p>"
+            f"paradigms). ECE over {settings.get('ece_bins', 15)} equal-width confidence bins.</p>"
         )
     else:
         parts.append(
