@@ -1,0 +1,407 @@
+"""`pipe train-student`: train the student from the logit cache, from live teachers, or alone.
+
+Modes (``student.mode``, one code path, so that comparisons are fair: same model, initialisation,
+data order, optimizer and loop; only the teacher signal differs):
+
+* ``cache`` (default): teacher entries read from ``RUN/cache`` (written by ``pipe cache-logits``);
+  loss = the kernel's fused sparse-KL + CE, ``fused_linear_sparse_kd_loss`` on the student's last
+  hidden states and output weight, so neither the (B, T, V) student logits (Triton path) nor any
+  dense teacher tensor ever exists.
+* ``online``: the teachers run at every step (eval mode, no grad, bf16 autocast on CUDA) and give
+  full-vocabulary log-probabilities, ensembled by the cache's rule (``cache.ensemble``,
+  ``cache.weights``, ``cache.temperature``), as in BabyLlama-2; loss = :func:`dense_kd_loss`, the
+  same definition at full vocabulary.
+* ``ce``: no teacher; cross-entropy only (``alpha`` is ignored).
+
+The loss of one position with student logits ``z``, target ``y`` (the next token), teacher
+distribution ``p`` over ids ``S`` (all ids when online) and ``alpha`` = ``distill.alpha``::
+
+    loss = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(p || softmax(z / T))
+
+reduced over the (B, T - 1) predicted positions by ``distill.reduction`` (see docs/kernels.md).
+The cache entry of position ``t`` is the teachers' distribution of token ``t + 1``, so entries
+``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
+``distill.tail``: ``renormalize`` (top-k weights rescaled to sum to 1) or ``ghost`` (raw top-k
+probabilities plus the tail mass as one bucket against the student's mass outside the top-k).
+
+Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
+``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
+``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training, ``COMPLETE.json`` last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
+from logitcache.kernels import fused_linear_sparse_kd_loss, resolve_backend
+from logitcache.pipeline.config import Config
+from logitcache.pipeline.distributed import DistContext, init_distributed
+from logitcache.pipeline.errors import CacheError, ConfigError, StageError
+from logitcache.pipeline.models import build_model, count_parameters, load_model
+from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.rundir import RunLayout, is_complete, read_marker, write_provenance
+from logitcache.pipeline.student_data import (
+    BatchReader,
+    StudentBatches,
+    default_block,
+    make_order_fn,
+)
+from logitcache.pipeline.teachers import (
+    finalize_model_dir,
+    is_teacher_complete,
+    teacher_dir,
+    teacher_fingerprint,
+)
+from logitcache.pipeline.training import train_model
+
+MODES = ("cache", "online", "ce")
+CACHE_STORE = "logits.zarr"  # RUN/cache/logits.zarr (pipeline/cache_logits.py)
+STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names, folders, fingerprint
+
+
+def student_name(config: Config) -> str:
+    return config.student.name or config.student.mode
+
+
+def student_dir(config: Config) -> Path:
+    return RunLayout(config.run_dir).student(student_name(config))
+
+
+def cache_store(config: Config) -> Path:
+    """The cache the student reads: ``RUN/cache/logits.zarr`` (or ``RUN/cache`` if that is the store)."""
+    folder = RunLayout(config.run_dir).cache
+    store = folder / CACHE_STORE
+    return store if store.exists() or not (folder / "zarr.json").is_file() else folder
+
+
+def student_fingerprint(config: Config) -> str:
+    """What the trained student depends on; loader workers/prefetch are left out (no effect)."""
+    student = config.to_dict()["student"]
+    student.pop("name")
+    student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
+    parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
+    if config.student.mode != "ce":
+        parts["teachers"] = {name: teacher_fingerprint(config, name) for name in config.teachers}
+        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
+    if config.student.mode == "ce":
+        parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def is_student_complete(config: Config) -> bool:
+    return is_complete(student_dir(config), student_fingerprint(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    mode: str  # "cache" | "online" | "ce"
+    ce_weight: float
+    kl_weight: float
+    temperature: float
+    tail: str  # "renormalize" | "ghost"
+    reduction: str  # "mean" | "sum" | "batchmean-compat"
+
+    @classmethod
+    def from_config(cls, config: Config) -> LossOptions:
+        distill = config.student.distill
+        alpha = 0.0 if config.student.mode == "ce" else distill.alpha
+        return cls(
+            mode=config.student.mode,
+            ce_weight=1.0 - alpha,
+            kl_weight=alpha,
+            temperature=distill.temperature,
+            tail=distill.tail,
+            reduction=distill.reduction,
+        )
+
+
+def dense_kd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    reduction: str,
+) -> torch.Tensor:
+    """The sparse-KD loss with the teacher given at every id (S = the whole vocabulary).
+
+    ``logits`` and ``teacher_logprobs`` (B, T, V), ``targets`` (B, T)::
+
+        loss_pos = ce_weight * -log_softmax(z)[y] + kl_weight * T^2 * sum_v p_v (log p_v - log_softmax(z / T)_v)
+
+    reduced as :func:`logitcache.kernels.sparse_kd_loss_reference` does (``mean``: / positions;
+    ``sum``; ``batchmean-compat``: CE / positions, KL / B); equal to it with ids = all of V.
+    """
+    z = logits.float()  # (B, T, V)
+    log_p1 = torch.log_softmax(z, dim=-1)  # (B, T, V)
+    ce = -log_p1.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    log_q = log_p1 if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
+    p = teacher_logprobs.float().exp()  # (B, T, V)
+    kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # (B, T)
+    n = targets.numel()
+    if reduction == "mean":
+        ce_div, kl_div = n, n
+    elif reduction == "sum":
+        ce_div, kl_div = 1, 1
+    elif reduction == "batchmean-compat":
+        ce_div, kl_div = n, logits.shape[0]
+    else:
+        raise ConfigError(f"Expected reduction in ('mean', 'sum', 'batchmean-compat'). Got {reduction!r}.")
+    return ce_weight * ce.sum() / ce_div + kl_weight * temperature**2 * kl.sum() / kl_div
+
+
+class OnlineTeachers:
+    """The trained teachers, run live: full-vocabulary ensemble log-probabilities per batch."""
+
+    def __init__(self, config: Config, vocab_size: int, device: torch.device):
+        self.names = list(config.teachers)
+        if not self.names:
+            raise StageError(
+                "Expected at least one teacher ([teachers.NAME]) for student.mode = 'online'. Got none."
+            )
+        self.models: list[PreTrainedModel] = []
+        for name in self.names:
+            if not is_teacher_complete(config, name):
+                raise StageError(
+                    f"Teacher '{name}' is not trained yet. Run `pipe train-teacher CONFIG --teacher {name}`."
+                )
+            model = load_model(teacher_dir(config, name)).to(device).eval()
+            model.requires_grad_(False)
+            self.models.append(model)
+        self.vocab = vocab_size
+        self.cache = config.cache
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) float32 ensemble log-probabilities at ``cache.temperature``."""
+        logits = [
+            model(input_ids=input_ids).logits[..., : self.vocab] for model in self.models
+        ]  # (B, T, V) each
+        return ensemble_logprobs(
+            logits,
+            teacher_names=self.names,
+            window_indices=torch.arange(input_ids.shape[0]),
+            rule=self.cache.ensemble,
+            weights=self.cache.weights or None,
+            temperature=self.cache.temperature,
+        )
+
+
+class StudentObjective(torch.nn.Module):
+    """The module the loop trains (``wrap`` hook): the student plus its loss; forward(batch) -> loss.
+
+    It owns the student's parameters only (teachers are kept out of ``parameters()``), so DDP
+    synchronises exactly the student's gradients.
+    """
+
+    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: OnlineTeachers | None = None):
+        super().__init__()
+        self.model = model
+        self.options = options
+        self._teachers = [teachers] if teachers is not None else []  # a list: not a submodule
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        o = self.options
+        input_ids = batch["input_ids"]  # (B, T)
+        targets = input_ids[:, 1:]  # (B, T-1)
+        hidden = self.model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, H)
+        weight = self.model.get_output_embeddings().weight  # (V, H)
+        if o.mode == "online":
+            logits = F.linear(hidden, weight)  # (B, T-1, V)
+            teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
+            return dense_kd_loss(
+                logits, targets, teacher_logp, temperature=o.temperature, ce_weight=o.ce_weight,
+                kl_weight=o.kl_weight, reduction=o.reduction,
+            )  # fmt: skip
+        triton = resolve_backend("auto", hidden.device) == "triton"
+        if o.mode == "ce" and not triton:
+            logits = F.linear(hidden, weight)  # (B, T-1, V)
+            ce_reduction = "sum" if o.reduction == "sum" else "mean"
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=ce_reduction)
+        if o.mode == "ce":  # the same fused kernel with no teacher mass: one zero-weight entry
+            ids = targets.unsqueeze(-1)  # (B, T-1, 1)
+            weights, tail = torch.zeros(ids.shape, device=ids.device), None
+        else:
+            ids, weights, tail = batch["teacher_ids"], batch["teacher_weights"], batch.get("teacher_tail")
+        dtype = (
+            torch.get_autocast_dtype("cuda")
+            if hidden.is_cuda and torch.is_autocast_enabled("cuda")
+            else hidden.dtype
+        )
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_sparse_kd_loss(
+                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, temperature=o.temperature,
+                ce_weight=o.ce_weight, kl_weight=o.kl_weight, reduction=o.reduction,
+            )  # fmt: skip
+
+
+def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
+    return module(batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
+    """Open ``RUN/cache`` and refuse it unless it was made for this tokenizer, vocabulary and data."""
+    store = cache_store(config)
+    if not store.exists():
+        raise StageError(
+            f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
+        )
+    reader = open_cache(store)
+    reader.check_compatible(
+        tokenizer_sha256=data.manifest["tokenizer_sha256"],
+        dataset_sha256=data.windows_sha256("train"),
+        vocab_size=data.vocab_size,
+        num_windows=int(data.manifest["splits"]["train"]["windows"]),
+        seq_len=data.seq_len,
+    )
+    if config.student.distill.tail == "ghost" and reader.metadata.mode != "topk":
+        raise CacheError(
+            f"Expected a topk cache for student.distill.tail = 'ghost'. Got a {reader.metadata.mode} cache "
+            "(no tail mass): use tail = 'renormalize'."
+        )
+    return reader
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def _check_loader(config: Config) -> None:
+    loader = config.student.loader
+    if (
+        loader.workers < 0
+        or loader.prefetch_factor < 1
+        or loader.shuffle_block < 0
+        or loader.shuffle_buffer_blocks < 1
+    ):
+        raise ConfigError(
+            "Expected student.loader.workers >= 0, prefetch_factor >= 1, shuffle_block >= 0 and "
+            f"shuffle_buffer_blocks >= 1. Got {loader}."
+        )
+
+
+def make_batches(
+    config: Config, data: PreparedData, windows: Any, ctx: DistContext, micro_batch_hint: int
+) -> StudentBatches:
+    """The batch source of the student's loop (also used by benchmarks/bench_student.py)."""
+    student = config.student
+    store = None
+    if student.mode == "cache":
+        open_student_cache(config, data)
+        store = cache_store(config)
+    cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
+    block = student.loader.shuffle_block or default_block(windows.shape[0], windows.shape[1], cache_k)
+    return StudentBatches(
+        BatchReader(
+            windows=windows,
+            cache_store=store,
+            weights="ghost" if student.distill.tail == "ghost" else "renormalized",
+        ),
+        order_fn=make_order_fn(block=block, buffer_blocks=student.loader.shuffle_buffer_blocks),
+        seed=config.run.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        workers=student.loader.workers,
+        prefetch_factor=student.loader.prefetch_factor,
+        group_windows=max(micro_batch_hint, block * student.loader.shuffle_buffer_blocks // ctx.world_size),
+        pin_memory=ctx.device.type == "cuda",
+    )
+
+
+def train_student(
+    config: Config,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    ctx: DistContext | None = None,
+) -> Path:
+    """Train the student of ``config`` (mode ``student.mode``), resuming if interrupted; return its folder."""
+    if config.student.mode not in MODES:
+        raise ConfigError(f"Expected student.mode in {MODES}. Got {config.student.mode!r}.")
+    _check_loader(config)
+    out = student_dir(config)
+    fingerprint = student_fingerprint(config)
+    if is_complete(out, fingerprint) and not overwrite:
+        return out
+    if read_marker(out) is not None and not overwrite:
+        raise StageError(
+            f"{out} holds a student trained from a different config. Use another student.name or run "
+            "directory, or pass --overwrite to retrain it."
+        )
+    ctx = ctx or init_distributed(config.run.device)
+    if overwrite and out.exists():
+        if ctx.is_main:
+            shutil.rmtree(out)
+        ctx.barrier()
+    data = PreparedData.open(RunLayout(config.run_dir).data)
+    windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
+    dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
+    seed = config.run.seed + STUDENT_SEED_OFFSET
+    model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
+    options = LossOptions.from_config(config)
+    teachers = OnlineTeachers(config, data.vocab_size, ctx.device) if options.mode == "online" else None
+    train = config.student.train
+    micro = max(1, train.batch_size // (ctx.world_size * train.grad_accum_steps))
+    batches = make_batches(config, data, windows, ctx, micro)
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_provenance(
+            out, config, "train-student",
+            {"student": student_name(config), "mode": options.mode, "parameters": count_parameters(model)},
+        )  # fmt: skip
+    try:
+        summary = train_model(
+            model,
+            train=train,
+            num_windows=windows.shape[0],
+            seq_len=data.seq_len,
+            get_batch=batches,
+            loss_fn=objective_loss,
+            dev_windows=dev_windows,
+            out_dir=out,
+            seed=config.run.seed,
+            fingerprint=fingerprint,
+            ctx=ctx,
+            progress=progress,
+            desc=f"student {student_name(config)}",
+            order_fn=batches.order_fn,
+            on_start=batches.start,
+            wrap=lambda m: StudentObjective(m, options, teachers),
+        )
+    finally:
+        batches.close()
+    summary |= {
+        "mode": options.mode,
+        "parameters": count_parameters(model),
+        "direct_reads": batches.direct_reads,
+    }
+    if ctx.is_main:
+        finalize_model_dir(out, model, data, summary, fingerprint)
+    ctx.barrier()
+    return out

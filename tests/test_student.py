@@ -1,0 +1,434 @@
+"""`pipe train-student`: data path, the three modes' losses, cache checks, training, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from logitcache.cache import (
+    CacheMetadata,
+    Encoding,
+    TeacherInfo,
+    create_cache,
+    open_cache,
+    select_topk,
+)
+from logitcache.kernels import sparse_kd_loss_reference
+from logitcache.pipeline.cache_logits import cache_logits
+from logitcache.pipeline.config import load_config
+from logitcache.pipeline.errors import CacheError, StageError
+from logitcache.pipeline.models import build_model
+from logitcache.pipeline.prepare import PreparedData, prepare_data
+from logitcache.pipeline.student import (
+    LossOptions,
+    OnlineTeachers,
+    StudentObjective,
+    dense_kd_loss,
+    open_student_cache,
+    student_dir,
+    train_student,
+)
+from logitcache.pipeline.student_data import BatchReader, StudentBatches, block_shuffled_order
+from logitcache.pipeline.teachers import train_teacher
+from logitcache.pipeline.training import TrainState, causal_lm_loss, make_plan
+
+PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
+
+STUDENT = """
+[cache]
+k = 16
+batch_size = 64
+
+[student.model]
+family = "llama"
+hidden_size = 32
+num_layers = 2
+num_heads = 4
+num_kv_heads = 2
+intermediate_size = 64
+
+[student.train]
+lr = 3e-3
+batch_size = 16
+epochs = 1
+warmup_steps = 2
+checkpoint_every = 1000
+log_every = 1
+eval_batch_size = 64
+
+[student.loader]
+workers = 0
+shuffle_block = 16
+shuffle_buffer_blocks = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Config path of a run with prepared data, two briefly trained teachers and their cache (k=16)."""
+    from .conftest import CORPUS, corpus_slice, write_config
+
+    root = tmp_path_factory.mktemp("student")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in sorted(p.name for p in CORPUS.glob("*.txt.gz"))[:4]:
+        (corpus / name.removesuffix(".gz")).write_text(corpus_slice(name, 30_000))
+    path = write_config(root / "s.toml", corpus, root / "run", extra=STUDENT)
+    teacher_steps = ["teachers.llama.train.max_steps=8", "teachers.gpt.train.max_steps=8"]
+    config = load_config(path, teacher_steps)
+    prepare_data(config)
+    for name in config.teachers:
+        train_teacher(config, name, progress=False)
+    cache_logits(config, progress=False)
+    return path
+
+
+def _config(run: Path, *overrides: str, run_dir: Path | None = None):
+    teacher_steps = ["teachers.llama.train.max_steps=8", "teachers.gpt.train.max_steps=8"]
+    return load_config(run, [*teacher_steps, *overrides], run_dir)
+
+
+def _losses(metrics: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data path
+
+
+def test_block_shuffled_order_is_a_local_permutation():
+    n, block, buffer = 203, 8, 3
+    order = block_shuffled_order(n, 5, 2, block=block, buffer_blocks=buffer)
+    assert sorted(order.tolist()) == list(range(n))  # every window once per epoch
+    assert torch.equal(order, block_shuffled_order(n, 5, 2, block=block, buffer_blocks=buffer))
+    assert not torch.equal(order, block_shuffled_order(n, 5, 3, block=block, buffer_blocks=buffer))
+    # the order is a sequence of buffers, each the union of `buffer` whole blocks (the short last
+    # block included): consecutive entries come from at most `buffer` blocks until a buffer ends
+    position, seen = 0, 0
+    while position < n:
+        blocks: set[int] = set()
+        while position < n and (len(blocks) < buffer or int(order[position]) // block in blocks):
+            blocks.add(int(order[position]) // block)
+            position += 1
+        covered = sum(min(block, n - b * block) for b in blocks)
+        assert covered == position - seen  # whole blocks
+        seen = position
+    # block 1 with one buffer over everything: a plain permutation of all windows
+    assert sorted(block_shuffled_order(10, 1, 0, block=1, buffer_blocks=10).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize(("world_size", "rank", "weights"), [(1, 0, "renormalized"), (2, 1, "ghost")])
+def test_loader_batches_equal_direct_reads_in_loop_order(run: Path, world_size: int, rank: int, weights: str):
+    config = _config(run)
+    data = PreparedData.open(config.run_dir / "data")
+    windows = data.windows("train")
+    store = config.run_dir / "cache" / "logits.zarr"
+    reader = open_cache(store)
+    train = replace(config.student.train, batch_size=8, grad_accum_steps=2, epochs=2)
+    plan = make_plan(train, windows.shape[0], world_size)
+
+    def order_fn(num, seed, epoch):
+        return block_shuffled_order(num, seed, epoch, block=16, buffer_blocks=4)
+
+    batches = StudentBatches(
+        BatchReader(windows=windows, cache_store=store, weights=weights),
+        order_fn=order_fn, seed=3, rank=rank, world_size=world_size, workers=1, prefetch_factor=2,
+        group_windows=24, pin_memory=False,
+    )  # fmt: skip
+    start = TrainState(epoch=0, step_in_epoch=plan.steps_per_epoch - 2, global_step=plan.steps_per_epoch - 2)
+    batches.start(plan, start)
+    got = list(batches)
+    # Independent replica of the loop: the last two steps of epoch 0, then all of epoch 1.
+    expected = []
+    for epoch, steps in (
+        (0, range(plan.steps_per_epoch - 2, plan.steps_per_epoch)),
+        (1, range(plan.steps_per_epoch)),
+    ):
+        order = order_fn(windows.shape[0], 3, epoch)
+        for step in steps:
+            mine = order[step * 8 : (step + 1) * 8].reshape(world_size, -1)[rank]
+            expected += [mine[: plan.micro_batch], mine[plan.micro_batch :]]
+    assert len(got) == len(expected) == 2 * (plan.steps_per_epoch + 2)
+    for batch, indices in zip(got, expected, strict=True):
+        assert torch.equal(batch["window_indices"], indices)
+        assert torch.equal(batch["input_ids"], torch.from_numpy(windows[indices.numpy()].astype(np.int64)))
+        direct = reader.read_windows(indices.tolist(), weights=weights)
+        assert torch.equal(batch["teacher_ids"], direct.ids[:, :-1])
+        assert torch.equal(batch["teacher_weights"], direct.weights[:, :-1])
+        if weights == "ghost":
+            assert torch.equal(batch["teacher_tail"], direct.tail[:, :-1])
+        else:
+            assert "teacher_tail" not in batch
+    # Asked for something else than planned: it reads directly and says so.
+    out = batches(torch.tensor([5, 1]), torch.device("cpu"))
+    assert out["window_indices"].tolist() == [5, 1] and batches.direct_reads == 1
+
+
+def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    config = _config(run)
+    data = PreparedData.open(config.run_dir / "data")
+    open_student_cache(config, data)  # the matching cache opens
+    for key, value, name in [
+        ("tokenizer_sha256", "0" * 64, "tokenizer_sha256"),
+        ("vocab_size", data.vocab_size + 1, "vocab_size"),
+        ("windows_sha256", "0" * 64, "dataset_sha256"),
+    ]:
+        other = PreparedData(data.root, {**data.manifest, key: value})
+        if key == "windows_sha256":
+            splits = {**data.manifest["splits"], "train": {**data.manifest["splits"]["train"], key: value}}
+            other = PreparedData(data.root, {**data.manifest, "splits": splits})
+        with pytest.raises(CacheError, match=f"Expected the cache's {name}") as info:
+            open_student_cache(config, other)
+        assert "\n" not in str(info.value)
+    # Re-split data (other tokenizer and windows) with the old cache in place: training refuses to start.
+    moved = _config(run, "data.split_seed=1", run_dir=tmp_path / "other")
+    prepare_data(moved)
+    (tmp_path / "other" / "cache").symlink_to(config.run_dir / "cache")
+    with pytest.raises(
+        CacheError, match="Expected the cache's tokenizer_sha256 to match the tokenizer in use"
+    ):
+        train_student(moved, progress=False)
+    # A sampled cache has no tail: ghost mode is refused (only the metadata's mode matters here).
+    reader = open_cache(config.run_dir / "cache" / "logits.zarr")
+    object.__setattr__(reader.metadata, "mode", "sampled")
+    monkeypatch.setattr("logitcache.pipeline.student.open_cache", lambda store: reader)
+    with pytest.raises(CacheError, match="topk cache"):
+        open_student_cache(_config(run, "student.distill.tail=ghost"), data)
+    empty = _config(run, run_dir=tmp_path / "empty")
+    with pytest.raises(StageError, match="run `pipe cache-logits CONFIG` first"):
+        open_student_cache(empty, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses of the three modes
+
+
+def _student(config, vocab: int, seq_len: int):
+    return build_model(config.student.model, vocab_size=vocab, seq_len=seq_len, seed=11)
+
+
+def test_ce_mode_equals_teacher_style_cross_entropy(run: Path):
+    config = _config(run, "student.mode=ce")
+    data = PreparedData.open(config.run_dir / "data")
+    model = _student(config, data.vocab_size, data.seq_len)
+    batch = {"input_ids": torch.from_numpy(data.windows("train")[:6].astype(np.int64))}
+    loss = StudentObjective(model, LossOptions.from_config(config))(batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = causal_lm_loss(model, batch)  # the teachers' loss, through the HF forward
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(grads, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "ghost"])
+@pytest.mark.parametrize("reduction", ["mean", "batchmean-compat"])
+def test_cache_mode_loss_pairs_entries_of_t_with_token_t_plus_1(run: Path, tail: str, reduction: str):
+    """Independent reference: HF logits of positions 0..T-2 against the cache rows read directly."""
+    config = _config(run, f"student.distill.tail={tail}", f"student.distill.reduction={reduction}",
+                     "student.distill.alpha=0.7", "student.distill.temperature=2.0")  # fmt: skip
+    data = PreparedData.open(config.run_dir / "data")
+    model = _student(config, data.vocab_size, data.seq_len)
+    rows = [3, 40, 41, 7]
+    windows = data.windows("train")
+    store = config.run_dir / "cache" / "logits.zarr"
+    weights = "ghost" if tail == "ghost" else "renormalized"
+    batch = BatchReader(windows=windows, cache_store=store, weights=weights).read(torch.tensor(rows))
+    loss = StudentObjective(model, LossOptions.from_config(config))(batch)
+
+    input_ids = torch.from_numpy(windows[rows].astype(np.int64))
+    cache = open_cache(store).read_windows(rows, weights=weights)
+    logits = model(input_ids=input_ids).logits  # (B, T, V)
+    expected = sparse_kd_loss_reference(
+        logits[:, :-1], input_ids[:, 1:], cache.ids[:, :-1], cache.weights[:, :-1],
+        None if cache.tail is None else cache.tail[:, :-1],
+        temperature=2.0, ce_weight=0.3, kl_weight=0.7, reduction=reduction,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_batch_entries_of_t_are_the_teachers_prediction_of_token_t_plus_1(run: Path):
+    """Batch entries [b, t] = top-k of the live teachers' ensemble after reading tokens 0..t."""
+    config = _config(run)
+    data = PreparedData.open(config.run_dir / "data")
+    rows = torch.tensor([9, 2, 30])
+    store = config.run_dir / "cache" / "logits.zarr"
+    batch = BatchReader(windows=data.windows("train"), cache_store=store, weights="ghost").read(rows)
+    logp = OnlineTeachers(config, data.vocab_size, torch.device("cpu")).logprobs(
+        batch["input_ids"]
+    )  # (B, T, V)
+    top = torch.topk(logp, 16, dim=-1).indices.sort(-1).values  # (B, T, k)
+    ids = batch["teacher_ids"].sort(-1).values  # (B, T-1, k)
+    aligned = (top[:, :-1] == ids).all(-1).float().mean().item()
+    shifted = (top[:, 1:] == ids).all(-1).float().mean().item()
+    assert aligned > 0.97 and shifted < 0.5  # (ties at the k-th entry may swap an id)
+    probs = logp[:, :-1].exp().gather(-1, batch["teacher_ids"])  # (B, T-1, k)
+    step = probs.amax(-1, keepdim=True) / 1023  # ratio_q10: half a step of p_max each way
+    assert bool(((batch["teacher_weights"] - probs).abs() <= step + 1e-6).all())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean-compat"])
+def test_dense_kd_equals_the_kernel_reference_with_every_id(reduction: str):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    targets = torch.randint(0, 11, (3, 5))
+    teacher = torch.log_softmax(torch.randn(3, 5, 11, dtype=torch.float64) * 3, -1)
+    ids = torch.arange(11).expand(3, 5, 11)
+    for temperature in (1.0, 2.0):
+        kwargs = dict(temperature=temperature, ce_weight=0.25, kl_weight=0.75, reduction=reduction)
+        got = dense_kd_loss(logits.double(), targets, teacher, **kwargs)
+        want = sparse_kd_loss_reference(logits, targets, ids, teacher.exp(), **kwargs)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_online_equals_cache_with_k_v_minus_1_exact_values(run: Path, tmp_path: Path):
+    """A cache holding V-1 entries in float32 plus the tail is the full distribution: same loss."""
+    config = _config(run, "student.distill.tail=ghost", "student.distill.alpha=0.5")
+    data = PreparedData.open(config.run_dir / "data")
+    windows = data.windows("train")[:6]  # (6, T)
+    input_ids = torch.from_numpy(windows.astype(np.int64))
+    teachers = OnlineTeachers(config, data.vocab_size, torch.device("cpu"))
+    logp = teachers.logprobs(input_ids)  # (6, T, V)
+    vocab = data.vocab_size
+    metadata = CacheMetadata(
+        vocab_size=vocab, tokenizer_sha256="0" * 64, dataset_sha256="0" * 64,
+        teachers=(TeacherInfo(name="t", path="t", weights_sha256="0" * 64, dtype="float32"),),
+        k=vocab - 1, package_version="test", encoding=Encoding(value_code="logp_fp32"),
+    )  # fmt: skip
+    writer = create_cache(tmp_path / "full.zarr", metadata, num_windows=6, seq_len=windows.shape[1])
+    for shard in range(writer.num_shards):
+        start, stop = writer.shard_rows(shard)
+        writer.write_shard(shard, select_topk(logp[start:stop], k=vocab - 1))
+    writer.finalize()
+    rows = torch.arange(6)
+    model = _student(config, vocab, data.seq_len)
+    options = LossOptions.from_config(config)
+    ghost = BatchReader(windows=windows, cache_store=tmp_path / "full.zarr", weights="ghost").read(rows)
+    online = StudentObjective(model, replace(options, mode="online"), teachers)(
+        {"input_ids": input_ids, "window_indices": rows}
+    )
+    cached = StudentObjective(model, options)(ghost)
+    assert cached.item() == pytest.approx(online.item(), rel=1e-5)
+    renorm = BatchReader(windows=windows, cache_store=tmp_path / "full.zarr").read(rows)
+    close = StudentObjective(model, replace(options, tail="renormalize"))(renorm)
+    assert close.item() == pytest.approx(online.item(), rel=2e-3)  # one token of tiny mass dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_student_modes_output_hf_folders(run: Path):
+    config = _config(run, "student.train.max_steps=12", "student.loader.workers=1")
+    out = train_student(config, progress=False)
+    assert out == config.run_dir / "students" / "cache" == student_dir(config)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Mr. Darcy")["input_ids"][0] == tokenizer.bos_token_id
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["mode"] == "cache" and summary["steps"] == 12 and summary["direct_reads"] == 0
+    dev = torch.from_numpy(PreparedData.open(config.run_dir / "data").windows("dev").astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=dev).logits
+    dev_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), dev[:, 1:].flatten()).item()
+    assert dev_loss == pytest.approx(summary["dev_loss"], rel=1e-4)
+    losses = _losses(out / "metrics.jsonl")
+    assert [s for s, _ in losses] == list(range(1, 13)) and losses[-1][1] < losses[0][1]
+    assert any("dev_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert train_student(config, progress=False) == out  # complete: skipped
+
+    firsts = {"cache": losses[0][1]}
+    for mode in ("ce", "online"):
+        other = _config(run, "student.train.max_steps=3", f"student.mode={mode}")
+        folder = train_student(other, progress=False)
+        assert folder == config.run_dir / "students" / mode
+        assert json.loads((folder / "train_summary.json").read_text())["mode"] == mode
+        firsts[mode] = _losses(folder / "metrics.jsonl")[0][1]
+    # Same initial student and first batch; only the teacher term differs.
+    assert firsts["ce"] != firsts["cache"] and firsts["online"] != firsts["cache"]
+    changed = _config(run, "student.train.max_steps=12", "student.train.lr=1e-4")
+    with pytest.raises(StageError, match="different config"):
+        train_student(changed, progress=False)
+
+
+def _cli_args(config_path: Path, run_dir: Path, overrides: list[str]) -> list[str]:
+    teacher_steps = ["teachers.llama.train.max_steps=8", "teachers.gpt.train.max_steps=8"]
+    return [str(config_path), "--run-dir", str(run_dir)] + [
+        a for o in [*teacher_steps, *overrides] for a in ("--set", o)
+    ]
+
+
+def _link_run(source: Path, target: Path) -> None:
+    target.mkdir()
+    for name in ("data", "teachers", "cache"):
+        os.symlink(source / name, target / name)
+
+
+def test_resume_after_kill_reproduces_trajectory(run: Path, tmp_path: Path):
+    overrides = ["student.train.epochs=2", "student.train.checkpoint_every=8", "student.loader.workers=1",
+                 "student.name=resume"]  # fmt: skip
+    config = _config(run, *overrides)
+    reference = train_student(config, progress=False)
+    expected = _losses(reference / "metrics.jsonl")
+
+    run_b = tmp_path / "run-b"
+    _link_run(config.run_dir, run_b)
+    args = [*PIPE, "train-student", *_cli_args(run, run_b, overrides)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = run_b / "students" / "resume" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(checkpoints.glob("step-*"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_b / "students" / "resume" / "COMPLETE.json").exists()
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _losses(run_b / "students" / "resume" / "metrics.jsonl")
+    assert [s for s, _ in resumed] == [s for s, _ in expected]
+    assert resumed == expected  # bit-exact on CPU: same data order, optimizer and RNG state
+
+
+def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
+    """2 gloo ranks on CPU give the same losses as 1 rank on the same global batch (cache mode)."""
+    overrides = ["student.train.max_steps=10", "student.name=ddp"]
+    config = _config(run, *overrides)
+    expected = _losses(train_student(config, progress=False) / "metrics.jsonl")
+
+    run_b = tmp_path / "run-ddp"
+    _link_run(config.run_dir, run_b)
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+        "-m", "logitcache.pipeline.cli", "train-student", *_cli_args(run, run_b, overrides),
+    ]  # fmt: skip
+    done = subprocess.run(
+        args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _losses(run_b / "students" / "ddp" / "metrics.jsonl")
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    for (_, a), (_, b) in zip(got, expected, strict=True):  # two half-batches + all-reduce: fp32 rounding
+        assert a == pytest.approx(b, rel=2e-4, abs=2e-4)
+    assert math.isfinite(
+        json.loads((run_b / "students" / "ddp" / "train_summary.json").read_text())["dev_loss"]
+    )
