@@ -150,6 +150,8 @@ def evaluate_cmd(
     out: Path | None,
 ) -> None:
     """Held-out perplexity, BLiMP and calibration of MODEL_DIR... (any Hugging Face causal LM folders)."""
+    import dataclasses
+
     from logitcache.pipeline.evaluation.evaluate import (
         EvalOptions,
         dumps_results,
@@ -174,7 +176,7 @@ def evaluate_cmd(
     if not model_dirs:
         raise click.UsageError("Expected MODEL_DIR arguments or --run-dir RUN.")
     if run_dir is not None and data_dir is None:
-        options = EvalOptions(**{**options.__dict__, "data_dir": run_dir / "data"})
+        options = dataclasses.replace(options, data_dir=run_dir / "data")
     results = evaluate_models(model_dirs, options=options, log=log)
     if out is None and run_dir is not None:
         out = run_dir / "eval" / "results.json"

@@ -11,8 +11,9 @@ Score of a sentence s tokenized as ``x_1..x_L`` (the tokenizer's own ids, no spe
     score(s) = sum_{i=1..L} log p(x_i | x_0 .. x_{i-1})
 
 a sum, not length-normalised, and no end-of-sentence token. A pair is right when
-``score(good) > score(bad)`` strictly: a tie counts as wrong (lm-eval-harness counts ties as right,
-so a model that scores every pair equal gets 0 here and 1 there).
+``score(good) > score(bad)`` strictly: a tie counts as wrong (lm-evaluation-harness 0.4+ takes
+``np.argmax([good, bad])``, which counts a tie as right: a model that scores every pair equal gets 0
+here and 1 there).
 
 Accuracy of a paradigm = right pairs / pairs. Per phenomenon and per field the accuracy is the
 unweighted mean of the accuracies of their paradigms, and overall is the unweighted mean over all

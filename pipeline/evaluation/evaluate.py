@@ -15,6 +15,7 @@ numbers are written as null (JSON has no NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -290,6 +291,6 @@ def evaluate_run(
             "train them first (pipe run CONFIG)."
         )
     if options.data_dir is None:
-        options = EvalOptions(**{**options.__dict__, "data_dir": layout.data})
+        options = dataclasses.replace(options, data_dir=layout.data)
     results = evaluate_models(models, options=options, progress=progress, log=log)
     return write_results(results, out if out is not None else layout.eval / RESULTS_FILE)
