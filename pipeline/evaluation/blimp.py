@@ -160,11 +160,11 @@ def sentence_log_probs(
             input_ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
             attention_mask[r, : len(encoded[i])] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logits = (
-            model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        )  # (B, L-1, V)
-        log_probs = torch.log_softmax(logits, dim=-1)  # (B, L-1, V)
-        target = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = logits.float()  # (B, L-1, V)
+        # log p(x_i | x_<i) = z_{x_i} - logsumexp(z), without materialising a (B, L-1, V) log-softmax.
+        target = logits.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, L-1)
+        target = target - torch.logsumexp(logits, dim=-1)  # (B, L-1)
         # where(), not a product: whatever a padded position holds (even NaN) must not leak in.
         target = torch.where(attention_mask[:, 1:].bool(), target.double(), 0.0)  # (B, L-1)
         scores[rows] = target.sum(dim=-1).cpu().numpy()

@@ -88,12 +88,13 @@ def evaluate_held_out(
     ):
         batch = ids[start : start + batch_size].to(device)  # (B, T)
         logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
-        log_probs = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
+        log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T-1)
         targets = batch[:, 1:]  # (B, T-1)
-        target_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        # log p(target) = z_target - logsumexp(z): no (B, T-1, V) log-softmax is materialised.
+        target_log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normalizer  # (B, T-1)
         nll_sum -= target_log_probs.double().sum()
-        max_log_prob, predicted = log_probs.max(dim=-1)  # (B, T-1) each
-        calibration.update(max_log_prob.exp(), predicted == targets)
+        max_logit, predicted = logits.max(dim=-1)  # (B, T-1) each
+        calibration.update(torch.exp(max_logit - log_normalizer), predicted == targets)
     model.train(was_training)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     loss = float(nll_sum) / tokens
