@@ -92,7 +92,8 @@ def train_teacher_cmd(
 def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> None:
     """Run every stage in order, skipping completed ones.
 
-    prepare-data, train-teacher (each teacher), cache-logits, verify-cache.
+    prepare-data, train-teacher (each teacher), cache-logits, verify-cache, train-student (each mode
+    of run.students), evaluate, report.
     """
     from logitcache.pipeline.distributed import shutdown_distributed
     from logitcache.pipeline.runner import run_pipeline

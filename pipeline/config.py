@@ -34,6 +34,9 @@ class RunConfig:
     dir: str = ""  # "" means runs/<config file stem> under the working directory
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The students `pipe run` trains, one per mode, into RUN/students/<mode>: the distilled student
+    # and its CE-only twin by default; add "online" for live-teacher distillation (the baseline).
+    students: list[Literal["cache", "online", "ce"]] = field(default_factory=lambda: ["cache", "ce"])
 
 
 @dataclass(frozen=True)

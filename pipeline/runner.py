@@ -1,7 +1,15 @@
-"""`pipe run`: every stage of the pipeline in order, skipping stages already complete."""
+"""`pipe run`: every stage of the pipeline in order, skipping stages already complete.
+
+prepare-data → train-teacher (each) → cache-logits → verify-cache → train-student (each mode of
+``run.students``) → evaluate → report. A stage is skipped when its output is complete for the same
+config (its fingerprint), so an interrupted run continues where it stopped.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,8 +17,9 @@ from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete, is
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.distributed import init_distributed
 from logitcache.pipeline.prepare import data_fingerprint, prepare_data
-from logitcache.pipeline.rundir import RunLayout, is_complete
-from logitcache.pipeline.teachers import is_teacher_complete, train_teacher
+from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete
+from logitcache.pipeline.student import is_student_complete, student_fingerprint, train_student
+from logitcache.pipeline.teachers import is_teacher_complete, teacher_fingerprint, train_teacher
 
 
 @dataclass(frozen=True)
@@ -19,37 +28,76 @@ class StageResult:
     skipped: bool
 
 
+def student_configs(config: Config) -> list[Config]:
+    """One config per student mode that `pipe run` trains (RUN/students/<mode>)."""
+    return [
+        dataclasses.replace(config, student=dataclasses.replace(config.student, mode=mode, name=""))
+        for mode in config.run.students
+    ]
+
+
+def eval_fingerprint(config: Config) -> str:
+    """What the evaluation depends on: its settings and every model it evaluates."""
+    parts = {
+        "evaluate": config.to_dict()["evaluate"],
+        "data": data_fingerprint(config),
+        "teachers": {name: teacher_fingerprint(config, name) for name in config.teachers},
+        "students": [student_fingerprint(c) for c in student_configs(config)],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
 def run_pipeline(
     config: Config, *, progress: bool | None = None, log: Callable[[str], None] = print
 ) -> list[StageResult]:
     """Run every stage in order; each is skipped when its output is complete for this config."""
+    from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_run
+    from logitcache.pipeline.evaluation.report import build_report
+
     ctx = init_distributed(config.run.device)
+    layout = RunLayout(config.run_dir)
     results: list[StageResult] = []
 
-    done = is_complete(RunLayout(config.run_dir).data, data_fingerprint(config))
-    log(f"[prepare-data] {'complete, skipped' if done else 'running'}")
-    if not done and ctx.is_main:
-        prepare_data(config, progress=progress)
-    ctx.barrier()
-    results.append(StageResult("prepare-data", done))
+    def stage(name: str, done: bool, action: Callable[[], object], *, main_only: bool = False) -> None:
+        log(f"[{name}] {'complete, skipped' if done else 'running'}")
+        if not done and (ctx.is_main or not main_only):
+            action()
+        if main_only:
+            ctx.barrier()
+        results.append(StageResult(name, done))
 
+    stage(
+        "prepare-data",
+        is_complete(layout.data, data_fingerprint(config)),
+        lambda: prepare_data(config, progress=progress),
+        main_only=True,
+    )
     for name in config.teachers:
-        done = is_teacher_complete(config, name)
-        log(f"[train-teacher {name}] {'complete, skipped' if done else 'running'}")
-        if not done:
-            train_teacher(config, name, progress=progress, ctx=ctx)
-        results.append(StageResult(f"train-teacher {name}", done))
+        stage(
+            f"train-teacher {name}",
+            is_teacher_complete(config, name),
+            lambda name=name: train_teacher(config, name, progress=progress, ctx=ctx),
+        )
+    stage("cache-logits", is_cache_complete(config), lambda: cache_logits(config, progress=progress, ctx=ctx))
+    stage(
+        "verify-cache", is_verified(config), lambda: verify_stage(config, progress=progress), main_only=True
+    )
+    for student in student_configs(config):
+        stage(
+            f"train-student {student.student.mode}",
+            is_student_complete(student),
+            lambda student=student: train_student(student, progress=progress, ctx=ctx),
+        )
 
-    done = is_cache_complete(config)
-    log(f"[cache-logits] {'complete, skipped' if done else 'running'}")
-    if not done:
-        cache_logits(config, progress=progress, ctx=ctx)
-    results.append(StageResult("cache-logits", done))
+    fingerprint = eval_fingerprint(config)
 
-    done = is_verified(config)
-    log(f"[verify-cache] {'verified, skipped' if done else 'running'}")
-    if not done and ctx.is_main:
-        verify_stage(config, progress=progress)
-    ctx.barrier()
-    results.append(StageResult("verify-cache", done))
+    def evaluate() -> None:
+        evaluate_run(layout.root, options=EvalOptions.from_config(config), progress=progress, log=log)
+        mark_complete(layout.eval, fingerprint)
+
+    stage("evaluate", is_complete(layout.eval, fingerprint), evaluate, main_only=True)
+    # The report is cheap: rebuilt whenever an earlier stage ran or it is missing.
+    anything_ran = any(not r.skipped for r in results)
+    report_done = not anything_ran and (layout.eval / "report.html").is_file()
+    stage("report", report_done, lambda: build_report(layout.root), main_only=True)
     return results

@@ -18,11 +18,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from logitcache.cache import open_cache
-from logitcache.pipeline.cache_logits import cache_logits, verify
+from logitcache.pipeline.cache_logits import (
+    cache_logits,
+    is_cache_complete,
+    is_verified,
+    verify,
+    verify_stage,
+)
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
-from logitcache.pipeline.runner import run_pipeline
 from logitcache.pipeline.teachers import train_teacher
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
@@ -75,11 +80,8 @@ def _reference_topk(run: Path, windows: np.ndarray, k: int) -> tuple[torch.Tenso
 def test_cache_matches_teacher_ensemble_and_verifies(base_run, tmp_path: Path):
     run = _fresh_run(base_run, tmp_path)
     config = load_config(base_run[0], CACHE_SETTINGS, run_dir=run)
-    results = run_pipeline(config, progress=False, log=lambda _: None)
-    assert [(r.name, r.skipped) for r in results] == [
-        ("prepare-data", True), ("train-teacher llama", True), ("train-teacher gpt", True),
-        ("cache-logits", False), ("verify-cache", False),
-    ]  # fmt: skip
+    cache_logits(config, progress=False)
+    assert verify_stage(config)["ok"] and is_verified(config)
     reader = open_cache(run / "cache" / "logits.zarr")
     data = PreparedData.open(run / "data")
     reader.check_compatible(
@@ -104,8 +106,7 @@ def test_cache_matches_teacher_ensemble_and_verifies(base_run, tmp_path: Path):
     assert summary["positions"] == reader.num_windows * reader.seq_len
     assert 0 < summary["mean_captured_mass"] <= 1 and summary["bytes_per_position"] > 0
     assert json.loads((run / "cache" / "verify.json").read_text())["ok"] is True
-    again = run_pipeline(config, progress=False, log=lambda _: None)
-    assert all(r.skipped for r in again)
+    assert is_cache_complete(config)
 
     report = verify(run / "cache", recompute=3)
     assert report["ok"] and report["recompute"]["ok"], report.get("recompute")

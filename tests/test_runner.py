@@ -1,0 +1,103 @@
+"""`pipe run` end to end on tiny models: every stage, skipping, and resuming after kill -9."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from logitcache.pipeline.config import load_config
+from logitcache.pipeline.errors import StageError
+from logitcache.pipeline.runner import run_pipeline
+
+from .conftest import REPO, write_config
+
+TINY_STUDENT_AND_EVAL = f"""
+[cache]
+k = 16
+batch_size = 32
+windows_per_shard = 256
+
+[student.model]
+family = "llama"
+hidden_size = 32
+num_layers = 1
+num_heads = 4
+intermediate_size = 64
+
+[student.train]
+lr = 3e-3
+batch_size = 16
+epochs = 1
+checkpoint_every = 1000
+log_every = 5
+
+[evaluate]
+blimp_dir = "{REPO / "tests" / "fixtures" / "blimp_mini"}"
+batch_size = 32
+"""
+
+STAGES = [
+    "prepare-data", "train-teacher llama", "train-teacher gpt", "cache-logits", "verify-cache",
+    "train-student cache", "train-student ce", "evaluate", "report",
+]  # fmt: skip
+
+
+def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path):
+    config_path = write_config(
+        tmp_path / "c.toml", small_corpus, tmp_path / "run", extra=TINY_STUDENT_AND_EVAL
+    )
+    config = load_config(config_path)
+    lines: list[str] = []
+    results = run_pipeline(config, progress=False, log=lines.append)
+    assert [(r.name, r.skipped) for r in results] == [(name, False) for name in STAGES]
+    run = config.run_dir
+    for model_dir in ("teachers/llama", "teachers/gpt", "students/cache", "students/ce"):
+        assert AutoModelForCausalLM.from_pretrained(run / model_dir) is not None
+    results_json = json.loads((run / "eval" / "results.json").read_text())
+    names = [m["name"] for m in results_json["models"]]
+    assert sorted(names) == ["students/cache", "students/ce", "teachers/gpt", "teachers/llama"]
+    for model in results_json["models"]:
+        assert model["blimp"]["overall"] is not None and model["held_out"]["perplexity"] > 1
+    assert (run / "eval" / "report.html").is_file()
+
+    lines.clear()
+    again = run_pipeline(config, progress=False, log=lines.append)
+    assert [(r.name, r.skipped) for r in again] == [(name, True) for name in STAGES]
+    assert lines[0] == "[prepare-data] complete, skipped"
+
+    # A changed student setting: the earlier stages are still complete and skipped; the student
+    # trained from the other config is not silently replaced.
+    changed = load_config(config_path, ["student.train.lr=1e-3"])
+    lines.clear()
+    with pytest.raises(StageError, match="students/cache holds a student trained from a different config"):
+        run_pipeline(changed, progress=False, log=lines.append)
+    assert lines[-1] == "[train-student cache] running" and lines[-2] == "[verify-cache] complete, skipped"
+
+
+def test_pipeline_resumes_after_kill(tmp_path: Path, small_corpus: Path):
+    config_path = write_config(
+        tmp_path / "c.toml", small_corpus, tmp_path / "run", extra=TINY_STUDENT_AND_EVAL
+    )
+    args = [sys.executable, "-m", "logitcache.pipeline.cli", "run", str(config_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "run" / "teachers" / "gpt" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr.splitlines()
+    assert "[prepare-data] complete, skipped" in log
+    assert "[train-teacher llama] complete, skipped" in log
+    assert "[train-teacher gpt] running" in log and "[report] running" in log
+    assert (tmp_path / "run" / "eval" / "report.html").is_file()
