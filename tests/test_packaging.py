@@ -23,8 +23,9 @@ def test_wheel_installs_only_under_logitcache(tmp_path: Path):
     top = {name.split("/")[0] for name in names}
     packages = {t for t in top if not t.endswith(".dist-info")}
     assert packages == {"logitcache"}, f"unexpected top-level entries in the wheel: {sorted(packages)}"
-    for sub in ("pipeline", "kernels", "cache"):
-        assert f"logitcache/{sub}/__init__.py" in names
+    for sub in ("pipeline", "kernels", "cache"):  # every source module of each folder is in the wheel
+        for source in (REPO / sub).rglob("*.py"):
+            assert f"logitcache/{sub}/{source.relative_to(REPO / sub).as_posix()}" in names, source
     assert not {"kernels", "cache", "pipeline"} & top
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "pipe = logitcache.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
