@@ -27,6 +27,7 @@ score (:func:`sentence_log_probs_reference` scores one sentence at a time, for t
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -55,12 +56,12 @@ class BlimpPair:
 
 
 def read_blimp(directory: str | Path) -> list[BlimpPair]:
-    """Every pair of every ``*.jsonl`` file of ``directory`` (files in name order, lines in order)."""
+    """Every pair of every ``*.jsonl`` (or ``*.jsonl.gz``) file of ``directory`` (name order, lines in order)."""
     directory = Path(directory)
     if not directory.is_dir():
         got = "a file" if directory.exists() else "nothing there"
         raise DataError(f"Expected a directory of BLiMP .jsonl files at {directory}. Got {got}.")
-    files = sorted(p for p in directory.iterdir() if p.suffix == ".jsonl" and p.is_file())
+    files = sorted(p for p in directory.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")) and p.is_file())
     if not files:
         raise DataError(
             f"Expected BLiMP .jsonl files in {directory}. Got none: point --blimp at the folder that holds them."
@@ -68,7 +69,8 @@ def read_blimp(directory: str | Path) -> list[BlimpPair]:
     pairs: list[BlimpPair] = []
     paradigm_seen: dict[str, tuple[str, str, str]] = {}  # UID -> (phenomenon, field, first source)
     for path in files:
-        with path.open(encoding="utf-8") as handle:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
