@@ -7,7 +7,8 @@ hold everything needed to continue exactly: model (safetensors), optimizer state
 JSON), scheduler, RNG states and the data position.
 
 Data order is a function of (seed, epoch) only: epoch ``e`` visits the training windows in the
-order of ``torch.randperm`` seeded with ``seed`` and ``e``; optimizer step ``s`` of the epoch takes
+order of ``torch.randperm`` seeded with ``seed`` and ``e`` (students: a block-shuffled order given
+by the ``order_fn`` hook, see pipeline/student_data.py); optimizer step ``s`` of the epoch takes
 windows ``perm[s*B:(s+1)*B]`` (the global batch ``B``), rank ``r`` of ``W`` takes the ``r``-th
 contiguous slice of it, and each rank splits its slice into ``grad_accum_steps`` micro-batches.
 Every window has the same number of target tokens, so the mean of per-micro-batch mean losses,
