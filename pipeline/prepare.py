@@ -33,9 +33,9 @@ from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     RunLayout,
     atomic_write_text,
-    is_complete,
     mark_complete,
     read_marker,
+    stage_is_done,
     write_provenance,
 )
 from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, load_hf_tokenizer, train_bpe
@@ -85,13 +85,8 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
     layout = RunLayout(config.run_dir)
     out = layout.data
     fingerprint = data_fingerprint(config)
-    if is_complete(out, fingerprint) and not overwrite:
+    if stage_is_done(out, fingerprint, overwrite=overwrite, what="prepared data"):
         return out
-    if read_marker(out) is not None and not overwrite:
-        raise StageError(
-            f"{out} holds data prepared from a different [data] config. "
-            "Use another run directory (--run-dir), or pass --overwrite to replace it (later stages too)."
-        )
     data = config.data
     sources, splits = read_corpus(data)
     if not splits["train"]:

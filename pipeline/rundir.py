@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.pipeline.config import Config
+from logitcache.pipeline.errors import StageError
 
 COMPLETE_MARKER = "COMPLETE.json"
 PROVENANCE_FILE = "provenance.json"
@@ -68,6 +69,24 @@ def read_marker(stage_dir: Path) -> dict[str, Any] | None:
 def is_complete(stage_dir: Path, fingerprint: str) -> bool:
     marker = read_marker(stage_dir)
     return marker is not None and marker.get("fingerprint") == fingerprint
+
+
+def stage_is_done(stage_dir: Path, fingerprint: str, *, overwrite: bool, what: str) -> bool:
+    """Whether a stage can be skipped: True when ``stage_dir`` is complete for ``fingerprint``.
+
+    Output made from a different config is never replaced silently: without ``overwrite`` that
+    raises a :class:`StageError` naming ``what`` the folder holds.
+    """
+    if overwrite:
+        return False
+    if is_complete(stage_dir, fingerprint):
+        return True
+    if read_marker(stage_dir) is not None:
+        raise StageError(
+            f"{stage_dir} holds {what} made from a different config. Use another run directory "
+            "(--run-dir), or pass --overwrite to replace it."
+        )
+    return False
 
 
 def mark_complete(stage_dir: Path, fingerprint: str, summary: dict[str, Any] | None = None) -> None:

@@ -20,10 +20,10 @@ import torch
 
 from logitcache.pipeline.config import Config, TeacherConfig
 from logitcache.pipeline.distributed import DistContext, init_distributed
-from logitcache.pipeline.errors import ConfigError, StageError
+from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData, data_fingerprint
-from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, read_marker, write_provenance
+from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, stage_is_done, write_provenance
 from logitcache.pipeline.tokenizer import load_hf_tokenizer
 from logitcache.pipeline.training import causal_lm_loss, train_model
 
@@ -81,13 +81,8 @@ def train_teacher(
             )
         return out
     fingerprint = teacher_fingerprint(config, name)
-    if is_complete(out, fingerprint) and not overwrite:
+    if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a teacher '{name}'"):
         return out
-    if read_marker(out) is not None and not overwrite:
-        raise StageError(
-            f"{out} holds a teacher trained from a different config. Use another run directory (--run-dir), "
-            "or pass --overwrite to retrain it."
-        )
     if overwrite and out.exists():
         shutil.rmtree(out)
     data = PreparedData.open(RunLayout(config.run_dir).data)

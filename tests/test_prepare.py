@@ -99,7 +99,7 @@ def test_skip_when_complete_and_refuse_other_config(tiny_config: Path):
     prepare_data(config)
     assert (out / "manifest.json").stat().st_mtime_ns == before
     other = load_config(tiny_config, ["data.seq_len=16"])
-    with pytest.raises(StageError, match="different \\[data\\] config.*--overwrite"):
+    with pytest.raises(StageError, match="holds prepared data made from a different config.*--overwrite"):
         prepare_data(other)
     assert PreparedData.open(out).seq_len == 32  # the complete output is untouched
     assert PreparedData.open(prepare_data(other, overwrite=True)).seq_len == 16
