@@ -49,7 +49,7 @@ from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import CacheError, ConfigError, StageError
 from logitcache.pipeline.models import build_model, count_parameters, load_model
 from logitcache.pipeline.prepare import PreparedData, data_fingerprint
-from logitcache.pipeline.rundir import RunLayout, is_complete, read_marker, write_provenance
+from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import (
     BatchReader,
     StudentBatches,
@@ -346,13 +346,8 @@ def train_student(
     _check_loader(config)
     out = student_dir(config)
     fingerprint = student_fingerprint(config)
-    if is_complete(out, fingerprint) and not overwrite:
+    if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a student '{student_name(config)}'"):
         return out
-    if read_marker(out) is not None and not overwrite:
-        raise StageError(
-            f"{out} holds a student trained from a different config. Use another student.name or run "
-            "directory, or pass --overwrite to retrain it."
-        )
     ctx = ctx or init_distributed(config.run.device)
     if overwrite and out.exists():
         if ctx.is_main:

@@ -76,7 +76,9 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     # trained from the other config is not silently replaced.
     changed = load_config(config_path, ["student.train.lr=1e-3"])
     lines.clear()
-    with pytest.raises(StageError, match="students/cache holds a student trained from a different config"):
+    with pytest.raises(
+        StageError, match="students/cache holds a student 'cache' made from a different config"
+    ):
         run_pipeline(changed, progress=False, log=lines.append)
     assert lines[-1] == "[train-student cache] running" and lines[-2] == "[verify-cache] complete, skipped"
 
