@@ -46,10 +46,16 @@ def ensure_logitcache_importable() -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -60,21 +66,28 @@ def device_name() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return "cpu"
+    import os
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
 
 
 def today() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def time_ms(fn: Callable[[], object], *, grad_to_none: Sequence | None = None, rep_ms: int = 200) -> tuple[float, float, float]:
+def time_ms(
+    fn: Callable[[], object], *, grad_to_none: Sequence | None = None, rep_ms: int = 200
+) -> tuple[float, float, float]:
     """(p50, p20, p80) milliseconds: triton.testing.do_bench on CUDA, wall clock on CPU (smoke only)."""
     import torch
 
     if torch.cuda.is_available():
         from triton.testing import do_bench
 
-        p50, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+        p50, p20, p80 = do_bench(
+            fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+        )
         return float(p50), float(p20), float(p80)
     samples = []
     for _ in range(3):
@@ -105,6 +118,7 @@ def peak_extra_mb(fn: Callable[[], object]) -> float:
 
 def print_table(rows: list[dict], columns: Sequence[str]) -> None:
     """A GitHub-markdown table (paste into docs/benchmarks.md or regenerate it from the CSV)."""
+
     def cell(value: object) -> str:
         if isinstance(value, float):
             return "n/a" if value != value else f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"

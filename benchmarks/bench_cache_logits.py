@@ -13,13 +13,9 @@ The cache is written to a temporary copy of the run directory; nothing in RUN ch
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
-import os
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,21 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import append_csv, device_name, git_commit, print_table
 from logitcache.pipeline.cache_logits import EnsembleSelector, _teacher_dirs, cache_logits
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.prepare import PreparedData
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
@@ -101,8 +87,8 @@ def main() -> None:
     forward, stage = max(forward_rates), max(stage_rates)
     row = {
         "date": dt.date.today().isoformat(),
-        "commit": _commit(),
-        "device": _device_name(device),
+        "commit": git_commit(),
+        "device": device_name(),
         "config": args.config,
         "teachers": len(selector.models),
         "batch_windows": batch,
@@ -113,17 +99,8 @@ def main() -> None:
         "ratio": round(stage / forward, 3),
         "bytes_per_position": round(summary.get("bytes_per_position", float("nan")), 1),
     }
-    print("| " + " | ".join(row) + " |")
-    print("|" + "---|" * len(row))
-    print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    print_table([row], list(row))
+    append_csv(Path(args.csv), [row], list(row))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from logitcache.cache import (
     SAMPLED_ENCODING,
     CacheMetadata,

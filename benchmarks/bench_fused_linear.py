@@ -20,6 +20,9 @@ Rows (all forward + backward, gradients for hidden and weight):
 the target for ours is <= 1.2. ``--smoke`` runs a tiny shape on CPU (interpreter), numbers mean nothing.
 """
 
+# The timed closures below are called by `add` within the loop iteration that defines them.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +41,20 @@ from benchmarks import (
 )
 
 COLUMNS = (
-    "device", "date", "commit", "shape", "dtype", "mode", "impl", "ms", "ms_p20", "ms_p80", "TFLOP/s",
-    "x floor", "peak MiB", "peak / inputs",
+    "device",
+    "date",
+    "commit",
+    "shape",
+    "dtype",
+    "mode",
+    "impl",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "TFLOP/s",
+    "x floor",
+    "peak MiB",
+    "peak / inputs",
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -50,7 +65,9 @@ def parse_args(argv=None):  # noqa: ANN001
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--modes", default="topk,ghost")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--csv", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_fused_linear.csv")
+    parser.add_argument(
+        "--csv", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_fused_linear.csv"
+    )
     parser.add_argument("--skip-eager", action="store_true", help="skip the dense eager/compile baselines")
     parser.add_argument("--sweep-chunks", action="store_true", help="also time chunk sizes 128..2048")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU (interpreter), no CSV")
@@ -94,9 +111,9 @@ def gemm_floor_ms(hidden, weight) -> float:  # noqa: ANN001
 
 def run(args) -> list[dict]:  # noqa: ANN001
     import torch
-    from logitcache.kernels import fused_linear_sparse_kd_loss, fused_linear_sparse_kd_loss_reference
 
     from benchmarks.bench_kernel import make_inputs
+    from logitcache.kernels import fused_linear_sparse_kd_loss, fused_linear_sparse_kd_loss_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -118,16 +135,30 @@ def run(args) -> list[dict]:  # noqa: ANN001
             rows.append(dict(facts, mode=mode, impl=impl, ms="OOM"))
             torch.cuda.empty_cache()
             return None
-        row = dict(facts, mode=mode, impl=impl, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], **{
-            "TFLOP/s": flops / ms[0] / 1e9, "peak MiB": peak_mib, "peak / inputs": ratio})
+        row = dict(
+            facts,
+            mode=mode,
+            impl=impl,
+            ms=ms[0],
+            ms_p20=ms[1],
+            ms_p80=ms[2],
+            **{"TFLOP/s": flops / ms[0] / 1e9, "peak MiB": peak_mib, "peak / inputs": ratio},
+        )
         if floor_ms:
             row["x floor"] = ms[0] / floor_ms
         rows.append(row)
         return ms[0]
 
     floor_ms = gemm_floor_ms(hidden, weight)
-    rows.append(dict(facts, mode="-", impl="gemm floor (3 matmuls)", ms=floor_ms, **{
-        "TFLOP/s": flops / floor_ms / 1e9, "x floor": 1.0}))
+    rows.append(
+        dict(
+            facts,
+            mode="-",
+            impl="gemm floor (3 matmuls)",
+            ms=floor_ms,
+            **{"TFLOP/s": flops / floor_ms / 1e9, "x floor": 1.0},
+        )
+    )
 
     for mode in args.modes.split(","):
         _, _, ids, weights, tail = make_inputs(n, vocab, k, dtype, mode, device)  # logits unused
@@ -136,21 +167,33 @@ def run(args) -> list[dict]:  # noqa: ANN001
         kw = dict(temperature=args.temperature)
 
         def ours(chunk_size=None):  # noqa: ANN001
-            fused_linear_sparse_kd_loss(hidden, weight, targets, ids, weights, tail, backend="triton",  # noqa: B023
-                                        chunk_size=chunk_size, **kw).backward()  # noqa: B023
+            fused_linear_sparse_kd_loss(
+                hidden,
+                weight,
+                targets,
+                ids,
+                weights,
+                tail,
+                backend="triton",
+                chunk_size=chunk_size,
+                **kw,
+            ).backward()
 
         add(mode, "ours", ours, floor_ms)
         if args.sweep_chunks:
             for chunk in (128, 256, 512, 1024, 2048):
                 add(mode, f"ours chunk={chunk}", lambda c=chunk: ours(c), floor_ms)
         if not args.skip_eager:
+
             def eager():
-                fused_linear_sparse_kd_loss_reference(hidden, weight, targets, ids, weights, tail, **kw).backward()  # noqa: B023
+                fused_linear_sparse_kd_loss_reference(
+                    hidden, weight, targets, ids, weights, tail, **kw
+                ).backward()
 
             compiled_loss = torch.compile(fused_linear_sparse_kd_loss_reference, dynamic=False)
 
             def compiled():
-                compiled_loss(hidden, weight, targets, ids, weights, tail, **kw).backward()  # noqa: B023
+                compiled_loss(hidden, weight, targets, ids, weights, tail, **kw).backward()
 
             add(mode, "eager", eager, floor_ms)
             add(mode, "torch.compile", compiled, floor_ms)
@@ -159,13 +202,18 @@ def run(args) -> list[dict]:  # noqa: ANN001
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
                 liger = LigerFusedLinearCrossEntropyLoss()
-                add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)  # noqa: B023
+                add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)
             except ImportError:
                 rows.append(dict(facts, mode="CE only", impl="liger FLCE", ms="not installed"))
             try:
                 from cut_cross_entropy import linear_cross_entropy
 
-                add("CE only", "CCE", lambda: linear_cross_entropy(hidden, weight, targets).backward(), floor_ms)  # noqa: B023
+                add(
+                    "CE only",
+                    "CCE",
+                    lambda: linear_cross_entropy(hidden, weight, targets).backward(),
+                    floor_ms,
+                )
             except ImportError:
                 rows.append(dict(facts, mode="CE only", impl="CCE", ms="not installed"))
     return rows

@@ -45,8 +45,21 @@ from benchmarks import (
 )
 
 COLUMNS = (
-    "device", "date", "commit", "shape", "dtype", "mode", "impl", "pass", "ms", "ms_p20", "ms_p80",
-    "GB/s", "% copy", "peak extra MiB", "x vs eager",
+    "device",
+    "date",
+    "commit",
+    "shape",
+    "dtype",
+    "mode",
+    "impl",
+    "pass",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "GB/s",
+    "% copy",
+    "peak extra MiB",
+    "x vs eager",
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -94,12 +107,16 @@ def copy_bandwidth(n, vocab, dtype, device) -> tuple[tuple[float, float, float],
 
 def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[dict]:  # noqa: ANN001
     import torch
+
     from logitcache.kernels import sparse_kd_loss, sparse_kd_loss_reference
 
     logits, targets, ids, weights, tail = make_inputs(n, vocab, k, dtype, mode, device)
     elem = logits.element_size()
-    must_move = (2 * n * vocab * elem + n * k * (ids.element_size() + weights.element_size())
-                 + n * (targets.element_size() + 4 + (4 if tail is not None else 0)))
+    must_move = (
+        2 * n * vocab * elem
+        + n * k * (ids.element_size() + weights.element_size())
+        + n * (targets.element_size() + 4 + (4 if tail is not None else 0))
+    )
     kw = dict(temperature=args.temperature)
     leaf = logits.clone().requires_grad_()
     inplace_leaf = logits.clone().requires_grad_()
@@ -108,8 +125,15 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
 
     def add(impl, pass_, fn, grads=None, bytes_moved=None):  # noqa: ANN001
         ms = time_ms(fn, grad_to_none=grads)
-        row = dict(base, mode=mode, impl=impl, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2],
-                   **{"pass": pass_, "peak extra MiB": peak_extra_mb(fn)})
+        row = dict(
+            base,
+            mode=mode,
+            impl=impl,
+            ms=ms[0],
+            ms_p20=ms[1],
+            ms_p80=ms[2],
+            **{"pass": pass_, "peak extra MiB": peak_extra_mb(fn)},
+        )
         if bytes_moved is not None:
             row["GB/s"] = bytes_moved / ms[0] / 1e6
             row["% copy"] = 100.0 * row["GB/s"] / copy_gbs
@@ -119,12 +143,20 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
         return sparse_kd_loss(leaf, targets, ids, weights, tail, backend="triton", block_v=block_v, **kw)
 
     def inplace_fwd():
-        return sparse_kd_loss(inplace_leaf, targets, ids, weights, tail, backend="triton", inplace_grad=True, **kw)
+        return sparse_kd_loss(
+            inplace_leaf, targets, ids, weights, tail, backend="triton", inplace_grad=True, **kw
+        )
 
     add("ours", "fwd", ours_fwd, bytes_moved=must_move)
     add("ours", "fwd+bwd", lambda: ours_fwd().backward(), grads=[leaf], bytes_moved=must_move)
     add("ours-inplace", "fwd", inplace_fwd, bytes_moved=must_move)
-    add("ours-inplace", "fwd+bwd", lambda: inplace_fwd().backward(), grads=[inplace_leaf], bytes_moved=must_move)
+    add(
+        "ours-inplace",
+        "fwd+bwd",
+        lambda: inplace_fwd().backward(),
+        grads=[inplace_leaf],
+        bytes_moved=must_move,
+    )
     if args.sweep_blocks:
         for block_v in (1024, 2048, 4096, 8192, 16384, 32768):
             if block_v <= 2 * vocab:
@@ -132,10 +164,18 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
     if not args.skip_eager:
         compiled = torch.compile(sparse_kd_loss_reference, dynamic=False)
         add("eager", "fwd", lambda: sparse_kd_loss_reference(leaf, targets, ids, weights, tail, **kw))
-        add("eager", "fwd+bwd",
-            lambda: sparse_kd_loss_reference(leaf, targets, ids, weights, tail, **kw).backward(), grads=[leaf])
-        add("torch.compile", "fwd+bwd",
-            lambda: compiled(leaf, targets, ids, weights, tail, **kw).backward(), grads=[leaf])
+        add(
+            "eager",
+            "fwd+bwd",
+            lambda: sparse_kd_loss_reference(leaf, targets, ids, weights, tail, **kw).backward(),
+            grads=[leaf],
+        )
+        add(
+            "torch.compile",
+            "fwd+bwd",
+            lambda: compiled(leaf, targets, ids, weights, tail, **kw).backward(),
+            grads=[leaf],
+        )
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
     except ImportError:
@@ -143,8 +183,13 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
     if LigerCrossEntropyLoss is not None and device == "cuda":
         liger = LigerCrossEntropyLoss()
         add("liger CE only", "fwd", lambda: liger(leaf, targets), bytes_moved=must_move)
-        add("liger CE only", "fwd+bwd", lambda: liger(leaf, targets).backward(), grads=[leaf],
-            bytes_moved=must_move)
+        add(
+            "liger CE only",
+            "fwd+bwd",
+            lambda: liger(leaf, targets).backward(),
+            grads=[leaf],
+            bytes_moved=must_move,
+        )
     else:
         rows.append(dict(base, mode=mode, impl="liger CE only", **{"pass": "not installed"}))
     eager = {r["pass"]: r["ms"] for r in rows if r["impl"] == "eager"}
@@ -166,8 +211,17 @@ def run(args) -> list[dict]:  # noqa: ANN001
             dtype = getattr(torch, DTYPES[dtype_name])
             copy_ms, copy_gbs = copy_bandwidth(n, vocab, dtype, device)
             base = dict(facts, shape=f"{n}x{vocab}x{k}", dtype=dtype_name)
-            rows.append(dict(base, mode="-", impl="copy", ms=copy_ms[0], ms_p20=copy_ms[1], ms_p80=copy_ms[2],
-                             **{"pass": "copy", "GB/s": copy_gbs, "% copy": 100.0}))
+            rows.append(
+                dict(
+                    base,
+                    mode="-",
+                    impl="copy",
+                    ms=copy_ms[0],
+                    ms_p20=copy_ms[1],
+                    ms_p80=copy_ms[2],
+                    **{"pass": "copy", "GB/s": copy_gbs, "% copy": 100.0},
+                )
+            )
             for mode in args.modes.split(","):
                 rows.extend(bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device))
                 if device == "cuda":

@@ -21,34 +21,18 @@ student consumed.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from benchmarks import append_csv, device_name, git_commit, print_table
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.distributed import DistContext, resolve_device
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.student import make_batches, train_student
 from logitcache.pipeline.training import TrainState, make_plan
-
-
-def _commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
 
 
 def student_rate(config_path: str, run_dir: Path, mode: str, steps: int, overrides: list[str]) -> float:
@@ -110,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config, args.overrides, run_dir=args.run_dir)
-    device = resolve_device(config.run.device)
+    resolve_device(config.run.device)  # fail early on an unavailable device
     modes = args.modes.split(",")
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
     loader: dict[int, list[float]] = {}
@@ -127,8 +111,8 @@ def main() -> None:
     seq_len = PreparedData.open(args.run_dir / "data").seq_len
     row = {
         "date": dt.date.today().isoformat(),
-        "commit": _commit(),
-        "device": _device_name(device),
+        "commit": git_commit(),
+        "device": device_name(),
         "config": args.config,
         "steps": args.steps,
         "batch_windows": config.student.train.batch_size,
@@ -145,17 +129,8 @@ def main() -> None:
         row[f"loader_{workers}w_windows_per_s"] = round(max(values))
     if "cache" in best:
         row["cache_student_windows_per_s"] = round(best["cache"] / (seq_len - 1))
-    print("| " + " | ".join(row) + " |")
-    print("|" + "---|" * len(row))
-    print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    print_table([row], list(row))
+    append_csv(Path(args.csv), [row], list(row))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from logitcache.cache.metadata import CacheMetadata
 from logitcache.pipeline.errors import CacheError
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+
 from logitcache.cache.encoding import value_dtype
 from logitcache.cache.metadata import CacheMetadata, _check_keys, parse_positive_int
 from logitcache.pipeline.errors import CacheError

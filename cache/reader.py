@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+
 from logitcache.cache import storage
 from logitcache.cache.encoding import decode_entries
 from logitcache.cache.layout import DONE_ARRAY, Layout, shard_key, sharded_names

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from logitcache.pipeline.errors import CacheError, TeacherError
 
 

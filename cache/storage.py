@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from logitcache.pipeline.errors import CacheError
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
+
+from logitcache.pipeline.errors import CacheError
 
 StoreLike = str | os.PathLike[str] | Store
 """A cache location: a filesystem path, or any zarr v3 ``Store`` (LocalStore, FsspecStore, ...)."""

@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
+
 from logitcache.cache import storage
 from logitcache.cache.encoding import FLOAT_LOGP_MIN, decode_probs, mass_tolerance, value_bits, value_max
 from logitcache.cache.layout import DONE_ARRAY, STATS_ARRAY, Layout, shard_key, sharded_names
 from logitcache.cache.metadata import CacheMetadata
 from logitcache.cache.writer import _read_attrs
 from logitcache.pipeline.errors import CacheError
-from zarr.abc.store import Store
 
 
 @dataclass

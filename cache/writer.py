@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec
+
 from logitcache.cache import storage
 from logitcache.cache.encoding import encode_entries
 from logitcache.cache.layout import (
@@ -43,8 +46,6 @@ from logitcache.cache.layout import (
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
 from logitcache.cache.select import SampledSelection, TopkSelection
 from logitcache.pipeline.errors import CacheError
-from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -> zarr.Array:

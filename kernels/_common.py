@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import torch
+
 from logitcache.pipeline.errors import ConfigError, DataError
 
 BACKENDS: Final = ("auto", "triton", "torch")
@@ -106,9 +107,7 @@ def check_shapes(
             raise DataError(f"Expected a floating tail. Got dtype {tail.dtype}.")
 
 
-def check_values(
-    vocab: int, targets: torch.Tensor, teacher_ids: torch.Tensor, ignore_index: int
-) -> None:
+def check_values(vocab: int, targets: torch.Tensor, teacher_ids: torch.Tensor, ignore_index: int) -> None:
     """Range checks that need a device sync: run on the torch backend only, and never while compiling."""
     if torch.compiler.is_compiling():
         return
@@ -154,8 +153,10 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "triton":
         if not triton_available():
-            raise ConfigError("Expected Triton to be importable for backend='triton'. Got ImportError. "
-                              "Install triton or use backend='torch'.")
+            raise ConfigError(
+                "Expected Triton to be importable for backend='triton'. Got ImportError. "
+                "Install triton or use backend='torch'."
+            )
         if device.type != "cuda" and not triton_interpreting():
             raise ConfigError(
                 f"Expected CUDA tensors for backend='triton' (or TRITON_INTERPRET=1). Got device {device}. "

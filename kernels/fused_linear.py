@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from logitcache.kernels._common import (
     SparseKDParams,
     check_shapes,
@@ -51,8 +52,16 @@ def fused_linear_sparse_kd_loss_reference(
     """Dense reference: materialises ``hidden @ weight.T`` and calls the sparse-KD reference."""
     logits = hidden @ weight.t()  # (..., V)
     return sparse_kd_loss_reference(
-        logits, targets, teacher_ids, teacher_weights, tail, temperature=temperature,
-        ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index, reduction=reduction,
+        logits,
+        targets,
+        teacher_ids,
+        teacher_weights,
+        tail,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
 
 
@@ -126,12 +135,23 @@ def _fused_linear_op(
     block_v: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = SparseKDParams(
-        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
-        reduction=reduction, kl_batch_div=kl_batch_div,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        kl_batch_div=kl_batch_div,
     )
     return fused_linear_forward_triton(
-        hidden, weight, targets, teacher_ids, teacher_weights, tail, params,
-        chunk_size=chunk_size if chunk_size > 0 else None, block_v=block_v if block_v > 0 else None,
+        hidden,
+        weight,
+        targets,
+        teacher_ids,
+        teacher_weights,
+        tail,
+        params,
+        chunk_size=chunk_size if chunk_size > 0 else None,
+        block_v=block_v if block_v > 0 else None,
     )
 
 
@@ -189,7 +209,10 @@ def fused_linear_sparse_kd_loss(
     vocab = weight.shape[0]
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
     kwargs = dict(
-        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
         reduction=reduction,
     )
     if resolve_backend(backend, hidden.device) == "torch":
@@ -205,7 +228,13 @@ def fused_linear_sparse_kd_loss(
         teacher_ids.reshape(-1, k),
         teacher_weights.reshape(-1, k),
         tail.reshape(-1) if tail is not None else None,
-        params.temperature, params.ce_weight, params.kl_weight, params.ignore_index, params.reduction,
-        params.kl_batch_div, int(chunk_size or 0), int(block_v or 0),
+        params.temperature,
+        params.ce_weight,
+        params.kl_weight,
+        params.ignore_index,
+        params.reduction,
+        params.kl_batch_div,
+        int(chunk_size or 0),
+        int(block_v or 0),
     )
     return loss

@@ -53,6 +53,7 @@ Conventions:
 from __future__ import annotations
 
 import torch
+
 from logitcache.kernels._common import (
     LaunchConfig,
     SparseKDParams,
@@ -102,8 +103,12 @@ def sparse_kd_loss_reference(
     lead = tuple(logits.shape[:-1])
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
     params = make_params(
-        logits.shape, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
-        ignore_index=ignore_index, reduction=reduction,
+        logits.shape,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
     check_values(vocab, targets, teacher_ids, ignore_index)
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -160,8 +165,12 @@ def sparse_kd_grad_reference(
     """
     vocab = logits.shape[-1]
     params = make_params(
-        logits.shape, temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight,
-        ignore_index=ignore_index, reduction=reduction,
+        logits.shape,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     k = teacher_ids.shape[-1]
@@ -196,6 +205,7 @@ def sparse_kd_grad_reference(
 # Triton path: the kernel (one program per row, loss and gradient in one launch) is in
 # _sparse_kd_triton.py; this is its launcher.
 # ----------------------------------------------------------------------------------------------
+
 
 def _fwd_kernel():
     """The Triton kernel, imported on first use.
@@ -289,12 +299,20 @@ def sparse_kd_forward_triton(
 
 
 def _params_from_op_args(
-    temperature: float, ce_weight: float, kl_weight: float, ignore_index: int, reduction: str,
+    temperature: float,
+    ce_weight: float,
+    kl_weight: float,
+    ignore_index: int,
+    reduction: str,
     kl_batch_div: int,
 ) -> SparseKDParams:
     return SparseKDParams(
-        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
-        reduction=reduction, kl_batch_div=kl_batch_div,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        kl_batch_div=kl_batch_div,
     )
 
 
@@ -316,7 +334,13 @@ def _sparse_kd_op(
     params = _params_from_op_args(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
     grad = torch.empty_like(logits)
     row_loss = sparse_kd_forward_triton(
-        logits, targets, teacher_ids, teacher_weights, tail, params, grad_out=grad,
+        logits,
+        targets,
+        teacher_ids,
+        teacher_weights,
+        tail,
+        params,
+        grad_out=grad,
         block_v=block_v if block_v > 0 else None,
     )
     return row_loss.sum(), grad
@@ -350,7 +374,14 @@ class _SparseKDInplace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, teacher_ids, teacher_weights, tail, params, block_v):  # noqa: ANN001
         row_loss = sparse_kd_forward_triton(
-            logits, targets, teacher_ids, teacher_weights, tail, params, grad_out=logits, block_v=block_v,
+            logits,
+            targets,
+            teacher_ids,
+            teacher_weights,
+            tail,
+            params,
+            grad_out=logits,
+            block_v=block_v,
         )
         ctx.save_for_backward(logits)
         return row_loss.sum()
@@ -398,7 +429,10 @@ def sparse_kd_loss(
     lead = tuple(logits.shape[:-1])
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
     kwargs = dict(
-        temperature=temperature, ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
         reduction=reduction,
     )
     if resolve_backend(backend, logits.device) == "torch":
@@ -415,8 +449,17 @@ def sparse_kd_loss(
     if inplace_grad and not torch.compiler.is_compiling():
         return _SparseKDInplace.apply(logits_2d, targets_1d, ids_2d, weights_2d, tail_1d, params, block_v)
     loss, _ = _sparse_kd_op(
-        logits_2d, targets_1d, ids_2d, weights_2d, tail_1d,
-        params.temperature, params.ce_weight, params.kl_weight, params.ignore_index, params.reduction,
-        params.kl_batch_div, int(block_v or 0),
+        logits_2d,
+        targets_1d,
+        ids_2d,
+        weights_2d,
+        tail_1d,
+        params.temperature,
+        params.ce_weight,
+        params.kl_weight,
+        params.ignore_index,
+        params.reduction,
+        params.kl_batch_div,
+        int(block_v or 0),
     )
     return loss

@@ -83,4 +83,6 @@ def assert_within_naive(actual: torch.Tensor, exact: torch.Tensor, naive: torch.
     naive_err = max_err(naive, exact)
     scale = float(exact.double().abs().max()) if exact.numel() else 0.0
     bound = 2.0 * naive_err + 8.0 * EPS32 * max(scale, 1e-30)
-    assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (naive {naive_err:.3e}, scale {scale:.3e})"
+    assert err <= bound, (
+        f"{what}: error {err:.3e} > bound {bound:.3e} (naive {naive_err:.3e}, scale {scale:.3e})"
+    )

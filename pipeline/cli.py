@@ -286,7 +286,9 @@ def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: in
     help="cache: distil from RUN/cache; online: run the teachers at every step; ce: no teacher "
     "(default: student.mode of the config, 'cache').",
 )
-@click.option("--name", default=None, help="Output folder RUN/students/NAME (default: student.name, else the mode).")
+@click.option(
+    "--name", default=None, help="Output folder RUN/students/NAME (default: student.name, else the mode)."
+)
 @_common_options
 @click.option("--overwrite", is_flag=True, help="Retrain a student that was trained from a different config.")
 def train_student_cmd(

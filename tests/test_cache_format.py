@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from zarr.storage import LocalStore
+
 from logitcache.cache import (
     FORMAT_VERSION,
     SAMPLED_ENCODING,
@@ -32,7 +34,6 @@ from logitcache.cache import (
 from logitcache.cache.encoding import decode_probs, encode_values
 from logitcache.cache.metadata import VALUE_CODES
 from logitcache.pipeline.errors import CacheError
-from zarr.storage import LocalStore
 
 REPO = Path(__file__).resolve().parents[1]
 SHA_A = hashlib.sha256(b"tokenizer").hexdigest()

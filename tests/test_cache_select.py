@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from logitcache.cache.select import ensemble_logprobs, select_sampled, select_topk, window_seed
 from logitcache.pipeline.errors import CacheError, TeacherError
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+
 from logitcache.cache import SAMPLED_ENCODING, Encoding, open_cache, verify_cache
 from logitcache.cache.layout import shard_key
 from logitcache.pipeline.errors import CacheError
-
 from tests.test_cache_format import SHA_A, SHA_B, make_metadata, write_all
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from logitcache.pipeline.config import Config, load_config
 from logitcache.pipeline.errors import ConfigError
 

@@ -82,11 +82,19 @@ def _bucket_loss_loop(case, *, temperature, ce_weight, kl_weight, reduction, bat
 def test_reference_matches_bucket_definition(mode, temperature, reduction):
     case = make_case(7, 40, 5, mode, seed=1)
     got = sparse_kd_loss_reference(
-        case.logits, case.targets, case.ids, case.weights, case.tail, temperature=temperature,
-        ce_weight=0.3, kl_weight=0.7, reduction=reduction,
+        case.logits,
+        case.targets,
+        case.ids,
+        case.weights,
+        case.tail,
+        temperature=temperature,
+        ce_weight=0.3,
+        kl_weight=0.7,
+        reduction=reduction,
     )
-    want = _bucket_loss_loop(case, temperature=temperature, ce_weight=0.3, kl_weight=0.7,
-                             reduction=reduction, batch=7)
+    want = _bucket_loss_loop(
+        case, temperature=temperature, ce_weight=0.3, kl_weight=0.7, reduction=reduction, batch=7
+    )
     assert abs(float(got) - want) <= 1e-10 * max(1.0, abs(want))
 
 
@@ -102,15 +110,22 @@ def test_batchmean_compat_matches_babyllama(temperature):
     ids = torch.arange(vocab).expand(batch, seq, vocab)
     weights = torch.softmax(teacher / temperature, dim=-1)
     ours = sparse_kd_loss_reference(
-        student, targets, ids, weights, temperature=temperature, ce_weight=alpha, kl_weight=1 - alpha,
+        student,
+        targets,
+        ids,
+        weights,
+        temperature=temperature,
+        ce_weight=alpha,
+        kl_weight=1 - alpha,
         reduction="batchmean-compat",
     )
     kl = torch.nn.KLDivLoss(reduction="batchmean")(
         F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1)
     )
-    babyllama = alpha * F.cross_entropy(student.reshape(-1, vocab), targets.reshape(-1)) + (
-        1 - alpha
-    ) * kl * temperature**2
+    babyllama = (
+        alpha * F.cross_entropy(student.reshape(-1, vocab), targets.reshape(-1))
+        + (1 - alpha) * kl * temperature**2
+    )
     assert abs(float(ours) - float(babyllama)) <= 1e-10
 
 
@@ -135,7 +150,9 @@ def test_reference_all_ignored_is_zero_with_zero_grad():
     targets = torch.full_like(case.targets, IGNORE)
     logits = case.logits.clone().requires_grad_()
     for reduction in ("mean", "sum", "batchmean-compat"):
-        loss = sparse_kd_loss_reference(logits, targets, case.ids, case.weights, case.tail, reduction=reduction)
+        loss = sparse_kd_loss_reference(
+            logits, targets, case.ids, case.weights, case.tail, reduction=reduction
+        )
         (grad,) = torch.autograd.grad(loss, logits)
         assert loss.item() == 0.0 and grad.abs().max().item() == 0.0
 
@@ -160,8 +177,15 @@ def _check_triton(case, *, grad_scale=1.0, block_v=None, inplace=False, **kwargs
     ours_in = case.logits.float().requires_grad_()
     buffer = ours_in.detach().clone() if inplace else ours_in
     ours = sparse_kd_loss(
-        buffer.requires_grad_() if inplace else ours_in, case.targets, case.ids, case.weights.float(),
-        _tail_arg(case, torch.float32), backend="triton", block_v=block_v, inplace_grad=inplace, **kwargs,
+        buffer.requires_grad_() if inplace else ours_in,
+        case.targets,
+        case.ids,
+        case.weights.float(),
+        _tail_arg(case, torch.float32),
+        backend="triton",
+        block_v=block_v,
+        inplace_grad=inplace,
+        **kwargs,
     )
     (ours * grad_scale).backward()
     ours_grad = buffer.grad if inplace else ours_in.grad
@@ -211,8 +235,9 @@ def test_triton_all_ignored_and_grad_output():
     case.targets[:] = IGNORE
     for reduction in ("mean", "sum"):
         logits = case.logits.float().requires_grad_()
-        loss = sparse_kd_loss(logits, case.targets, case.ids, case.weights.float(), backend="triton",
-                              reduction=reduction)
+        loss = sparse_kd_loss(
+            logits, case.targets, case.ids, case.weights.float(), backend="triton", reduction=reduction
+        )
         (loss * 3.0).backward()
         assert loss.item() == 0.0 and logits.grad.abs().max().item() == 0.0
 
@@ -241,18 +266,31 @@ def test_duplicate_ids_give_the_merged_gradient():
     sparse_kd_loss_reference(ref_logits, case.targets, dup_ids, dup_weights, case.tail).backward()
     assert float((ref_logits.grad - merged).abs().max()) <= 1e-10
     ours = case.logits.float().requires_grad_()
-    sparse_kd_loss(ours, case.targets, dup_ids, dup_weights.float(), case.tail.float(), backend="triton").backward()
+    sparse_kd_loss(
+        ours, case.targets, dup_ids, dup_weights.float(), case.tail.float(), backend="triton"
+    ).backward()
     assert float((ours.grad.double() - merged).abs().max()) <= 1e-6
 
 
 def test_triton_three_dim_logits_batchmean_compat():
     case = make_case(12, 17, 4, "sampled", seed=12)
-    shaped = dict(logits=case.logits.reshape(3, 4, 17), targets=case.targets.reshape(3, 4),
-                  ids=case.ids.reshape(3, 4, 4), weights=case.weights.reshape(3, 4, 4))
-    want = sparse_kd_loss_reference(shaped["logits"], shaped["targets"], shaped["ids"], shaped["weights"],
-                                    reduction="batchmean-compat")
-    got = sparse_kd_loss(shaped["logits"].float(), shaped["targets"], shaped["ids"], shaped["weights"].float(),
-                         reduction="batchmean-compat", backend="triton")
+    shaped = dict(
+        logits=case.logits.reshape(3, 4, 17),
+        targets=case.targets.reshape(3, 4),
+        ids=case.ids.reshape(3, 4, 4),
+        weights=case.weights.reshape(3, 4, 4),
+    )
+    want = sparse_kd_loss_reference(
+        shaped["logits"], shaped["targets"], shaped["ids"], shaped["weights"], reduction="batchmean-compat"
+    )
+    got = sparse_kd_loss(
+        shaped["logits"].float(),
+        shaped["targets"],
+        shaped["ids"],
+        shaped["weights"].float(),
+        reduction="batchmean-compat",
+        backend="triton",
+    )
     assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
 
 
@@ -263,8 +301,15 @@ def test_triton_under_torch_compile_has_no_graph_break():
 
     def step(hidden, weight):
         logits = hidden @ weight.t()
-        return sparse_kd_loss(logits, case.targets, case.ids, case.weights.float(), case.tail.float(),
-                              temperature=2.0, backend="triton")
+        return sparse_kd_loss(
+            logits,
+            case.targets,
+            case.ids,
+            case.weights.float(),
+            case.tail.float(),
+            temperature=2.0,
+            backend="triton",
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(hidden, weight)
@@ -278,10 +323,25 @@ def test_triton_under_torch_compile_has_no_graph_break():
 def test_custom_op_passes_opcheck():
     case = make_case(3, 17, 3, "ghost", seed=14)
     logits = case.logits.float().requires_grad_()
-    args = (logits, case.targets, case.ids, case.weights.float(), case.tail.float(),
-            2.0, 0.5, 0.5, IGNORE, "mean", 3, 0)
-    torch.library.opcheck(torch.ops.logitcache.sparse_kd_loss.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    args = (
+        logits,
+        case.targets,
+        case.ids,
+        case.weights.float(),
+        case.tail.float(),
+        2.0,
+        0.5,
+        0.5,
+        IGNORE,
+        "mean",
+        3,
+        0,
+    )
+    torch.library.opcheck(
+        torch.ops.logitcache.sparse_kd_loss.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,8 +63,18 @@ def test_fused_linear_matches_dense_reference(mode, temperature, reduction, chun
     kwargs = dict(temperature=temperature, reduction=reduction, ce_weight=0.3, kl_weight=0.7)
     exact = _run(fused_linear_sparse_kd_loss_reference, hidden, weight, case, torch.float64, 1.5, **kwargs)
     naive = _run(fused_linear_sparse_kd_loss_reference, hidden, weight, case, torch.float32, 1.5, **kwargs)
-    ours = _run(fused_linear_sparse_kd_loss, hidden, weight, case, torch.float32, 1.5, backend="triton",
-                chunk_size=chunk_size, block_v=32, **kwargs)
+    ours = _run(
+        fused_linear_sparse_kd_loss,
+        hidden,
+        weight,
+        case,
+        torch.float32,
+        1.5,
+        backend="triton",
+        chunk_size=chunk_size,
+        block_v=32,
+        **kwargs,
+    )
     for what, got, want, base in zip(("loss", "grad_hidden", "grad_weight"), ours, exact, naive, strict=True):
         assert_within_naive(got, want, base, what)
 
@@ -75,8 +85,14 @@ def test_fused_linear_three_dim_hidden_and_all_ignored():
     weight = weight.float().requires_grad_()
     targets = torch.full((2, 3), IGNORE)
     loss = fused_linear_sparse_kd_loss(
-        hidden_3d, weight, targets, case.ids.reshape(2, 3, 3), case.weights.reshape(2, 3, 3).float(),
-        case.tail.reshape(2, 3).float(), backend="triton", chunk_size=4,
+        hidden_3d,
+        weight,
+        targets,
+        case.ids.reshape(2, 3, 3),
+        case.weights.reshape(2, 3, 3).float(),
+        case.tail.reshape(2, 3).float(),
+        backend="triton",
+        chunk_size=4,
     )
     loss.backward()
     assert loss.item() == 0.0
@@ -89,8 +105,16 @@ def test_fused_linear_under_torch_compile_has_no_graph_break():
     weight = weight.float().requires_grad_()
 
     def step(hidden, weight):
-        return fused_linear_sparse_kd_loss(hidden, weight, case.targets, case.ids, case.weights.float(),
-                                           temperature=2.0, backend="triton", chunk_size=4)
+        return fused_linear_sparse_kd_loss(
+            hidden,
+            weight,
+            case.targets,
+            case.ids,
+            case.weights.float(),
+            temperature=2.0,
+            backend="triton",
+            chunk_size=4,
+        )
 
     torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, weight).backward()
     compiled_grad = weight.grad.clone()

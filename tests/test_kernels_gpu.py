@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from logitcache.kernels import (
     fused_linear_sparse_kd_loss,
     fused_linear_sparse_kd_loss_reference,
@@ -39,7 +40,9 @@ def _check(case, dtype, **kwargs):
     naive = sparse_kd_loss_reference(naive_in, case.targets, case.ids, case.weights.float(), tail32, **kwargs)
     naive.backward()
     ours_in = logits.clone().requires_grad_()
-    ours = sparse_kd_loss(ours_in, case.targets, case.ids, case.weights.float(), tail32, backend="triton", **kwargs)
+    ours = sparse_kd_loss(
+        ours_in, case.targets, case.ids, case.weights.float(), tail32, backend="triton", **kwargs
+    )
     ours.backward()
     assert ours_in.grad.dtype == dtype
     assert_within_naive(ours.detach(), exact.detach(), naive.detach(), "loss")
@@ -75,8 +78,15 @@ def test_inplace_gradient_needs_only_a_small_block():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss = sparse_kd_loss(logits, torch.zeros(4096, dtype=torch.long, device="cuda"), ids, weights, tail,
-                          backend="triton", inplace_grad=True)
+    loss = sparse_kd_loss(
+        logits,
+        torch.zeros(4096, dtype=torch.long, device="cuda"),
+        ids,
+        weights,
+        tail,
+        backend="triton",
+        inplace_grad=True,
+    )
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     loss.backward()
@@ -102,8 +112,16 @@ def test_fused_linear_full_size(dtype):
         h = hidden.to(work_dtype).requires_grad_()
         w = weight.to(work_dtype).requires_grad_()
         weight_dtype = torch.float64 if work_dtype == torch.float64 else torch.float32
-        loss = fn(h, w, case.targets, case.ids, case.weights.to(weight_dtype), case.tail.to(weight_dtype),
-                  temperature=2.0, **extra)
+        loss = fn(
+            h,
+            w,
+            case.targets,
+            case.ids,
+            case.weights.to(weight_dtype),
+            case.tail.to(weight_dtype),
+            temperature=2.0,
+            **extra,
+        )
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))
     exact, naive, ours = results
@@ -122,7 +140,9 @@ def test_compiled_student_step_has_no_graph_break():
     hidden = torch.randn(256, 256, device="cuda")
 
     def step(hidden, weight):
-        return sparse_kd_loss(hidden @ weight.t(), case.targets, case.ids, case.weights.float(), temperature=2.0)
+        return sparse_kd_loss(
+            hidden @ weight.t(), case.targets, case.ids, case.weights.float(), temperature=2.0
+        )
 
     torch.compile(step, fullgraph=True)(hidden, weight).backward()
     compiled = weight.grad.clone()

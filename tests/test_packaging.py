@@ -12,7 +12,18 @@ from .conftest import REPO
 
 def test_wheel_installs_only_under_logitcache(tmp_path: Path):
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -37,6 +48,8 @@ def test_installed_modules_resolve_to_the_repository_folders():
         "print(k.__file__); print(c.__file__); print(p.__file__);"
         "print(u.find_spec('cache') is None, u.find_spec('pipeline') is None)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True
+    ).stdout.split()
     assert out[:3] == [str(REPO / d / "__init__.py") for d in ("kernels", "cache", "pipeline")]
     assert out[3:] == ["True", "True"]  # no top-level `cache` or `pipeline` package is importable

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from logitcache.cache.hashing import array_sha256
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.corpus import group_documents
 from logitcache.pipeline.errors import DataError, StageError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .conftest import write_config
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.teachers import teacher_dir, train_teacher
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 
