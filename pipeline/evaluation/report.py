@@ -120,7 +120,9 @@ def plot_training_curves(curves: list[TrainingCurves], colors: dict[str, Any], p
     ax_steps.set(
         xlabel="optimizer step",
         ylabel="loss (nats / token)",
-        title="Training loss (line) and dev loss (circles)",
+        # A distilled student's training loss is its objective (CE and KL mixed), not comparable
+        # with a CE; the dev loss is next-token CE for every model.
+        title="Training objective (line; students: CE/KL mix) and dev CE (circles)",
     )
     ax_epochs.set(xlabel="epoch", ylabel="dev loss (nats / token)", title="Dev loss per epoch")
     epochs = sorted({e for c in curves for e in c.dev_epochs})
@@ -168,7 +170,8 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig = plt.figure(figsize=(4.2 * cols, 5.2 * rows))
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3, 1] * rows, hspace=0.08, wspace=0.3)
+    # One cell per model (room between rows for the titles), split into the diagram and its counts.
+    outer = fig.add_gridspec(rows, cols, hspace=0.32, wspace=0.3)
     for i, m in enumerate(models):
         r, c = divmod(i, cols)
         rel = m["held_out"]["reliability"]
@@ -177,7 +180,8 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
         width = edges[1] - edges[0]
         acc = [math.nan if v is None else v for v in rel["accuracy"]]
         conf = [math.nan if v is None else v for v in rel["confidence"]]
-        ax = fig.add_subplot(grid[2 * r, c])
+        cell = outer[r, c].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+        ax = fig.add_subplot(cell[0])
         ax.bar(centers, acc, width=width * 0.95, color=colors[m["name"]], alpha=0.85, label="accuracy")
         gap_low = [min(a, c) for a, c in zip(acc, conf, strict=True)]
         gap = [abs(a - c) for a, c in zip(acc, conf, strict=True)]
@@ -204,7 +208,7 @@ def plot_reliability(models: list[dict[str, Any]], colors: dict[str, Any], path:
         if i == 0:
             ax.legend(fontsize=7, loc="upper left")
         share = [k / max(rel["total"], 1) for k in rel["count"]]
-        ax_count = fig.add_subplot(grid[2 * r + 1, c])
+        ax_count = fig.add_subplot(cell[1])
         ax_count.bar(centers, share, width=width * 0.95, color="grey")
         ax_count.set_yscale("log")  # most positions sit in the low bins; the others must stay visible
         ax_count.set(xlim=(0, 1), xlabel="confidence (max probability)", ylabel="share of tokens")
