@@ -22,7 +22,8 @@ reduced over the (B, T - 1) predicted positions by ``distill.reduction`` (see do
 The cache entry of position ``t`` is the teachers' distribution of token ``t + 1``, so entries
 ``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
 ``distill.tail``: ``renormalize`` (top-k weights rescaled to sum to 1) or ``ghost`` (raw top-k
-probabilities plus the tail mass as one bucket against the student's mass outside the top-k).
+probabilities plus the tail mass as one bucket against the student's mass outside the top-k;
+topk caches only: a sampled cache's weights count/n already sum to 1 and are used as they are).
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
@@ -46,7 +47,7 @@ from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
 from logitcache.kernels import fused_linear_sparse_kd_loss, resolve_backend
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.distributed import DistContext, init_distributed
-from logitcache.pipeline.errors import CacheError, ConfigError, StageError
+from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.models import build_model, count_parameters, load_model
 from logitcache.pipeline.prepare import PreparedData, data_fingerprint
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
@@ -279,11 +280,6 @@ def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
         num_windows=int(data.manifest["splits"]["train"]["windows"]),
         seq_len=data.seq_len,
     )
-    if config.student.distill.tail == "ghost" and reader.metadata.mode != "topk":
-        raise CacheError(
-            f"Expected a topk cache for student.distill.tail = 'ghost'. Got a {reader.metadata.mode} cache "
-            "(no tail mass): use tail = 'renormalize'."
-        )
     return reader
 
 
@@ -311,16 +307,20 @@ def make_batches(
     """The batch source of the student's loop (also used by benchmarks/bench_student.py)."""
     student = config.student
     store = None
+    weights = "renormalized"
     if student.mode == "cache":
-        open_student_cache(config, data)
+        reader = open_student_cache(config, data)
         store = cache_store(config)
+        # A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
+        if student.distill.tail == "ghost" and reader.metadata.mode == "topk":
+            weights = "ghost"
     cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
     block = student.loader.shuffle_block or default_block(windows.shape[0], windows.shape[1], cache_k)
     return StudentBatches(
         BatchReader(
             windows=windows,
             cache_store=store,
-            weights="ghost" if student.distill.tail == "ghost" else "renormalized",
+            weights=weights,
         ),
         order_fn=make_order_fn(block=block, buffer_blocks=student.loader.shuffle_buffer_blocks),
         seed=config.run.seed,

@@ -28,6 +28,7 @@ from logitcache.cache import (
 from logitcache.kernels import sparse_kd_loss_reference
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import load_config
+from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import CacheError, StageError
 from logitcache.pipeline.models import build_model
 from logitcache.pipeline.prepare import PreparedData, prepare_data
@@ -36,6 +37,7 @@ from logitcache.pipeline.student import (
     OnlineTeachers,
     StudentObjective,
     dense_kd_loss,
+    make_batches,
     open_student_cache,
     student_dir,
     train_student,
@@ -201,12 +203,16 @@ def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkey
         CacheError, match="Expected the cache's tokenizer_sha256 to match the tokenizer in use"
     ):
         train_student(moved, progress=False)
-    # A sampled cache has no tail: ghost mode is refused (only the metadata's mode matters here).
+    # A sampled cache has no tail: with tail = ghost its weights are read as they are (no tail).
     reader = open_cache(config.run_dir / "cache" / "logits.zarr")
     object.__setattr__(reader.metadata, "mode", "sampled")
     monkeypatch.setattr("logitcache.pipeline.student.open_cache", lambda store: reader)
-    with pytest.raises(CacheError, match="topk cache"):
-        open_student_cache(_config(run, "student.distill.tail=ghost"), data)
+    ghost_config = _config(run, "student.distill.tail=ghost")
+    assert open_student_cache(ghost_config, data) is reader
+    batches = make_batches(
+        ghost_config, data, data.windows("train"), DistContext(0, 1, torch.device("cpu")), 4
+    )
+    assert batches.reader.weights == "renormalized"
     empty = _config(run, run_dir=tmp_path / "empty")
     with pytest.raises(StageError, match="run `pipe cache-logits CONFIG` first"):
         open_student_cache(empty, data)
