@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import subprocess
+import tempfile
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,3 +111,21 @@ def write_config(
 @pytest.fixture
 def tiny_config(tmp_path: Path, small_corpus: Path) -> Path:
     return write_config(tmp_path / "tiny.toml", small_corpus, tmp_path / "run")
+
+
+def kill_when(args: list[str], ready: Callable[[], bool], *, timeout: float = 240) -> None:
+    """Start ``args``, wait until ``ready()`` holds, then kill -9 it (a crash at that moment).
+
+    Fails the test if the process ends on its own first (nothing was interrupted).
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(f"the process ended before it could be killed: {log.read()[-2000:]}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

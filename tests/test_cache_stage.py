@@ -6,10 +6,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,8 @@ from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.teachers import train_teacher
+
+from .conftest import kill_when
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 CACHE_SETTINGS = ["cache.k=16", "cache.batch_size=16", "cache.windows_per_shard=128"]
@@ -128,14 +128,8 @@ def test_kill_and_resume_is_bit_identical(base_run, tmp_path: Path):
     run = _fresh_run(base_run, tmp_path)
     args = [*PIPE, "cache-logits", str(base_run[0]), "--run-dir", str(run)]
     args += [a for s in settings for a in ("--set", s)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done_dir = run / "cache" / "logits.zarr" / "done" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(done_dir.glob("*"))) < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, lambda: len(list(done_dir.glob("*"))) >= 2)
     assert not (run / "cache" / "COMPLETE.json").exists()
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

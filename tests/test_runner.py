@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import StageError
 from logitcache.pipeline.runner import run_pipeline
 
-from .conftest import REPO, write_config
+from .conftest import REPO, kill_when, write_config
 
 TINY_STUDENT_AND_EVAL = f"""
 [cache]
@@ -88,14 +86,8 @@ def test_pipeline_resumes_after_kill(tmp_path: Path, small_corpus: Path):
         tmp_path / "c.toml", small_corpus, tmp_path / "run", extra=TINY_STUDENT_AND_EVAL
     )
     args = [sys.executable, "-m", "logitcache.pipeline.cli", "run", str(config_path)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     marker = tmp_path / "run" / "teachers" / "gpt" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, marker.exists)
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stderr.splitlines()

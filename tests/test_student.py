@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +43,8 @@ from logitcache.pipeline.student import (
 from logitcache.pipeline.student_data import BatchReader, StudentBatches, block_shuffled_order
 from logitcache.pipeline.teachers import train_teacher
 from logitcache.pipeline.training import TrainState, causal_lm_loss, make_plan
+
+from .conftest import kill_when
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 
@@ -395,20 +395,11 @@ def test_resume_after_kill_reproduces_trajectory(run: Path, tmp_path: Path):
     run_b = tmp_path / "run-b"
     _link_run(config.run_dir, run_b)
     args = [*PIPE, "train-student", *_cli_args(run, run_b, overrides)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = run_b / "students" / "resume" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(checkpoints.glob("step-*"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, lambda: len(list(checkpoints.glob("step-*"))) >= 2)
     assert not (run_b / "students" / "resume" / "COMPLETE.json").exists()
 
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = _losses(run_b / "students" / "resume" / "metrics.jsonl")
     assert [s for s, _ in resumed] == [s for s, _ in expected]

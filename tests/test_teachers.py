@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,8 @@ from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.teachers import teacher_dir, train_teacher
+
+from .conftest import kill_when
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 
@@ -91,20 +91,11 @@ def test_resume_after_kill_reproduces_trajectory(tiny_config: Path, tmp_path: Pa
     os.symlink(config.run_dir / "data", run_b / "data")
     args = [*PIPE, "train-teacher", str(tiny_config), "--teacher", "llama", "--run-dir", str(run_b)]
     args += [a for o in overrides for a in ("--set", o)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoints = run_b / "teachers" / "llama" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list(checkpoints.glob("step-*"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, lambda: len(list(checkpoints.glob("step-*"))) >= 2)
     assert not (run_b / "teachers" / "llama" / "COMPLETE.json").exists()
 
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = _losses(run_b / "teachers" / "llama" / "metrics.jsonl")
     assert [s for s, _ in resumed] == [s for s, _ in expected]
