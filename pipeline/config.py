@@ -163,6 +163,7 @@ class StudentConfig:
     # "ce": no teacher (cross-entropy only). Output: RUN/students/NAME, NAME = `name` or the mode.
     mode: Literal["cache", "online", "ce"] = "cache"
     name: str = ""
+    seed: int = 0  # the student's init and data-order seed; 0 = run.seed (vary it for seed spreads)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -74,6 +74,11 @@ STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teac
 # Names, folders, fingerprint
 
 
+def student_seed(config: Config) -> int:
+    """Seed of the student's initialisation and data order: ``student.seed``, else ``run.seed``."""
+    return config.student.seed or config.run.seed
+
+
 def student_name(config: Config) -> str:
     return config.student.name or config.student.mode
 
@@ -323,7 +328,7 @@ def make_batches(
             weights=weights,
         ),
         order_fn=make_order_fn(block=block, buffer_blocks=student.loader.shuffle_buffer_blocks),
-        seed=config.run.seed,
+        seed=student_seed(config),
         rank=ctx.rank,
         world_size=ctx.world_size,
         workers=student.loader.workers,
@@ -356,7 +361,7 @@ def train_student(
     data = PreparedData.open(RunLayout(config.run_dir).data)
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
-    seed = config.run.seed + STUDENT_SEED_OFFSET
+    seed = student_seed(config) + STUDENT_SEED_OFFSET
     model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
     teachers = OnlineTeachers(config, data.vocab_size, ctx.device) if options.mode == "online" else None
@@ -380,7 +385,7 @@ def train_student(
             loss_fn=objective_loss,
             dev_windows=dev_windows,
             out_dir=out,
-            seed=config.run.seed,
+            seed=student_seed(config),
             fingerprint=fingerprint,
             ctx=ctx,
             progress=progress,
