@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 from logitcache.pipeline.errors import CacheError
 
@@ -43,23 +43,11 @@ ValueCode = Literal[
     "count",
 ]
 
-ENSEMBLE_RULES: Final = ("mean_logits", "mean_probs")
-MODES: Final = ("topk", "sampled")
-ID_CODES: Final = ("sorted_gaps", "rank")
-VALUE_CODES: Final = (
-    "logp_q8",
-    "logp_q10",
-    "logp_q12",
-    "logp_q16",
-    "logp_fp16",
-    "logp_bf16",
-    "logp_fp32",
-    "ratio_q8",
-    "ratio_q10",
-    "ratio_q12",
-    "ratio_q16",
-    "count",
-)
+# The tuples the parse_* validators check against, derived from the Literal types above.
+ENSEMBLE_RULES: Final = get_args(EnsembleRule)
+MODES: Final = get_args(Mode)
+ID_CODES: Final = get_args(IdCode)
+VALUE_CODES: Final = get_args(ValueCode)
 TEACHER_DTYPES: Final = ("float32", "bfloat16", "float16")
 BLOSC_CNAMES: Final = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 BLOSC_SHUFFLES: Final = ("bitshuffle", "shuffle", "noshuffle")

@@ -36,10 +36,15 @@ class DistContext:
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this rank's CUDA GPU when there is one, else the CPU; ``cpu``; ``cuda`` or ``cuda:N``."""
     if preference == "cpu":
         return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError('Expected a CUDA GPU for run.device = "cuda". Found none; use "auto" or "cpu".')
+    if preference not in ("auto", "cuda") and not preference.startswith("cuda:"):
+        raise ConfigError(f"Expected device auto, cpu, cuda or cuda:N. Got {preference!r}.")
+    if preference != "auto" and not torch.cuda.is_available():
+        raise ConfigError(f"Expected a CUDA GPU for device {preference!r}. Found none; use auto or cpu.")
+    if preference.startswith("cuda:"):
+        return torch.device(preference)
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from logitcache.pipeline.config import Config
+from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
 from logitcache.pipeline.evaluation.calibration import DEFAULT_BINS
@@ -36,7 +37,6 @@ from logitcache.pipeline.evaluation.loading import (
     has_tokenizer,
     load_causal_lm,
     load_tokenizer,
-    resolve_device,
 )
 from logitcache.pipeline.models import count_parameters
 from logitcache.pipeline.prepare import PreparedData

@@ -13,22 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from logitcache.pipeline.errors import ConfigError, TeacherError
+from logitcache.pipeline.errors import TeacherError
 from logitcache.pipeline.models import load_model
 from logitcache.pipeline.prepare import PreparedData
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"Expected device auto, cpu or cuda. Got {device!r}.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"Expected a CUDA GPU for device {device!r}. Got none: use --device cpu.")
-    return torch.device(device)
 
 
 def load_causal_lm(path: str | Path, *, device: torch.device) -> PreTrainedModel:
