@@ -14,6 +14,16 @@ Math (all in float32, whatever dtype the teachers ran in; float64 inputs stay fl
   estimate of ``p``). The draws of window ``w`` use a ``torch.Generator`` seeded with
   :func:`window_seed` ``(seed, w)``, so the result does not depend on how windows are batched or
   split across ranks (for one device type: CPU and CUDA generators differ).
+
+:func:`ensemble_topk` is the fast path of ``pipe cache-logits`` for ``topk``: the same numbers as
+``select_topk(ensemble_logprobs(...))`` (the plain reference, kept for tests, the sampled mode and
+``verify-cache --recompute``), computed block by block over positions so that on a CPU each block's
+few passes stay in cache, with no full (B, T, V) float32 temporaries, and the finiteness check
+folded into the entropy (a NaN/inf logit makes it non-finite; only then are the teachers searched
+for the culprit). Per block of ``n`` positions, with ``z`` the tempered ensemble logits:
+``m = max z``, ``e = exp(z - m)``, top-k of ``z``; ``log p[top] = z[top] - m - log s`` with
+``s = sum(e[top]) + sum(e[rest])`` (the tail's sum taken directly over the rest, so a tiny tail
+stays accurate) and ``H = log s - sum(e (z - m)) / s``.
 """
 
 from __future__ import annotations
@@ -70,21 +80,13 @@ def check_finite(
         )
 
 
-def ensemble_logprobs(
+def _validate_teachers(
     teacher_logits: Sequence[torch.Tensor],
-    *,
     teacher_names: Sequence[str],
-    window_indices: Sequence[int] | torch.Tensor,
-    rule: str = "mean_logits",
-    weights: Sequence[float] | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Log-probabilities of the ensemble distribution at ``temperature``. Returns (B, T, V) float32.
-
-    ``teacher_logits``: one (B, T, V) tensor per teacher (any float dtype, cast to float32 here
-    because bf16 sums and softmaxes lose ~3 digits). Refuses teachers of different vocab sizes and
-    non-finite logits (:class:`TeacherError`).
-    """
+    weights: Sequence[float] | None,
+    temperature: float,
+) -> Sequence[float]:
+    """Refuse an unusable set of teachers; return the teacher weights (1 each when not given)."""
     if len(teacher_logits) == 0:
         raise TeacherError("Expected at least one teacher. Got none.")
     if len(teacher_names) != len(teacher_logits):
@@ -106,6 +108,25 @@ def ensemble_logprobs(
         raise CacheError(f"Expected {len(teacher_logits)} positive teacher weights. Got {list(weights)}.")
     if not temperature > 0:
         raise CacheError(f"Expected temperature > 0. Got {temperature}.")
+    return weights
+
+
+def ensemble_logprobs(
+    teacher_logits: Sequence[torch.Tensor],
+    *,
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    rule: str = "mean_logits",
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probabilities of the ensemble distribution at ``temperature``. Returns (B, T, V) float32.
+
+    ``teacher_logits``: one (B, T, V) tensor per teacher (any float dtype, cast to float32 here
+    because bf16 sums and softmaxes lose ~3 digits). Refuses teachers of different vocab sizes and
+    non-finite logits (:class:`TeacherError`).
+    """
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
     compute_dtype = torch.float64 if teacher_logits[0].dtype == torch.float64 else torch.float32
     total = float(sum(weights))
     if rule == "mean_logits":
@@ -146,6 +167,121 @@ def select_topk(logprobs: torch.Tensor, *, k: int) -> TopkSelection:
         tail=log_tail.exp().clamp(0.0, 1.0).to(torch.float32),
         entropy=entropy_of(logprobs).to(torch.float32),
     )
+
+
+def default_block_elements(device: torch.device) -> int:
+    """Elements (positions x vocab) per block of :func:`ensemble_topk`.
+
+    CPU: 2^20 float32 (4 MiB), so a block's passes hit the cache; GPU: 2^26 (256 MiB per
+    temporary), large enough to fill the device and small enough to bound the memory.
+    """
+    return 1 << 26 if device.type == "cuda" else 1 << 20
+
+
+def ensemble_topk(
+    teacher_logits: Sequence[torch.Tensor],
+    *,
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    k: int,
+    rule: str = "mean_logits",
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    block_elements: int | None = None,
+) -> TopkSelection:
+    """``select_topk(ensemble_logprobs(...), k=k)`` in one fused pass per block (see module doc).
+
+    Same arguments, checks and errors as the two functions it replaces; same result up to float
+    rounding (ids equal except where two probabilities at the k-th place tie to rounding).
+    """
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    if rule not in ("mean_logits", "mean_probs"):
+        raise CacheError(f"Expected ensemble rule 'mean_logits' or 'mean_probs'. Got {rule!r}.")
+    batch, seq_len, vocab = teacher_logits[0].shape
+    if not 0 < k < vocab:
+        raise CacheError(f"Expected 0 < k < vocab size. Got k={k}, vocab size={vocab}. Choose a smaller k.")
+    dtype = torch.float64 if teacher_logits[0].dtype == torch.float64 else torch.float32
+    device = teacher_logits[0].device
+    flat = [z.reshape(batch * seq_len, vocab) for z in teacher_logits]  # views when contiguous
+    total = float(sum(weights))
+    scales = [w / total for w in weights]
+    positions = batch * seq_len
+    ids = torch.empty(positions, k, dtype=torch.int64, device=device)
+    logprobs = torch.empty(positions, k, dtype=torch.float32, device=device)
+    tail = torch.empty(positions, dtype=torch.float32, device=device)
+    entropy = torch.empty(positions, dtype=torch.float32, device=device)
+    rows = max(1, (block_elements or default_block_elements(device)) // vocab)
+    block = _mean_logits_block if rule == "mean_logits" else _mean_probs_block
+    for start in range(0, positions, rows):
+        stop = min(start + rows, positions)
+        parts = [z[start:stop] for z in flat]  # (n, V) each
+        top_ids, top_logp, tail_mass, ent = block(parts, scales, temperature, k, dtype)
+        if not bool(torch.isfinite(ent).all()):  # any NaN/inf logit in the block lands here
+            for name, logits in zip(teacher_names, teacher_logits, strict=True):
+                check_finite(logits, teacher_name=name, window_indices=window_indices)
+            row = start + int((~torch.isfinite(ent)).nonzero()[0])
+            raise TeacherError(
+                f"Expected a finite ensemble distribution. Got a non-finite entropy at window "
+                f"{int(window_indices[row // seq_len])}, position {row % seq_len} although every "
+                "teacher's logits are finite; check the teachers' logit scale or run them in float32."
+            )
+        ids[start:stop] = top_ids
+        logprobs[start:stop] = top_logp
+        tail[start:stop] = tail_mass
+        entropy[start:stop] = ent
+    return TopkSelection(
+        ids=ids.view(batch, seq_len, k),
+        logprobs=logprobs.view(batch, seq_len, k),
+        tail=tail.view(batch, seq_len),
+        entropy=entropy.view(batch, seq_len),
+    )
+
+
+_Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _mean_logits_block(
+    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, dtype: torch.dtype
+) -> _Block:
+    """Top-k of ``softmax(sum_i scale_i z_i / T)`` for one block of (n, V) teacher logits."""
+    if len(parts) == 1 and parts[0].dtype == dtype and temperature == 1.0:
+        z = parts[0]  # nothing to combine: read the teacher's logits in place
+    else:
+        z = parts[0].to(dtype) * (scales[0] / temperature)  # (n, V)
+        for part, scale in zip(parts[1:], scales[1:], strict=True):
+            z.add_(part, alpha=scale / temperature)
+    top_z, top_ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)  # (n, k)
+    m = top_z[:, :1]  # (n, 1) max z (the first of the sorted top-k)
+    shifted = z - m  # (n, V) z - m, <= 0; NaN if any z is NaN or +inf
+    e = shifted.exp()  # (n, V)
+    # sum(e (z - m)) for the entropy; a -inf logit gives 0 * -inf = NaN, so any bad logit shows
+    ez = torch.linalg.vecdot(e, shifted)  # (n,)
+    e_top = e.gather(-1, top_ids)  # (n, k)
+    rest = e.scatter_(-1, top_ids, 0.0).sum(-1)  # (n,) sum over the non-selected entries only
+    s = rest + e_top.sum(-1)  # (n,) sum(exp(z - m))
+    log_s = s.log()
+    top_logp = (top_z - m) - log_s[:, None]  # (n, k) log p of the top-k ids
+    return top_ids, top_logp.float(), (rest / s).float(), (log_s - ez / s).float()
+
+
+def _mean_probs_block(
+    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, dtype: torch.dtype
+) -> _Block:
+    """Top-k of ``sum_i scale_i softmax(z_i / T)`` for one block of (n, V) teacher logits."""
+    probs = None
+    for part, scale in zip(parts, scales, strict=True):
+        zt = part.to(dtype) / temperature  # (n, V)
+        e = (zt - zt.amax(-1, keepdim=True)).exp_()  # (n, V); NaN if any z is NaN or +inf
+        if not bool(torch.isfinite(zt).all()):
+            e.fill_(float("nan"))  # -inf would vanish in exp: make the caller find and name it
+        e.mul_(scale / e.sum(-1, keepdim=True))
+        probs = e if probs is None else probs.add_(e)
+    assert probs is not None
+    top_p, top_ids = torch.topk(probs, k, dim=-1, largest=True, sorted=True)  # (n, k)
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (n,) 0 log 0 = 0
+    rest = probs.scatter_(-1, top_ids, 0.0).sum(-1)  # (n,)
+    s = rest + top_p.sum(-1)  # (n,) 1 up to rounding
+    return top_ids, (top_p / s[:, None]).log().float(), (rest / s).float(), entropy.float()
 
 
 def select_sampled(

@@ -38,10 +38,10 @@ from logitcache.cache import (
     create_cache,
     default_layout,
     ensemble_logprobs,
+    ensemble_topk,
     open_cache,
     open_cache_writer,
     select_sampled,
-    select_topk,
     verify_cache,
 )
 from logitcache.cache.metadata import SAMPLED_ENCODING
@@ -177,33 +177,44 @@ class EnsembleSelector:
         self.dtype = "bfloat16" if device.type == "cuda" else "float32"
 
     @torch.no_grad()
-    def logprobs(self, windows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Ensemble log-probabilities (B, T, V) float32 for windows (B, T)."""
+    def teacher_logits(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        """Each teacher's logits (B, T, V) for windows (B, T), cut to the tokenizer's vocab."""
         input_ids = windows.to(self.device, dtype=torch.long)  # (B, T)
         logits = []
         for model in self.models:
             with self.autocast:
                 out = model(input_ids=input_ids).logits  # (B, T, V_model)
             logits.append(out[..., : self.vocab])  # a model may pad its output layer beyond the vocab
-        cache = self.config.cache
-        return ensemble_logprobs(
-            logits,
-            teacher_names=self.names,
-            window_indices=indices,
-            rule=cache.ensemble,
-            weights=cache.weights or None,
-            temperature=cache.temperature,
-        )
+        return logits
 
+    def _ensemble_args(self, indices: torch.Tensor) -> dict[str, Any]:
+        cache = self.config.cache
+        return {
+            "teacher_names": self.names,
+            "window_indices": indices,
+            "rule": cache.ensemble,
+            "weights": cache.weights or None,
+            "temperature": cache.temperature,
+        }
+
+    @torch.no_grad()
+    def logprobs(self, windows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Ensemble log-probabilities (B, T, V) float32 for windows (B, T)."""
+        return ensemble_logprobs(self.teacher_logits(windows), **self._ensemble_args(indices))
+
+    @torch.no_grad()
     def select(self, windows: torch.Tensor, indices: torch.Tensor) -> TopkSelection | SampledSelection:
-        logp = self.logprobs(windows, indices)
+        """The stored entries of windows (B, T), on the CPU."""
         cache = self.config.cache
         if cache.mode == "sampled":
             selection = select_sampled(
-                logp, num_samples=cache.samples, seed=self.config.run.seed, window_indices=indices
+                self.logprobs(windows, indices),
+                num_samples=cache.samples,
+                seed=self.config.run.seed,
+                window_indices=indices,
             )
-        else:
-            selection = select_topk(logp, k=cache.k)
+        else:  # fused: no (B, T, V) ensemble log-probabilities (see cache/select.py)
+            selection = ensemble_topk(self.teacher_logits(windows), k=cache.k, **self._ensemble_args(indices))
         return type(selection)(**{f: getattr(selection, f).cpu() for f in selection.__dataclass_fields__})
 
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.cache.select import ensemble_logprobs, select_sampled, select_topk, window_seed
+from logitcache.cache.select import (
+    ensemble_logprobs,
+    ensemble_topk,
+    select_sampled,
+    select_topk,
+    window_seed,
+)
 from logitcache.pipeline.errors import CacheError, TeacherError
 
 # (B, T, V) with an odd V and T so nothing lines up with a power of two
@@ -150,3 +156,110 @@ def test_k_at_least_vocab_refused() -> None:
         select_topk(logp, k=37)
     with pytest.raises(CacheError, match="vocab"):
         select_sampled(logp, num_samples=37, seed=0, window_indices=[0])
+
+
+# ensemble_topk: the fused path of `pipe cache-logits`, checked against a float64 NumPy top-k of the
+# ensemble distribution (independent of ensemble_logprobs/select_topk).
+
+
+def _np_topk_reference(zs: list[torch.Tensor], weights: list[float], rule: str, temperature: float, k: int):
+    z64 = [z.double().numpy() for z in zs]
+    total = sum(weights)
+    if rule == "mean_logits":
+        lp = _np_log_softmax(sum(w * z for w, z in zip(weights, z64, strict=True)) / total / temperature)
+    else:
+        probs = (
+            sum(w * np.exp(_np_log_softmax(z / temperature)) for w, z in zip(weights, z64, strict=True))
+            / total
+        )
+        lp = np.log(probs)
+    order = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
+    probs = np.exp(lp)
+    tail = 1.0 - np.take_along_axis(probs, order, -1).sum(-1)
+    entropy = -(probs * lp).sum(-1)
+    return lp, order, tail, entropy
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_elements", [37, 37 * 4, None])  # one row, several rows, one block
+def test_ensemble_topk_matches_reference(rule: str, dtype: torch.dtype, block_elements: int | None) -> None:
+    zs = [z.to(dtype) for z in _teachers(5, 3)]
+    weights, temperature, k = [1.0, 2.0, 0.5], 1.7, 6
+    sel = ensemble_topk(
+        zs,
+        teacher_names=["a", "b", "c"],
+        window_indices=[0, 1, 2],
+        k=k,
+        rule=rule,
+        weights=weights,
+        temperature=temperature,
+        block_elements=block_elements,
+    )
+    lp, order, tail, entropy = _np_topk_reference(zs, weights, rule, temperature, k)
+    assert sel.ids.shape == (*SHAPE[:2], k) and sel.ids.dtype == torch.int64
+    assert sel.logprobs.dtype == sel.tail.dtype == sel.entropy.dtype == torch.float32
+    # rank order, same ids (random normal logits: no ties at the k-th place)
+    np.testing.assert_array_equal(sel.ids.numpy(), order)
+    atol = 2e-6  # float32 results (bf16 inputs are exact in float32; float64 ones are rounded at the end)
+    np.testing.assert_allclose(sel.logprobs.numpy(), np.take_along_axis(lp, order, -1), rtol=0, atol=atol)
+    np.testing.assert_allclose(sel.tail.numpy(), tail, rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(sel.entropy.numpy(), entropy, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+def test_ensemble_topk_equals_the_plain_path(rule: str) -> None:
+    zs = [z.float() for z in _teachers(6, 2)]
+    args = {"teacher_names": ["a", "b"], "window_indices": [0, 1, 2], "rule": rule, "temperature": 2.0}
+    plain = select_topk(ensemble_logprobs(zs, **args), k=5)
+    fused = ensemble_topk(zs, k=5, block_elements=37 * 2, **args)
+    np.testing.assert_array_equal(fused.ids.numpy(), plain.ids.numpy())
+    for field in ("logprobs", "tail", "entropy"):
+        np.testing.assert_allclose(
+            getattr(fused, field).numpy(), getattr(plain, field).numpy(), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_ensemble_topk_single_teacher_leaves_its_logits_untouched() -> None:
+    z = _teachers(7, 1)[0].float()
+    before = z.clone()
+    sel = ensemble_topk([z], teacher_names=["a"], window_indices=[0, 1, 2], k=4)
+    torch.testing.assert_close(z, before, rtol=0, atol=0)
+    lp, order, tail, _ = _np_topk_reference([z], [1.0], "mean_logits", 1.0, 4)
+    np.testing.assert_array_equal(sel.ids.numpy(), order)
+    np.testing.assert_allclose(sel.tail.numpy(), tail, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+def test_ensemble_topk_tiny_tail_is_accurate(rule: str) -> None:
+    z = torch.zeros(1, 1, 37, dtype=torch.float32)
+    z[0, 0, :2] = 30.0
+    sel = ensemble_topk([z, z.clone()], teacher_names=["a", "b"], window_indices=[0], k=2, rule=rule)
+    exact = 35 * np.exp(-30.0) / (2 + 35 * np.exp(-30.0))
+    assert sel.tail.item() == pytest.approx(exact, rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_ensemble_topk_names_the_teacher_with_a_bad_logit(rule: str, bad: float) -> None:
+    zs = [z.float() for z in _teachers(0, 2)]
+    zs[1][2, 3, 4] = bad
+    with pytest.raises(TeacherError, match=r"teacher 'gpt2'.*window 17, position 3"):
+        ensemble_topk(
+            zs,
+            teacher_names=["llama", "gpt2"],
+            window_indices=[15, 16, 17],
+            k=3,
+            rule=rule,
+            block_elements=37,
+        )
+
+
+def test_ensemble_topk_refuses_bad_arguments() -> None:
+    zs = [torch.zeros(1, 2, 37)]
+    with pytest.raises(CacheError, match="k < vocab"):
+        ensemble_topk(zs, teacher_names=["a"], window_indices=[0], k=37)
+    with pytest.raises(CacheError, match="ensemble rule"):
+        ensemble_topk(zs, teacher_names=["a"], window_indices=[0], k=3, rule="median")
+    with pytest.raises(TeacherError, match="same tokenizer"):
+        ensemble_topk([zs[0], torch.zeros(1, 2, 40)], teacher_names=["a", "b"], window_indices=[0], k=3)
