@@ -6,6 +6,9 @@ same batch size, i.e. the GPU (or CPU) never waits on the disk.
 
     python -m benchmarks.bench_cache_logits configs/demo.toml --run-dir runs/demo
 
+A third measurement, the teachers plus ensemble and selection without the writer, splits the
+overhead between selection and writing.
+
 Needs a run directory with prepared data and trained teachers (`pipe run` up to the teachers).
 The cache is written to a temporary copy of the run directory; nothing in RUN changes.
 """
@@ -65,6 +68,16 @@ def main() -> None:
         _sync(device)
         return tokens / (time.perf_counter() - start)
 
+    def forward_and_select() -> float:
+        """The teachers plus ensemble and selection (results on the host), without the writer."""
+        _sync(device)
+        start = time.perf_counter()
+        for begin in range(0, windows.shape[0], batch):
+            ids = torch.from_numpy(windows[begin : begin + batch].astype(np.int64))
+            selector.select(ids, torch.arange(begin, begin + ids.shape[0]))
+        _sync(device)
+        return tokens / (time.perf_counter() - start)
+
     def whole_stage() -> tuple[float, dict]:
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
@@ -79,12 +92,13 @@ def main() -> None:
             shutil.rmtree(out)
         return tokens / seconds, summary
 
-    forward_rates, stage_rates, summary = [], [], {}
+    forward_rates, select_rates, stage_rates, summary = [], [], [], {}
     for _ in range(args.repeats):
         forward_rates.append(plain_forward())
+        select_rates.append(forward_and_select())
         rate, summary = whole_stage()
         stage_rates.append(rate)
-    forward, stage = max(forward_rates), max(stage_rates)
+    forward, selected, stage = max(forward_rates), max(select_rates), max(stage_rates)
     row = {
         "date": dt.date.today().isoformat(),
         "commit": git_commit(),
@@ -95,9 +109,11 @@ def main() -> None:
         "seq_len": windows.shape[1],
         "k": config.cache.k,
         "forward_tokens_per_s": round(forward),
+        "forward_select_tokens_per_s": round(selected),
         "cache_logits_tokens_per_s": round(stage),
         "ratio": round(stage / forward, 3),
         "bytes_per_position": round(summary.get("bytes_per_position", float("nan")), 1),
+        "shards": summary.get("num_shards", ""),
     }
     print_table([row], list(row))
     append_csv(Path(args.csv), [row], list(row))
