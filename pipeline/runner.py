@@ -19,7 +19,7 @@ from logitcache.pipeline.distributed import init_distributed
 from logitcache.pipeline.prepare import data_fingerprint, prepare_data
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete
 from logitcache.pipeline.student import is_student_complete, student_fingerprint, train_student
-from logitcache.pipeline.teachers import is_teacher_complete, teacher_fingerprint, train_teacher
+from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, teacher_fingerprint, train_teacher
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,10 @@ def run_pipeline(
     fingerprint = eval_fingerprint(config)
 
     def evaluate() -> None:
-        evaluate_run(layout.root, options=EvalOptions.from_config(config), progress=progress, log=log)
+        teachers = {name: teacher_dir(config, name) for name in config.teachers}
+        evaluate_run(
+            layout.root, options=EvalOptions.from_config(config), progress=progress, log=log, teachers=teachers
+        )
         mark_complete(layout.eval, fingerprint)
 
     stage("evaluate", is_complete(layout.eval, fingerprint), evaluate, main_only=True)

@@ -311,6 +311,22 @@ def test_evaluate_run_finds_the_models_of_a_run(prepared: PreparedData, model_di
     assert results["models"][0]["blimp"] is None
 
 
+def test_evaluate_run_includes_teachers_outside_the_run(prepared: PreparedData, model_dirs, tmp_path: Path):
+    # A teacher given by `teachers.NAME.path` (e.g. a pretrained model) lives outside RUN/teachers.
+    run = tmp_path / "run"
+    shutil.copytree(prepared.root, run / "data")
+    shutil.copytree(model_dirs["gpt2"], run / "students" / "distilled")
+    outside = tmp_path / "pretrained-llama"
+    shutil.copytree(model_dirs["llama"], outside)
+    teachers = {"big": outside, "missing": tmp_path / "nowhere"}  # a folder without a model is skipped
+    path = evaluate_run(run, options=EvalOptions(split="dev", batch_size=16), teachers=teachers)
+    results = read_results(path)
+    assert [m["name"] for m in results["models"]] == ["teachers/big", "students/distilled"]
+    assert results["models"][0]["path"] == str(outside.resolve())
+    direct = evaluate_models([outside], options=EvalOptions(data_dir=run / "data", split="dev", batch_size=16))
+    assert results["models"][0]["held_out"]["loss"] == direct["models"][0]["held_out"]["loss"]
+
+
 def test_a_model_without_tokenizer_uses_the_data_tokenizer(
     prepared: PreparedData, model_dirs, tmp_path: Path
 ):

@@ -2,7 +2,8 @@
 
 Modules: :mod:`.loading` (model folders, tokenizers, checks against prepared data),
 :mod:`.heldout` (loss, perplexity), :mod:`.calibration` (ECE, reliability diagram), :mod:`.blimp`
-(reading, scoring, accuracies), :mod:`.evaluate` (the results JSON), :mod:`.report` (figures and HTML).
+(reading, scoring, accuracies), :mod:`.evaluate` (the results JSON), :mod:`.report` (figures and HTML),
+:mod:`.compare` (seed spreads and verdicts for docs/results.md).
 """
 
 from logitcache.pipeline.evaluation.blimp import BlimpResult, evaluate_blimp, read_blimp, sentence_log_probs

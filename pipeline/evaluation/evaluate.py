@@ -21,7 +21,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -96,10 +96,16 @@ def evaluate_models(
     options: EvalOptions = EvalOptions(),
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model folder; return the results document (see the module docstring)."""
+    """Evaluate every model folder; return the results document (see the module docstring).
+
+    ``names``: one display name per folder (default :func:`model_name`).
+    """
     if not model_dirs:
         raise ConfigError("Expected at least one model directory to evaluate. Got none.")
+    if names is not None and len(names) != len(model_dirs):
+        raise ConfigError(f"Expected one name per model directory ({len(model_dirs)}). Got {len(names)}.")
     if options.data_dir is None and options.blimp_dir is None:
         raise ConfigError(
             "Expected --data (held-out perplexity, ECE) or --blimp (BLiMP), or both. Got neither."
@@ -124,12 +130,12 @@ def evaluate_models(
     pairs: list[BlimpPair] | None = read_blimp(options.blimp_dir) if options.blimp_dir is not None else None
 
     entries = []
-    names: dict[str, int] = {}
-    for model_dir in map(Path, model_dirs):
-        name = model_name(model_dir)
-        names[name] = names.get(name, 0) + 1
-        if names[name] > 1:
-            name = f"{name}#{names[name]}"
+    seen: dict[str, int] = {}
+    for i, model_dir in enumerate(map(Path, model_dirs)):
+        name = names[i] if names is not None else model_name(model_dir)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name}#{seen[name]}"
         entry = _evaluate_one(
             model_dir,
             name,
@@ -281,10 +287,20 @@ def evaluate_run(
     out: str | Path | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    teachers: Mapping[str, str | Path] | None = None,
 ) -> Path:
-    """Evaluate every finished model of a run on ``RUN/data``; write ``RUN/eval/results.json`` (or ``out``)."""
+    """Evaluate every finished model of a run on ``RUN/data``; write ``RUN/eval/results.json`` (or ``out``).
+
+    ``teachers``: the config's teacher folders by name (``teacher_dir``). Those outside the run (a
+    configured ``teachers.NAME.path``, e.g. a pretrained model) are evaluated too, as ``teachers/NAME``.
+    """
     layout = RunLayout(Path(run_dir))
-    models = find_run_models(layout.root)
+    found = {model_name(p): p for p in find_run_models(layout.root)}
+    for name, folder in (teachers or {}).items():
+        if f"teachers/{name}" not in found and (Path(folder) / "config.json").is_file():
+            found[f"teachers/{name}"] = Path(folder)
+    names = sorted(found, key=lambda n: (not n.startswith("teachers/"), n))  # teachers first
+    models = [found[n] for n in names]
     if not models:
         raise StageError(
             f"Expected trained models in {layout.root}/teachers or {layout.root}/students. Found none: "
@@ -292,5 +308,5 @@ def evaluate_run(
         )
     if options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
-    results = evaluate_models(models, options=options, progress=progress, log=log)
+    results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
     return write_results(results, out if out is not None else layout.eval / RESULTS_FILE)

@@ -1,0 +1,65 @@
+"""Compare models trained with several seeds: mean, spread, and a verdict that respects the noise.
+
+A claim such as "the distilled student beats its CE twin" is only as good as the difference between
+the two relative to how much each moves with the seed. The rule used in docs/results.md is simple
+and conservative: ``a`` is better than ``b`` (lower is better: perplexity, loss, ECE) only when
+every seed of ``a`` is below every seed of ``b`` (their min-max ranges do not overlap); worse when
+the reverse holds; otherwise the difference is within seed noise. A single run (e.g. one trained
+teacher) is a range of width zero: its own seed noise is unknown, which the verdict text says.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Verdict = Literal["better", "worse", "within seed noise"]
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """One metric of one model variant over its seeds."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("Expected at least one value. Got none.")
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> SeedSpread:
+        return cls(tuple(float(v) for v in values))
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def format(self, digits: int) -> str:
+        """``mean (min-max)``, or the value alone for a single run."""
+        if len(self.values) == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ({self.low:.{digits}f}-{self.high:.{digits}f})"
+
+
+def compare(a: SeedSpread, b: SeedSpread) -> Verdict:
+    """``a`` vs ``b`` for a metric where lower is better (see the module docstring)."""
+    if a.high < b.low:
+        return "better"
+    if a.low > b.high:
+        return "worse"
+    return "within seed noise"
+
+
+def relative_difference(a: SeedSpread, b: SeedSpread) -> float:
+    """``(mean a - mean b) / mean b``."""
+    return (a.mean - b.mean) / b.mean

@@ -1,0 +1,458 @@
+"""Regenerate docs/results.md: the distillation experiments of issue 8 at one scale, with seeds.
+
+    python scripts/reproduce_results.py [--config configs/demo.toml] [--run-dir runs/results-demo]
+        [--seeds 1,2] [--ks 8,64] [--temps 1,2] [--alphas 0.5,1.0] [--set KEY=VALUE ...]
+        [--out docs/results.md]
+
+1. ``pipe run CONFIG`` in RUN (data, teachers, cache, verify, students ``cache`` and ``ce``,
+   evaluation with BLiMP as configured, report): the table of teachers vs students.
+2. For every seed (``student.seed``: initialisation and data order), students that differ in one
+   thing each, all evaluated on the held-out test split:
+   ``ce`` (no teacher), ``online`` (live teachers, full distribution), ``topk`` (the config's cache,
+   ghost tail), ``topk-renormalize``, ``sampled`` (Sparse Logit Sampling at about the top-k cache's
+   storage: the smallest draw count among --sampled-candidates whose cache is at least as large),
+   and the sweep k x T x alpha (cache and distillation at temperature T; alpha = KL weight, CE
+   weight 1 - alpha).
+3. RUN/experiments/experiments.json holds every number; the markdown goes to --out.
+
+Everything lives under RUN/experiments/CACHE/ (data and teachers linked from RUN); a finished
+cache or student is reused, so an interrupted run continues where it stopped. Works with any
+config (e.g. your own corpus): pass --config and --set as for ``pipe run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.pipeline.cache_logits import cache_logits
+from logitcache.pipeline.config import Config, load_config
+from logitcache.pipeline.evaluation.compare import SeedSpread, compare, relative_difference
+from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
+from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.rundir import _git_commit, package_versions, read_marker
+from logitcache.pipeline.runner import run_pipeline
+from logitcache.pipeline.student import train_student
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kind of student: the cache it reads (config overrides) and its own settings."""
+
+    name: str
+    cache: tuple[str, ...] | None  # cache overrides; None = no cache (ce, online)
+    student: tuple[str, ...]
+    same_as: str = ""  # another variant with the same settings: its students are reused
+
+    def cache_key(self) -> str:
+        if self.cache is None:
+            return "no-cache"
+        if not self.cache:
+            return "cache-default"
+        return "cache-" + "-".join(o.split(".", 1)[1].replace("=", "") for o in self.cache)
+
+
+def _link_base(base: Path, run: Path) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "teachers"):
+        if (base / name).exists() and not (run / name).exists():
+            (run / name).symlink_to((base / name).resolve())
+
+
+class Experiment:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.base = Path(args.run_dir)
+        self.root = self.base / "experiments"
+        self.rows: list[dict[str, Any]] = []
+        self.cache_summaries: dict[str, dict[str, Any]] = {}
+
+    def config(self, run: Path, overrides: tuple[str, ...] | list[str]) -> Config:
+        return load_config(self.args.config, [*self.args.set, *overrides], run_dir=run)
+
+    def ensure_cache(self, variant: Variant) -> Path:
+        run = self.root / variant.cache_key()
+        _link_base(self.base, run)
+        if variant.cache is not None:
+            out = cache_logits(self.config(run, variant.cache))
+            self.cache_summaries[variant.cache_key()] = (read_marker(out) or {}).get("summary", {})
+        return run
+
+    def train(self, variant: Variant, seed: int) -> dict[str, Any]:
+        if variant.same_as:
+            twin = next(r for r in self.rows if r["variant"] == variant.same_as and r["seed"] == seed)
+            self.rows.append(twin | {"variant": variant.name})
+            return self.rows[-1]
+        run = self.ensure_cache(variant)
+        overrides = [
+            *(variant.cache or ()),
+            *variant.student,
+            f"student.seed={seed}",
+            f"student.name={variant.name}-s{seed}",
+        ]
+        model_dir = train_student(self.config(run, overrides), progress=False)
+        result = evaluate_models([model_dir], options=EvalOptions(data_dir=run / "data"), progress=False)
+        held = result["models"][0]["held_out"]
+        row = {
+            "variant": variant.name,
+            "seed": seed,
+            "cache": variant.cache_key(),
+            "bytes_per_position": self.cache_summaries.get(variant.cache_key(), {}).get("bytes_per_position"),
+            "perplexity": held["perplexity"],
+            "loss": held["loss"],
+            "ece": held["ece"],
+            "tokens": held["tokens"],
+            "model_dir": str(model_dir),
+        }
+        self.rows.append(row)
+        print(
+            f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}",
+            flush=True,
+        )
+        return row
+
+    def sampled_variant(self, topk_bytes: float) -> Variant:
+        """The sampled cache whose storage is closest to (and not below) the top-k cache's."""
+        chosen = None
+        for n in [int(x) for x in self.args.sampled_candidates.split(",")]:
+            chosen = Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ())
+            self.ensure_cache(chosen)
+            if self.cache_summaries[chosen.cache_key()]["bytes_per_position"] >= topk_bytes:
+                break
+        assert chosen is not None
+        return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.toml"))
+    parser.add_argument("--run-dir", default="runs/results-demo")
+    parser.add_argument("--set", action="append", default=[], help="config override, as for pipe run")
+    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--ks", default="8,64")
+    parser.add_argument("--temps", default="1,2")
+    parser.add_argument("--alphas", default="0.5,1.0")
+    parser.add_argument(
+        "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
+    )
+    parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    base_config = load_config(args.config, [*args.set, 'run.students=["cache", "ce"]'], run_dir=args.run_dir)
+    run_pipeline(base_config, log=lambda line: print(line, flush=True))
+    exp = Experiment(args)
+
+    main_variants = [
+        Variant("ce", None, ("student.mode=ce",)),
+        Variant("online", None, ("student.mode=online",)),
+        Variant("topk", (), ()),
+        Variant("topk-renormalize", (), ("student.distill.tail=renormalize",)),
+    ]
+    exp.ensure_cache(main_variants[2])
+    topk_bytes = exp.cache_summaries["cache-default"]["bytes_per_position"]
+    main_variants.append(exp.sampled_variant(topk_bytes))
+    sweep = []
+    cache, distill = base_config.cache, base_config.student.distill
+    for k in [int(x) for x in args.ks.split(",")]:
+        for temp in [float(x) for x in args.temps.split(",")]:
+            for alpha in [float(x) for x in args.alphas.split(",")]:
+                is_default = (k, temp, temp, alpha) == (
+                    cache.k,
+                    cache.temperature,
+                    distill.temperature,
+                    distill.alpha,
+                )
+                sweep.append(
+                    Variant(
+                        f"sweep-k{k}-T{temp:g}-a{alpha:g}",
+                        (f"cache.k={k}", f"cache.temperature={temp}"),
+                        (f"student.distill.temperature={temp}", f"student.distill.alpha={alpha}"),
+                        same_as="topk" if is_default else "",
+                    )
+                )
+    for seed in seeds:
+        for variant in [*main_variants, *sweep]:
+            exp.train(variant, seed)
+
+    meta = {
+        "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "commit": _git_commit()[:7],
+        "device": _device(),
+        "versions": package_versions(),
+        "wall_minutes": (time.perf_counter() - started) / 60,
+        "seeds": seeds,
+        "config": str(args.config),
+        "overrides": args.set,
+        "run_dir": str(args.run_dir),
+    }
+    document = {
+        "meta": meta,
+        "base_config": base_config.to_dict(),
+        "cache_summaries": exp.cache_summaries,
+        "rows": exp.rows,
+        "variants": {
+            "main": [v.name for v in main_variants],
+            "sweep": [dataclasses.asdict(v) for v in sweep],
+        },
+    }
+    (exp.root / "experiments.json").write_text(json.dumps(document, indent=2) + "\n")
+    base_results = read_results(Path(args.run_dir) / "eval" / "results.json")
+    data = PreparedData.open(Path(args.run_dir) / "data")
+    markdown = render(document, base_results, base_config, data)
+    Path(args.out).write_text(markdown)
+    print(f"wrote {args.out} and {exp.root / 'experiments.json'}")
+
+
+def _shown_path(path: str | Path) -> str:
+    """A path relative to the repository when inside it (so the docs do not name this machine's paths)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: tables and verdicts computed from the numbers (see logitcache.pipeline.evaluation.compare)
+
+
+def _spreads(rows: list[dict], variant: str, metric: str) -> SeedSpread:
+    return SeedSpread.of([r[metric] for r in rows if r["variant"] == variant])
+
+
+def _verdict_sentence(
+    label_a: str, a: SeedSpread, label_b: str, b: SeedSpread, metric: str, digits: int
+) -> str:
+    verdict = compare(a, b)
+    diff = 100 * relative_difference(a, b)
+    words = {"better": "lower (better)", "worse": "higher (worse)", "within seed noise": "within seed noise"}[
+        verdict
+    ]
+    caveat = " (single runs: their seed noise is unknown)" if len(a.values) == len(b.values) == 1 else ""
+    return (
+        f"{label_a} vs {label_b}: {metric} {a.format(digits)} vs {b.format(digits)} "
+        f"({diff:+.1f} %): **{words}**{caveat}"
+    )
+
+
+def render(document: dict, base_results: dict, config: Config, data: PreparedData) -> str:
+    meta, rows = document["meta"], document["rows"]
+    caches = document["cache_summaries"]
+    seeds = meta["seeds"]
+    lines: list[str] = []
+    add = lines.append
+    add("# Results")
+    add("")
+    add("Generated by `scripts/reproduce_results.py` (do not edit by hand: rerun it). Only what was")
+    add("measured, with the command, device, date and commit.")
+    add("")
+    add(f"- Command: `{meta['command']}`")
+    add(
+        f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}; "
+        f"{meta['wall_minutes']:.0f} min wall in all (models already trained in RUN are reused)."
+    )
+    versions = meta["versions"]
+    add(
+        f"- Software: Python {versions.get('python')}, torch {versions.get('torch')}, "
+        f"transformers {versions.get('transformers')}."
+    )
+    train, test = data.windows("train"), data.windows("test")
+    add(
+        f"- Data: corpus `{_shown_path(config.data.corpus)}` as configured in `{_shown_path(meta['config'])}` "
+        f"(vocabulary {data.vocab_size}, {data.seq_len}-token windows, {train.size:,} training tokens, "
+        f"test split {test.shape[0]} windows); BLiMP: `{_shown_path(config.evaluate.blimp_dir) if config.evaluate.blimp_dir else '-'}`."
+    )
+    cache = config.cache
+    default_summary = caches.get("cache-default", {})
+    add(
+        f"- Distillation defaults: ensemble {cache.ensemble} of {len(config.teachers)} teachers, cache k = {cache.k} "
+        f"(T = {cache.temperature:g}), {default_summary.get('bytes_per_position', float('nan')):.1f} bytes per position, "
+        f"capturing on average {100 * default_summary.get('mean_captured_mass', float('nan')):.0f} % of the "
+        f"ensemble's probability mass (mean teacher entropy {default_summary.get('mean_teacher_entropy', float('nan')):.2f} nats); "
+        f"student loss (1 - alpha) CE + alpha T² KL with alpha = {config.student.distill.alpha:g}, "
+        f"T = {config.student.distill.temperature:g}, tail `{config.student.distill.tail}`."
+    )
+    add("")
+
+    # Table 1: the `pipe run` models, one seed
+    add(f"## Teachers and students of one `pipe run` (run seed {config.run.seed})")
+    add("")
+    models = base_results["models"]
+    fields = sorted({f for m in models if m.get("blimp") for f in m["blimp"]["fields"]})
+    add(
+        "| model | parameters | test perplexity | test loss | ECE | BLiMP overall | "
+        + " | ".join(fields)
+        + " |"
+    )
+    add("|---" * (6 + len(fields)) + "|")
+    for m in models:
+        h, b = m["held_out"], m.get("blimp")
+        blimp = (
+            [f"{100 * b['overall']:.1f}"] + [f"{100 * b['fields'].get(f, float('nan')):.1f}" for f in fields]
+            if b
+            else ["-"] * (1 + len(fields))
+        )
+        add(
+            f"| {m['name']} | {m['parameters']:,} | {h['perplexity']:.1f} | {h['loss']:.4f} | {h['ece']:.4f} | "
+            + " | ".join(blimp)
+            + " |"
+        )
+    add("")
+    add("BLiMP overall is the unweighted mean over paradigms; a pair counts as right only when the good")
+    add("sentence scores strictly higher (docs/evaluation.md).")
+    add("")
+
+    # Table 2: one change at a time, over seeds
+    add(f"## One change at a time, seeds {', '.join(map(str, seeds))}")
+    add("")
+    add("Same student architecture and training; `student.seed` sets initialisation and data order.")
+    add("Mean (min-max) over seeds on the test split.")
+    add("")
+    add("| student | cache bytes/position | test perplexity | ECE |")
+    add("|---|---:|---:|---:|")
+    descriptions = {
+        "ce": "ce (no teacher)",
+        "online": "online (live teachers, full vocabulary)",
+        "topk": f"top-{cache.k} cache, ghost tail (default)",
+        "topk-renormalize": f"top-{cache.k} cache, renormalised",
+    }
+    for name in document["variants"]["main"]:
+        group = [r for r in rows if r["variant"] == name]
+        label = descriptions.get(
+            name,
+            f"sampled cache, {name.split('-n')[-1]} draws per position"
+            if name.startswith("sampled")
+            else name,
+        )
+        size = group[0]["bytes_per_position"]
+        add(
+            f"| {label} | {'-' if size is None else f'{size:.1f}'} | {_spreads(rows, name, 'perplexity').format(1)} | "
+            f"{_spreads(rows, name, 'ece').format(4)} |"
+        )
+    add("")
+
+    # Table 3: the sweep
+    add("## Sweep: k x T x alpha")
+    add("")
+    add("Cache and distillation at temperature T; alpha = KL weight (alpha = 1: no CE term).")
+    add("")
+    add("| k | T | alpha | cache bytes/position | test perplexity | ECE |")
+    add("|---:|---:|---:|---:|---:|---:|")
+    for v in document["variants"]["sweep"]:
+        name = v["name"]
+        k, temp, alpha = (float(o.split("=")[1]) for o in (*v["cache"], v["student"][1]))
+        size = next(r["bytes_per_position"] for r in rows if r["variant"] == name)
+        add(
+            f"| {k:g} | {temp:g} | {alpha:g} | {size:.1f} | {_spreads(rows, name, 'perplexity').format(1)} | "
+            f"{_spreads(rows, name, 'ece').format(4)} |"
+        )
+    add("")
+
+    # Verdicts
+    add("## What the numbers support")
+    add("")
+    add("Rule: a difference counts only when the seed ranges (min-max) do not overlap; a teacher is")
+    add("one training run, so its own seed noise is unknown. These sentences are computed from the")
+    add("tables above.")
+    add("")
+    ppl = {name: _spreads(rows, name, "perplexity") for name in document["variants"]["main"]}
+    ece = {name: _spreads(rows, name, "ece") for name in document["variants"]["main"]}
+    add(
+        "- "
+        + _verdict_sentence(
+            "distilled student (top-k cache)", ppl["topk"], "CE twin", ppl["ce"], "perplexity", 1
+        )
+        + "."
+    )
+    add(
+        "- "
+        + _verdict_sentence("online distillation", ppl["online"], "CE twin", ppl["ce"], "perplexity", 1)
+        + "."
+    )
+    teachers = [m for m in models if m["name"].startswith("teachers/")]
+    for t in teachers:
+        tp = SeedSpread.of([t["held_out"]["perplexity"]])
+        add("- " + _verdict_sentence("distilled student", ppl["topk"], t["name"], tp, "perplexity", 1) + ".")
+    fidelity = 100 * relative_difference(ppl["topk"], ppl["online"])
+    met = "met" if abs(fidelity) <= 1.0 else "not met"
+    add(
+        f"- Cache fidelity (target ≤ 1 % perplexity difference between the top-{cache.k} cache and online "
+        f"distillation): {fidelity:+.1f} % on the means, **{met}**; top-k vs online by the seed-range rule: {compare(ppl['topk'], ppl['online'])}."
+    )
+    sampled = next(n for n in document["variants"]["main"] if n.startswith("sampled"))
+    sampled_bytes = next(r["bytes_per_position"] for r in rows if r["variant"] == sampled)
+    topk_bytes = default_summary.get("bytes_per_position", float("nan"))
+    add(
+        f"- Sampled ({sampled.split('-n')[-1]} draws) vs top-{cache.k} cache, storage {sampled_bytes:.1f} vs "
+        f"{topk_bytes:.1f} bytes/position ({sampled_bytes / topk_bytes:.2f}x): "
+        + _verdict_sentence("sampled", ppl[sampled], "top-k", ppl["topk"], "perplexity", 1)
+        + "; "
+        + _verdict_sentence("sampled", ece[sampled], "top-k", ece["topk"], "ECE", 4)
+        + "."
+    )
+    add(
+        "- "
+        + _verdict_sentence(
+            "renormalised top-k", ece["topk-renormalize"], "ghost tail", ece["topk"], "ECE", 4
+        )
+        + "."
+    )
+    claim_ce = compare(ppl["topk"], ppl["ce"])
+    claim_teachers = {
+        t["name"]: compare(ppl["topk"], SeedSpread.of([t["held_out"]["perplexity"]])) for t in teachers
+    }
+    ce_words = {
+        "better": "supported",
+        "worse": "contradicted",
+        "within seed noise": "not supported (within seed noise)",
+    }
+    if all(c == "better" for c in claim_teachers.values()):
+        teacher_words = "supported"
+    elif all(c == "worse" for c in claim_teachers.values()):
+        teacher_words = "contradicted"
+    else:
+        teacher_words = "not supported"
+    per_teacher = ", ".join(f"{name}: {c}" for name, c in claim_teachers.items())
+    add("")
+    add(f"The paper's claims (Tastet & Timiryasov, 2024), at this scale and with {len(seeds)} seed(s):")
+    add("")
+    add(f"- *The distilled student beats the same student trained with CE only*: {ce_words[claim_ce]}.")
+    add(f"- *The distilled student beats its teachers*: {teacher_words} (student vs {per_teacher}).")
+    blimp = [100 * m["blimp"]["overall"] for m in models if m.get("blimp")]
+    if blimp:
+        add(
+            f"- BLiMP (one seed, table above): every model scores {min(blimp):.1f}-{max(blimp):.1f} % overall; "
+            "chance is 50 %."
+        )
+    add("")
+    add("Scale: the paper distils 10M words into 345M-parameter students on GPUs. The numbers here are")
+    add(
+        f"those of `{Path(meta['config']).name}` on {meta['device']}; a larger scale has not been run for this"
+    )
+    add("file (pass a larger config to the same command on a GPU machine).")
+    add("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
