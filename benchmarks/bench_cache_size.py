@@ -31,7 +31,6 @@ import datetime
 import hashlib
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import git_commit
 from logitcache.cache import (
     SAMPLED_ENCODING,
     CacheMetadata,
@@ -51,20 +51,11 @@ from logitcache.cache import (
     select_sampled,
     select_topk,
 )
+from logitcache.cache.metadata import VALUE_CODES as FORMAT_VALUE_CODES
 from logitcache.cache.select import SampledSelection, TopkSelection
 
-VALUE_CODES = (
-    "ratio_q8",
-    "ratio_q10",
-    "ratio_q12",
-    "ratio_q16",
-    "logp_q8",
-    "logp_q10",
-    "logp_q12",
-    "logp_q16",
-    "logp_fp16",
-    "logp_bf16",
-)
+# every value code of the format except the sampled mode's counts and the uncompressed float32 reference
+VALUE_CODES = tuple(code for code in FORMAT_VALUE_CODES if code not in ("count", "logp_fp32"))
 CODECS = {
     "zstd3-bit": Compressor("zstd", 3, "bitshuffle"),
     "zstd3-byte": Compressor("zstd", 3, "shuffle"),
@@ -248,15 +239,6 @@ def fidelity(
 
 
 # ------------------------------------------------------------------------------------------ main
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

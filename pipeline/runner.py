@@ -94,7 +94,11 @@ def run_pipeline(
     def evaluate() -> None:
         teachers = {name: teacher_dir(config, name) for name in config.teachers}
         evaluate_run(
-            layout.root, options=EvalOptions.from_config(config), progress=progress, log=log, teachers=teachers
+            layout.root,
+            options=EvalOptions.from_config(config),
+            progress=progress,
+            log=log,
+            teachers=teachers,
         )
         mark_complete(layout.eval, fingerprint)
 

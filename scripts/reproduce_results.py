@@ -45,6 +45,7 @@ from logitcache.pipeline.runner import run_pipeline
 from logitcache.pipeline.student import train_student
 
 REPO = Path(__file__).resolve().parent.parent
+BASE_STUDENTS = 'run.students=["cache", "ce"]'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +151,23 @@ def main() -> None:
         "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite --out from RUN/experiments/experiments.json; train nothing",
+    )
     args = parser.parse_args()
+    if args.render_only:
+        document = json.loads((Path(args.run_dir) / "experiments" / "experiments.json").read_text())
+        meta = document["meta"]
+        config = load_config(meta["config"], [*meta["overrides"], BASE_STUDENTS], run_dir=meta["run_dir"])
+        write_markdown(document, config, Path(args.out))
+        return
     started = time.perf_counter()
+    commit = _git_commit()[:7]  # the code that runs, read before anything else can change it
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    base_config = load_config(args.config, [*args.set, 'run.students=["cache", "ce"]'], run_dir=args.run_dir)
+    base_config = load_config(args.config, [*args.set, BASE_STUDENTS], run_dir=args.run_dir)
     run_pipeline(base_config, log=lambda line: print(line, flush=True))
     exp = Experiment(args)
 
@@ -193,7 +206,7 @@ def main() -> None:
     meta = {
         "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-        "commit": _git_commit()[:7],
+        "commit": commit,
         "device": _device(),
         "versions": package_versions(),
         "wall_minutes": (time.perf_counter() - started) / 60,
@@ -213,11 +226,14 @@ def main() -> None:
         },
     }
     (exp.root / "experiments.json").write_text(json.dumps(document, indent=2) + "\n")
-    base_results = read_results(Path(args.run_dir) / "eval" / "results.json")
-    data = PreparedData.open(Path(args.run_dir) / "data")
-    markdown = render(document, base_results, base_config, data)
-    Path(args.out).write_text(markdown)
-    print(f"wrote {args.out} and {exp.root / 'experiments.json'}")
+    write_markdown(document, base_config, Path(args.out))
+
+
+def write_markdown(document: dict, config: Config, out: Path) -> None:
+    run = Path(document["meta"]["run_dir"])
+    base_results = read_results(run / "eval" / "results.json")
+    out.write_text(render(document, base_results, config, PreparedData.open(run / "data")))
+    print(f"wrote {out} from {run / 'experiments' / 'experiments.json'}")
 
 
 def _shown_path(path: str | Path) -> str:
@@ -253,6 +269,33 @@ def _verdict_sentence(
         f"{label_a} vs {label_b}: {metric} {a.format(digits)} vs {b.format(digits)} "
         f"({diff:+.1f} %): **{words}**{caveat}"
     )
+
+
+def _sweep_verdicts(sweep: list[dict], rows: list[dict]) -> list[str]:
+    """For each factor (k, T, alpha): every pair of sweep cells that differ in it alone."""
+    cells = {}
+    for v in sweep:
+        k, temp, alpha = (float(o.split("=")[1]) for o in (*v["cache"], v["student"][1]))
+        cells[(k, temp, alpha)] = v["name"]
+    names = ("k", "T", "alpha")
+    out = []
+    for axis, label in enumerate(names):
+        values = sorted({key[axis] for key in cells})
+        if len(values) < 2:
+            continue
+        low, high = values[0], values[-1]
+        parts = []
+        for key, name in sorted(cells.items()):
+            if key[axis] != high:
+                continue
+            other = (*key[:axis], low, *key[axis + 1 :])
+            if other not in cells:
+                continue
+            a, b = _spreads(rows, name, "perplexity"), _spreads(rows, cells[other], "perplexity")
+            fixed = ", ".join(f"{names[i]} {key[i]:g}" for i in range(3) if i != axis)
+            parts.append(f"{fixed}: {compare(a, b)} ({100 * relative_difference(a, b):+.1f} %)")
+        out.append(f"{label} = {high:g} vs {low:g}: " + "; ".join(parts))
+    return out
 
 
 def render(document: dict, base_results: dict, config: Config, data: PreparedData) -> str:
@@ -417,6 +460,10 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         )
         + "."
     )
+    sweep_lines = _sweep_verdicts(document["variants"]["sweep"], rows)
+    if sweep_lines:
+        add("- Sweep, one factor at a time (perplexity; same other settings):")
+        lines.extend(f"  - {line}" for line in sweep_lines)
     claim_ce = compare(ppl["topk"], ppl["ce"])
     claim_teachers = {
         t["name"]: compare(ppl["topk"], SeedSpread.of([t["held_out"]["perplexity"]])) for t in teachers

@@ -323,7 +323,9 @@ def test_evaluate_run_includes_teachers_outside_the_run(prepared: PreparedData, 
     results = read_results(path)
     assert [m["name"] for m in results["models"]] == ["teachers/big", "students/distilled"]
     assert results["models"][0]["path"] == str(outside.resolve())
-    direct = evaluate_models([outside], options=EvalOptions(data_dir=run / "data", split="dev", batch_size=16))
+    direct = evaluate_models(
+        [outside], options=EvalOptions(data_dir=run / "data", split="dev", batch_size=16)
+    )
     assert results["models"][0]["held_out"]["loss"] == direct["models"][0]["held_out"]["loss"]
 
 
