@@ -37,7 +37,12 @@ import torch
 
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import Config, load_config
-from logitcache.pipeline.evaluation.compare import SeedSpread, compare, relative_difference
+from logitcache.pipeline.evaluation.compare import (
+    SeedSpread,
+    compare,
+    one_factor_pairs,
+    relative_difference,
+)
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import _git_commit, package_versions, read_marker
@@ -279,22 +284,14 @@ def _sweep_verdicts(sweep: list[dict], rows: list[dict]) -> list[str]:
         cells[(k, temp, alpha)] = v["name"]
     names = ("k", "T", "alpha")
     out = []
-    for axis, label in enumerate(names):
+    for axis, pairs in one_factor_pairs(cells):
         values = sorted({key[axis] for key in cells})
-        if len(values) < 2:
-            continue
-        low, high = values[0], values[-1]
         parts = []
-        for key, name in sorted(cells.items()):
-            if key[axis] != high:
-                continue
-            other = (*key[:axis], low, *key[axis + 1 :])
-            if other not in cells:
-                continue
-            a, b = _spreads(rows, name, "perplexity"), _spreads(rows, cells[other], "perplexity")
+        for high, low, key in pairs:
+            a, b = _spreads(rows, high, "perplexity"), _spreads(rows, low, "perplexity")
             fixed = ", ".join(f"{names[i]} {key[i]:g}" for i in range(3) if i != axis)
             parts.append(f"{fixed}: {compare(a, b)} ({100 * relative_difference(a, b):+.1f} %)")
-        out.append(f"{label} = {high:g} vs {low:g}: " + "; ".join(parts))
+        out.append(f"{names[axis]} = {values[-1]:g} vs {values[0]:g}: " + "; ".join(parts))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from logitcache.pipeline.evaluation.compare import SeedSpread, compare, relative_difference
+from logitcache.pipeline.evaluation.compare import SeedSpread, compare, one_factor_pairs, relative_difference
 
 
 def test_spread_mean_range_and_format() -> None:
@@ -33,3 +33,33 @@ def test_compare_needs_disjoint_seed_ranges(a: list[float], b: list[float], want
 
 def test_relative_difference_of_means() -> None:
     assert relative_difference(SeedSpread.of([99.0, 103.0]), SeedSpread.of([100.0])) == pytest.approx(0.01)
+
+
+def test_one_factor_pairs_of_a_partial_grid():
+    # k x T x alpha as in the sweep, with the cell (64, 2, 1) missing
+    cells = {
+        (8.0, 1.0, 0.5): "a",
+        (8.0, 1.0, 1.0): "b",
+        (8.0, 2.0, 0.5): "c",
+        (64.0, 1.0, 0.5): "d",
+        (64.0, 2.0, 0.5): "e",
+        (64.0, 1.0, 1.0): "f",
+    }
+    pairs = dict(one_factor_pairs(cells))
+    # k: 64 vs 8 with (T, alpha) fixed: (1, .5), (1, 1), (2, .5)
+    assert pairs[0] == [
+        ("d", "a", (64.0, 1.0, 0.5)),
+        ("f", "b", (64.0, 1.0, 1.0)),
+        ("e", "c", (64.0, 2.0, 0.5)),
+    ]
+    # T: 2 vs 1; (k=8, alpha=1) and (64, 1) have no T = 2 cell
+    assert pairs[1] == [("c", "a", (8.0, 2.0, 0.5)), ("e", "d", (64.0, 2.0, 0.5))]
+    # alpha: 1 vs 0.5; only the T = 1 cells have both
+    assert pairs[2] == [("b", "a", (8.0, 1.0, 1.0)), ("f", "d", (64.0, 1.0, 1.0))]
+
+
+def test_one_factor_pairs_skip_constant_factors_and_refuse_ragged_keys():
+    assert one_factor_pairs({(1.0, 5.0): "x", (2.0, 5.0): "y"}) == [(0, [("y", "x", (2.0, 5.0))])]
+    assert one_factor_pairs({}) == []
+    with pytest.raises(ValueError, match="same number of factors"):
+        one_factor_pairs({(1.0,): "x", (1.0, 2.0): "y"})

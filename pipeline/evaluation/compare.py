@@ -11,7 +11,7 @@ teacher) is a range of width zero: its own seed noise is unknown, which the verd
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,3 +63,31 @@ def compare(a: SeedSpread, b: SeedSpread) -> Verdict:
 def relative_difference(a: SeedSpread, b: SeedSpread) -> float:
     """``(mean a - mean b) / mean b``."""
     return (a.mean - b.mean) / b.mean
+
+
+def one_factor_pairs(
+    cells: Mapping[tuple[float, ...], str],
+) -> list[tuple[int, list[tuple[str, str, tuple[float, ...]]]]]:
+    """Pairs of grid cells that differ in one factor only, for one-factor-at-a-time verdicts.
+
+    ``cells`` maps each cell's factor values (the same number of factors in every key) to its name.
+    For each factor that takes two or more values: ``(factor index, pairs)`` where each pair is
+    ``(name at the factor's highest value, name at its lowest value, the cell key at the highest)``
+    for every cell whose twin at the lowest value exists with all other factors equal.
+    """
+    widths = {len(key) for key in cells}
+    if len(widths) > 1:
+        raise ValueError(f"Expected cells with the same number of factors. Got key lengths {sorted(widths)}.")
+    out = []
+    for axis in range(widths.pop() if widths else 0):
+        values = sorted({key[axis] for key in cells})
+        if len(values) < 2:
+            continue
+        low, high = values[0], values[-1]
+        pairs = []
+        for key, name in sorted(cells.items()):
+            twin = (*key[:axis], low, *key[axis + 1 :])
+            if key[axis] == high and twin in cells:
+                pairs.append((name, cells[twin], key))
+        out.append((axis, pairs))
+    return out
