@@ -24,6 +24,7 @@ config (e.g. your own corpus): pass --config and --set as for ``pipe run``.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime as dt
 import json
@@ -46,7 +47,7 @@ from logitcache.pipeline.evaluation.compare import (
 )
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import _git_commit, package_versions, read_marker
+from logitcache.pipeline.rundir import PROVENANCE_FILE, _git_commit, package_versions, read_marker
 from logitcache.pipeline.runner import run_pipeline
 from logitcache.pipeline.student import train_student
 
@@ -123,6 +124,8 @@ class Experiment:
             "ece": held["ece"],
             "tokens": held["tokens"],
             "model_dir": str(model_dir),
+            # the code that trained it (a student reused from an earlier invocation keeps its own)
+            "trained_at": json.loads((model_dir / PROVENANCE_FILE).read_text()).get("git_commit", "")[:7],
         }
         self.rows.append(row)
         print(
@@ -326,7 +329,13 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(f"- Command: `{meta['command']}`")
     add(
         f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}; "
-        f"{meta['wall_minutes']:.0f} min wall in all (models already trained in RUN are reused)."
+        f"{meta['wall_minutes']:.0f} min wall for this invocation (models already trained in RUN are reused)."
+    )
+    trained = collections.Counter(r.get("trained_at") or "unknown" for r in rows)
+    add(
+        "- Students of the seed experiments trained at commit "
+        + ", ".join(f"{c} ({n} models)" for c, n in sorted(trained.items()))
+        + "."
     )
     versions = meta["versions"]
     add(
