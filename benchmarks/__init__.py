@@ -131,10 +131,26 @@ def print_table(rows: list[dict], columns: Sequence[str]) -> None:
 
 
 def append_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+    """Append rows; a file whose header lacks some of ``columns`` is rewritten with the union (old rows blank)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(columns)
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            old_columns, old_rows = list(reader.fieldnames or []), list(reader)
+        missing = [c for c in columns if c not in old_columns]
+        if missing:  # rewrite beside, then replace: the old rows survive an interruption
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=old_columns + missing, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old_rows + rows)
+            tmp.replace(path)
+            return
+        columns = old_columns
     new_file = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         writer.writerows(rows)

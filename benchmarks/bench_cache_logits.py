@@ -11,6 +11,13 @@ overhead between selection and writing.
 
 Needs a run directory with prepared data and trained teachers (`pipe run` up to the teachers).
 The cache is written to a temporary copy of the run directory; nothing in RUN changes.
+
+Throughput does not depend on what the teachers learned, so teachers of other sizes can be
+measured without training them: ``--untrained-teachers`` prepares the data in a temporary run
+and saves freshly initialised teachers of the config's architecture (change it with ``--set``):
+
+    python -m benchmarks.bench_cache_logits configs/demo.toml --untrained-teachers \
+        --set teachers.llama.model.hidden_size=512 --set teachers.gpt2.model.hidden_size=512
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from benchmarks import append_csv, device_name, git_commit, print_table
 from logitcache.pipeline.cache_logits import EnsembleSelector, _teacher_dirs, cache_logits
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.distributed import resolve_device
-from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.prepare import PreparedData, prepare_data
+from logitcache.pipeline.teachers import finalize_model_dir, teacher_config, teacher_dir, teacher_fingerprint
 
 
 def _sync(device: torch.device) -> None:
@@ -43,12 +52,39 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("config")
-    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--run-dir", help="a run with prepared data and trained teachers")
+    parser.add_argument(
+        "--untrained-teachers",
+        action="store_true",
+        help="prepare data and initialise the teachers in a temporary run instead of --run-dir",
+    )
+    parser.add_argument("--set", action="append", default=[], help="config override, as for pipe run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating repeats of each measurement")
     parser.add_argument("--csv", default="benchmarks/results/cache_logits.csv")
     args = parser.parse_args()
+    if bool(args.run_dir) == args.untrained_teachers:
+        parser.error("give either --run-dir RUN or --untrained-teachers")
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.untrained_teachers:
+            args.run_dir = str(_untrained_run(args.config, args.set, Path(scratch) / "base"))
+        measure(args)
 
-    config = load_config(args.config, run_dir=args.run_dir)
+
+def _untrained_run(config_path: str, overrides: list[str], run: Path) -> Path:
+    """A run with prepared data and freshly initialised (untrained) teachers, marked complete."""
+    config = load_config(config_path, overrides, run_dir=run)
+    data = PreparedData.open(prepare_data(config, progress=False))
+    for name in config.teachers:
+        model = build_model(
+            teacher_config(config, name).model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=0
+        )
+        summary = {"dev_loss": float("nan"), "steps": 0, "untrained": True}
+        finalize_model_dir(teacher_dir(config, name), model, data, summary, teacher_fingerprint(config, name))
+    return run
+
+
+def measure(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.set, run_dir=args.run_dir)
     data = PreparedData.open(Path(args.run_dir) / "data")
     device = resolve_device(config.run.device)
     selector = EnsembleSelector(config, _teacher_dirs(config), data, device)
@@ -84,7 +120,7 @@ def main() -> None:
             run.mkdir()
             (run / "data").symlink_to(Path(args.run_dir).resolve() / "data")
             (run / "teachers").symlink_to(Path(args.run_dir).resolve() / "teachers")
-            cfg = load_config(args.config, run_dir=run)
+            cfg = load_config(args.config, args.set, run_dir=run)
             start = time.perf_counter()
             out = cache_logits(cfg, progress=False)
             seconds = time.perf_counter() - start
@@ -108,6 +144,9 @@ def main() -> None:
         "batch_windows": batch,
         "seq_len": windows.shape[1],
         "k": config.cache.k,
+        "vocab": data.vocab_size,
+        "teacher_params": "+".join(str(count_parameters(m)) for m in selector.models),
+        "teachers_trained": not args.untrained_teachers,
         "forward_tokens_per_s": round(forward),
         "forward_select_tokens_per_s": round(selected),
         "cache_logits_tokens_per_s": round(stage),

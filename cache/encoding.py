@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from logitcache.cache.metadata import CacheMetadata
 from logitcache.pipeline.errors import CacheError
@@ -116,15 +117,17 @@ def _bf16_to_float32(bits: np.ndarray) -> np.ndarray:
 
 def encode_values(logprobs: np.ndarray, *, value_code: str, logp_floor: float) -> np.ndarray:
     """Encode float log-probabilities with a probability code (not ``count``)."""
+    if value_code.startswith(("logp_q", "ratio_q")):
+        # float32 torch (several threads): its rounding moves q by one level only where the exact
+        # value lies within ~1e-4 of a level's edge, far inside the error bounds of the table
+        logp_t = torch.as_tensor(logprobs).to(torch.float32).clamp(max=0.0)
+        levels = (1 << value_bits(value_code)) - 1
+        if value_code.startswith("logp_q"):
+            scaled = (logp_t.clamp(min=logp_floor) - logp_floor) * (levels / -logp_floor)
+        else:  # p / p_max in [0, 1]; the top entry is exp(0) * levels = levels exactly
+            scaled = torch.exp(logp_t - logp_t.amax(dim=-1, keepdim=True)) * levels
+        return torch.round(scaled).to(torch.int32).numpy().astype(value_dtype(value_code))  # half to even
     logp = np.minimum(np.asarray(logprobs, dtype=np.float64), 0.0)
-    if value_code.startswith("logp_q"):
-        levels = (1 << value_bits(value_code)) - 1
-        scaled = (np.maximum(logp, logp_floor) - logp_floor) / -logp_floor * levels
-        return np.rint(scaled).astype(value_dtype(value_code))
-    if value_code.startswith("ratio_q"):
-        levels = (1 << value_bits(value_code)) - 1
-        ratio = np.exp(logp - logp.max(axis=-1, keepdims=True))  # p / p_max, in [0, 1]
-        return np.rint(ratio * levels).astype(value_dtype(value_code))
     clamped = np.maximum(logp, FLOAT_LOGP_MIN)
     if value_code == "logp_fp16":
         return clamped.astype(np.float16)
@@ -181,8 +184,17 @@ def _to_numpy(x: object) -> np.ndarray:
     return np.asarray(x)
 
 
-def _gaps(sorted_ids: np.ndarray) -> np.ndarray:
-    return np.diff(sorted_ids, axis=-1, prepend=np.zeros_like(sorted_ids[..., :1]))
+def _sorted_gaps(ids: object, values: object) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: ids sorted ascending as gaps (first id, then differences), values reordered to match.
+
+    The sort is stable, so a sampled selection's padding slots (they repeat the last real id, with
+    count 0) stay after that id and get gap 0. Done in torch (several threads), about 1.6x faster
+    than NumPy's argsort + take_along_axis + diff.
+    """
+    ids_t = torch.as_tensor(ids).to(torch.int64)
+    sorted_ids, order = torch.sort(ids_t, dim=-1, stable=True)
+    gaps = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
+    return gaps.numpy(), torch.gather(torch.as_tensor(values), -1, order).numpy()
 
 
 def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries:
@@ -200,9 +212,7 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
         logp = _to_numpy(selection.logprobs)
         tail = _to_numpy(selection.tail).astype(np.float32)
         if enc.id_code == "sorted_gaps":
-            order = np.argsort(ids, axis=-1, kind="stable")
-            ids = _gaps(np.take_along_axis(ids, order, axis=-1))
-            logp = np.take_along_axis(logp, order, axis=-1)
+            ids, logp = _sorted_gaps(ids, logp)
         values = encode_values(logp, value_code=enc.value_code, logp_floor=enc.logp_floor)
         return EncodedEntries(ids=ids.astype(id_dtype), values=values, tail=np.clip(tail, 0.0, 1.0))
     if isinstance(selection, SampledSelection):
@@ -212,9 +222,7 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
             )
         ids = _to_numpy(selection.ids).astype(np.int64)
         counts = _to_numpy(selection.counts).astype(np.int64)
-        order = np.argsort(ids, axis=-1, kind="stable")  # already ascending; stable keeps padding last
-        ids = _gaps(np.take_along_axis(ids, order, axis=-1))
-        counts = np.take_along_axis(counts, order, axis=-1)
+        ids, counts = _sorted_gaps(ids, counts)  # already ascending; stable keeps padding last
         return EncodedEntries(ids=ids.astype(id_dtype), values=counts.astype(np.uint16), tail=None)
     raise CacheError(f"Expected a TopkSelection or SampledSelection. Got {type(selection).__name__}.")
 
