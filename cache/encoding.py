@@ -1,4 +1,4 @@
-"""Encode selected entries into the stored arrays and decode them back (NumPy, no zarr).
+"""Encode selected entries into the stored arrays and decode them back (NumPy / CPU torch, no zarr).
 
 All transforms happen here, before zarr's codec chain, so that the stored arrays are plain
 integers / floats readable by any Zarr v3 implementation (no numcodecs filters).
@@ -31,6 +31,8 @@ The reader turns the decoded ``u`` into weights by renormalising over the stored
 position: ``w = u / sum(u)`` (renormalised top-k) or ``w = u / sum(u) * (1 - tail)``
 (ghost-bucket mode: the stored entries plus the tail sum to exactly 1). ``ratio_qB`` therefore
 needs no scale: the top entry always stores ``2^B - 1``. ``count`` is used as ``count / n``.
+
+The quantised codes are computed in float32; ``rint`` rounds half to even.
 
 Tail mass (topk mode): float32, exact as computed.
 """
