@@ -172,7 +172,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.render_only:
-        document = json.loads((Path(args.run_dir) / "experiments" / "experiments.json").read_text())
+        recorded = Path(args.run_dir) / "experiments" / "experiments.json"
+        if not recorded.is_file():
+            sys.exit(f"error: {recorded} does not exist; run without --render-only first.")
+        document = json.loads(recorded.read_text())
         meta = document["meta"]
         config = load_config(meta["config"], [*meta["overrides"], BASE_STUDENTS], run_dir=meta["run_dir"])
         write_markdown(document, config, Path(args.out))
