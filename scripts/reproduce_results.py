@@ -40,9 +40,11 @@ import torch
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import Config, load_config
 from logitcache.pipeline.evaluation.compare import (
+    PairedDifference,
     SeedSpread,
     compare,
     one_factor_pairs,
+    paired,
     relative_difference,
 )
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
@@ -275,8 +277,26 @@ def _spreads(rows: list[dict], variant: str, metric: str) -> SeedSpread:
     return SeedSpread.of([r[metric] for r in rows if r["variant"] == variant])
 
 
+def _paired(rows: list[dict], a: str, b: str, metric: str) -> PairedDifference:
+    values = {name: {r["seed"]: r[metric] for r in rows if r["variant"] == name} for name in (a, b)}
+    return paired(values[a], values[b])
+
+
+def _pair_text(pair: PairedDifference) -> str:
+    return (
+        f"paired by seed: lower in {pair.lower} of {len(pair.seeds)}, higher in {pair.higher} "
+        f"(sign test p = {pair.sign_test_p:.2f})"
+    )
+
+
 def _verdict_sentence(
-    label_a: str, a: SeedSpread, label_b: str, b: SeedSpread, metric: str, digits: int
+    label_a: str,
+    a: SeedSpread,
+    label_b: str,
+    b: SeedSpread,
+    metric: str,
+    digits: int,
+    pair: PairedDifference | None = None,
 ) -> str:
     verdict = compare(a, b)
     diff = 100 * relative_difference(a, b)
@@ -284,9 +304,10 @@ def _verdict_sentence(
         verdict
     ]
     caveat = " (single runs: their seed noise is unknown)" if len(a.values) == len(b.values) == 1 else ""
+    paired_text = f"; {_pair_text(pair)}" if pair is not None and len(pair.seeds) > 1 else ""
     return (
         f"{label_a} vs {label_b}: {metric} {a.format(digits)} vs {b.format(digits)} "
-        f"({diff:+.1f} %): **{words}**{caveat}"
+        f"({diff:+.1f} %): **{words}**{caveat}{paired_text}"
     )
 
 
@@ -313,7 +334,11 @@ def _sweep_verdicts(sweep: list[dict], rows: list[dict]) -> list[str]:
         for high, low, key in pairs:
             a, b = _spreads(rows, high, "perplexity"), _spreads(rows, low, "perplexity")
             fixed = ", ".join(f"{names[i]} {key[i]:g}" for i in range(3) if i != axis)
-            parts.append(f"{fixed}: {compare(a, b)} ({100 * relative_difference(a, b):+.1f} %)")
+            pair = _paired(rows, high, low, "perplexity")
+            parts.append(
+                f"{fixed}: {compare(a, b)} ({100 * relative_difference(a, b):+.1f} %, "
+                f"lower in {pair.lower} of {len(pair.seeds)} seeds)"
+            )
         out.append(f"{names[axis]} = {values[-1]:g} vs {values[0]:g}: " + "; ".join(parts))
     return out
 
@@ -436,21 +461,37 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add("## What the numbers support")
     add("")
     add("Rule: a difference counts only when the seed ranges (min-max) do not overlap; a teacher is")
-    add("one training run, so its own seed noise is unknown. These sentences are computed from the")
-    add("tables above.")
+    add("one training run, so its own seed noise is unknown. Where both sides have the same seeds, the")
+    add("per-seed comparison is given too (same seed = same initialisation and data order, so much of")
+    add("the noise cancels); its sign test cannot reach p < 0.05 with fewer than 6 seeds. These")
+    add("sentences are computed from the tables above.")
     add("")
     ppl = {name: _spreads(rows, name, "perplexity") for name in document["variants"]["main"]}
     ece = {name: _spreads(rows, name, "ece") for name in document["variants"]["main"]}
     add(
         "- "
         + _verdict_sentence(
-            "distilled student (top-k cache)", ppl["topk"], "CE twin", ppl["ce"], "perplexity", 1
+            "distilled student (top-k cache)",
+            ppl["topk"],
+            "CE twin",
+            ppl["ce"],
+            "perplexity",
+            1,
+            _paired(rows, "topk", "ce", "perplexity"),
         )
         + "."
     )
     add(
         "- "
-        + _verdict_sentence("online distillation", ppl["online"], "CE twin", ppl["ce"], "perplexity", 1)
+        + _verdict_sentence(
+            "online distillation",
+            ppl["online"],
+            "CE twin",
+            ppl["ce"],
+            "perplexity",
+            1,
+            _paired(rows, "online", "ce", "perplexity"),
+        )
         + "."
     )
     teachers = [m for m in models if m["name"].startswith("teachers/")]
@@ -461,7 +502,8 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     met = "met" if abs(fidelity) <= 1.0 else "not met"
     add(
         f"- Cache fidelity (target ≤ 1 % perplexity difference between the top-{cache.k} cache and online "
-        f"distillation): {fidelity:+.1f} % on the means, **{met}**; top-k vs online by the seed-range rule: {compare(ppl['topk'], ppl['online'])}."
+        f"distillation): {fidelity:+.1f} % on the means, **{met}**; top-k vs online by the seed-range rule: {compare(ppl['topk'], ppl['online'])}; "
+        f"{_pair_text(_paired(rows, 'topk', 'online', 'perplexity'))}."
     )
     sampled = next(n for n in document["variants"]["main"] if n.startswith("sampled"))
     sampled_a1 = f"{sampled}-a1" if f"{sampled}-a1" in ppl else None
@@ -479,19 +521,43 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(
         f"- Sampled ({sampled.split('-n')[-1]} draws) vs top-{cache.k} cache, storage {sampled_bytes:.1f} vs "
         f"{topk_bytes:.1f} bytes/position ({sampled_bytes / topk_bytes:.2f}x): "
-        + _verdict_sentence("sampled", ppl[sampled], "top-k", ppl["topk"], "perplexity", 1)
+        + _verdict_sentence(
+            "sampled",
+            ppl[sampled],
+            "top-k",
+            ppl["topk"],
+            "perplexity",
+            1,
+            _paired(rows, sampled, "topk", "perplexity"),
+        )
         + "; "
-        + _verdict_sentence("sampled", ece[sampled], "top-k", ece["topk"], "ECE", 4)
+        + _verdict_sentence(
+            "sampled", ece[sampled], "top-k", ece["topk"], "ECE", 4, _paired(rows, sampled, "topk", "ece")
+        )
         + "."
     )
     if sampled_a1 and topk_a1:
         a, b = ppl[sampled_a1], _spreads(rows, topk_a1, "perplexity")
         add(
             "- Without the CE term (alpha = 1), what the cache alone teaches: "
-            + _verdict_sentence("sampled", a, f"top-{cache.k}", b, "perplexity", 1)
+            + _verdict_sentence(
+                "sampled",
+                a,
+                f"top-{cache.k}",
+                b,
+                "perplexity",
+                1,
+                _paired(rows, sampled_a1, topk_a1, "perplexity"),
+            )
             + "; "
             + _verdict_sentence(
-                "sampled", ece[sampled_a1], f"top-{cache.k}", _spreads(rows, topk_a1, "ece"), "ECE", 4
+                "sampled",
+                ece[sampled_a1],
+                f"top-{cache.k}",
+                _spreads(rows, topk_a1, "ece"),
+                "ECE",
+                4,
+                _paired(rows, sampled_a1, topk_a1, "ece"),
             )
             + "."
         )
@@ -506,7 +572,13 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(
         "- "
         + _verdict_sentence(
-            "renormalised top-k", ece["topk-renormalize"], "ghost tail", ece["topk"], "ECE", 4
+            "renormalised top-k",
+            ece["topk-renormalize"],
+            "ghost tail",
+            ece["topk"],
+            "ECE",
+            4,
+            _paired(rows, "topk-renormalize", "topk", "ece"),
         )
         + "."
     )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from logitcache.pipeline.evaluation.compare import SeedSpread, compare, one_factor_pairs, relative_difference
+from logitcache.pipeline.evaluation.compare import (
+    SeedSpread,
+    compare,
+    one_factor_pairs,
+    paired,
+    relative_difference,
+)
 
 
 def test_spread_mean_range_and_format() -> None:
@@ -63,3 +69,25 @@ def test_one_factor_pairs_skip_constant_factors_and_refuse_ragged_keys():
     assert one_factor_pairs({}) == []
     with pytest.raises(ValueError, match="same number of factors"):
         one_factor_pairs({(1.0,): "x", (1.0, 2.0): "y"})
+
+
+def test_paired_differences_and_sign_test_by_hand():
+    a = {1: 90.0, 2: 110.0, 3: 95.0, 4: 50.0}
+    b = {1: 100.0, 2: 100.0, 3: 100.0}  # seed 4 has no twin: left out
+    p = paired(a, b)
+    assert p.seeds == (1, 2, 3)
+    assert p.relative == pytest.approx((-0.1, 0.1, -0.05))
+    assert (p.lower, p.higher) == (2, 1)
+    assert p.sign_test_p == 1.0  # 2 * (C(3,0) + C(3,1)) / 8 = 1
+    all_lower = paired({s: 1.0 for s in range(3)}, {s: 2.0 for s in range(3)})
+    assert all_lower.sign_test_p == pytest.approx(0.25)  # 2 / 2^3
+    six = paired({s: 1.0 for s in range(6)}, {s: 2.0 for s in range(6)})
+    assert six.sign_test_p == pytest.approx(2 / 64)
+    # 5 lower, 1 higher: 2 * (1 + 6) / 64
+    mixed = paired({s: (3.0 if s == 0 else 1.0) for s in range(6)}, {s: 2.0 for s in range(6)})
+    assert (mixed.lower, mixed.higher) == (5, 1)
+    assert mixed.sign_test_p == pytest.approx(14 / 64)
+    ties = paired({1: 2.0, 2: 2.0}, {1: 2.0, 2: 2.0})
+    assert (ties.lower, ties.higher, ties.sign_test_p) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="common seeds"):
+        paired({1: 1.0}, {2: 1.0})
