@@ -6,6 +6,11 @@ and conservative: ``a`` is better than ``b`` (lower is better: perplexity, loss,
 every seed of ``a`` is below every seed of ``b`` (their min-max ranges do not overlap); worse when
 the reverse holds; otherwise the difference is within seed noise. A single run (e.g. one trained
 teacher) is a range of width zero: its own seed noise is unknown, which the verdict text says.
+
+:func:`paired` adds the finer view: with the same seed two students share initialisation and data
+order, so per-seed differences (and how many seeds go each way, with an exact sign test) show a
+consistent effect that overlapping ranges hide. :func:`one_factor_pairs` finds the cells of a
+sweep that differ in one factor only.
 """
 
 from __future__ import annotations
