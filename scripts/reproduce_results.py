@@ -311,6 +311,21 @@ def _verdict_sentence(
     )
 
 
+def _variants_sentence(
+    rows: list[dict], label_a: str, a: str, label_b: str, b: str, metric: str, digits: int
+) -> str:
+    """:func:`_verdict_sentence` for two trained variants: spreads and per-seed pairs from ``rows``."""
+    return _verdict_sentence(
+        label_a,
+        _spreads(rows, a, metric),
+        label_b,
+        _spreads(rows, b, metric),
+        {"ece": "ECE"}.get(metric, metric),
+        digits,
+        _paired(rows, a, b, metric),
+    )
+
+
 def _sweep_cell(variant: dict) -> tuple[float, float, float]:
     """(k, T, alpha) of a sweep variant, read from its overrides."""
     k, temp, alpha = (float(o.split("=")[1]) for o in (*variant["cache"], variant["student"][1]))
@@ -467,31 +482,16 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add("sentences are computed from the tables above.")
     add("")
     ppl = {name: _spreads(rows, name, "perplexity") for name in document["variants"]["main"]}
-    ece = {name: _spreads(rows, name, "ece") for name in document["variants"]["main"]}
     add(
         "- "
-        + _verdict_sentence(
-            "distilled student (top-k cache)",
-            ppl["topk"],
-            "CE twin",
-            ppl["ce"],
-            "perplexity",
-            1,
-            _paired(rows, "topk", "ce", "perplexity"),
+        + _variants_sentence(
+            rows, "distilled student (top-k cache)", "topk", "CE twin", "ce", "perplexity", 1
         )
         + "."
     )
     add(
         "- "
-        + _verdict_sentence(
-            "online distillation",
-            ppl["online"],
-            "CE twin",
-            ppl["ce"],
-            "perplexity",
-            1,
-            _paired(rows, "online", "ce", "perplexity"),
-        )
+        + _variants_sentence(rows, "online distillation", "online", "CE twin", "ce", "perplexity", 1)
         + "."
     )
     teachers = [m for m in models if m["name"].startswith("teachers/")]
@@ -521,47 +521,20 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(
         f"- Sampled ({sampled.split('-n')[-1]} draws) vs top-{cache.k} cache, storage {sampled_bytes:.1f} vs "
         f"{topk_bytes:.1f} bytes/position ({sampled_bytes / topk_bytes:.2f}x): "
-        + _verdict_sentence(
-            "sampled",
-            ppl[sampled],
-            "top-k",
-            ppl["topk"],
-            "perplexity",
-            1,
-            _paired(rows, sampled, "topk", "perplexity"),
-        )
+        + _variants_sentence(rows, "sampled", sampled, "top-k", "topk", "perplexity", 1)
         + "; "
-        + _verdict_sentence(
-            "sampled", ece[sampled], "top-k", ece["topk"], "ECE", 4, _paired(rows, sampled, "topk", "ece")
-        )
+        + _variants_sentence(rows, "sampled", sampled, "top-k", "topk", "ece", 4)
         + "."
     )
     if sampled_a1 and topk_a1:
-        a, b = ppl[sampled_a1], _spreads(rows, topk_a1, "perplexity")
         add(
             "- Without the CE term (alpha = 1), what the cache alone teaches: "
-            + _verdict_sentence(
-                "sampled",
-                a,
-                f"top-{cache.k}",
-                b,
-                "perplexity",
-                1,
-                _paired(rows, sampled_a1, topk_a1, "perplexity"),
-            )
+            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{cache.k}", topk_a1, "perplexity", 1)
             + "; "
-            + _verdict_sentence(
-                "sampled",
-                ece[sampled_a1],
-                f"top-{cache.k}",
-                _spreads(rows, topk_a1, "ece"),
-                "ECE",
-                4,
-                _paired(rows, sampled_a1, topk_a1, "ece"),
-            )
+            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{cache.k}", topk_a1, "ece", 4)
             + "."
         )
-        if compare(a, b) == "better":
+        if compare(ppl[sampled_a1], _spreads(rows, topk_a1, "perplexity")) == "better":
             uncovered = 100 * (1 - default_summary.get("mean_captured_mass", float("nan")))
             add(
                 f"  A top-k cache with the ghost tail constrains the k stored probabilities and the tail's total "
@@ -571,15 +544,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
             )
     add(
         "- "
-        + _verdict_sentence(
-            "renormalised top-k",
-            ece["topk-renormalize"],
-            "ghost tail",
-            ece["topk"],
-            "ECE",
-            4,
-            _paired(rows, "topk-renormalize", "topk", "ece"),
-        )
+        + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)
         + "."
     )
     sweep_lines = _sweep_verdicts(document["variants"]["sweep"], rows)
