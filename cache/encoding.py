@@ -210,7 +210,7 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
             raise CacheError(
                 f"Expected a SampledSelection for a cache in mode {metadata.mode!r}. Got a TopkSelection."
             )
-        ids = _to_numpy(selection.ids).astype(np.int64)
+        ids = _to_numpy(selection.ids).astype(np.int64, copy=False)
         logp = _to_numpy(selection.logprobs)
         tail = _to_numpy(selection.tail).astype(np.float32)
         if enc.id_code == "sorted_gaps":
@@ -222,8 +222,8 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
             raise CacheError(
                 f"Expected a TopkSelection for a cache in mode {metadata.mode!r}. Got a SampledSelection."
             )
-        ids = _to_numpy(selection.ids).astype(np.int64)
-        counts = _to_numpy(selection.counts).astype(np.int64)
+        ids = _to_numpy(selection.ids).astype(np.int64, copy=False)
+        counts = _to_numpy(selection.counts).astype(np.int64, copy=False)
         ids, counts = _sorted_gaps(ids, counts)  # already ascending; stable keeps padding last
         return EncodedEntries(ids=ids.astype(id_dtype), values=counts.astype(np.uint16), tail=None)
     raise CacheError(f"Expected a TopkSelection or SampledSelection. Got {type(selection).__name__}.")
