@@ -8,19 +8,20 @@ Backend rule (one dispatch point, :func:`resolve_backend`):
    reference everywhere else (CPU training).
 
 ``backend="triton"`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the interpreter
-that CI uses); anything else is a :class:`~logitcache.pipeline.errors.ConfigError`.
+that CI uses); anything else is a :class:`~logitcache.kernels.errors.KernelError`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import torch
 
-from logitcache.pipeline.errors import ConfigError, DataError
+from logitcache.kernels.errors import KernelError
 
 BACKENDS: Final = ("auto", "triton", "torch")
 REDUCTIONS: Final = ("mean", "sum", "batchmean-compat")
@@ -29,11 +30,14 @@ BACKEND_ENV_VAR: Final = "LOGITCACHE_KERNEL_BACKEND"
 
 @dataclass(frozen=True)
 class SparseKDParams:
-    """Options of the sparse-KD loss, validated once and passed to every implementation.
+    """Options of the sparse-KD loss: validated once here, passed as one object to every backend.
 
+    ``loss_pos = ce_weight * CE + kl_weight * T**2 * KL`` (see :mod:`logitcache.kernels.sparse_kd`);
+    ``reduction`` in :data:`REDUCTIONS`; targets equal to ``ignore_index`` contribute nothing.
     ``kl_batch_div`` is the divisor of the KL sum in ``reduction="batchmean-compat"``: the leading
     dimension of the logits as the caller gave them (``B`` for ``(B, T, V)``, ``N`` for ``(N, V)``),
-    exactly what ``torch.nn.KLDivLoss(reduction="batchmean")`` divides by.
+    exactly what ``torch.nn.KLDivLoss(reduction="batchmean")`` divides by; the public functions set
+    it from the shape (:meth:`for_shape`).
     """
 
     temperature: float = 1.0
@@ -42,6 +46,53 @@ class SparseKDParams:
     ignore_index: int = -100
     reduction: str = "mean"
     kl_batch_div: int = 1
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise KernelError(
+                f"Expected reduction in {REDUCTIONS}. Got {self.reduction!r}. Pick one of those."
+            )
+        if not (float(self.temperature) > 0.0) or math.isinf(float(self.temperature)):
+            raise KernelError(f"Expected temperature > 0. Got {self.temperature!r}. Use e.g. 1.0 or 2.0.")
+        for name in ("ce_weight", "kl_weight"):
+            value = float(getattr(self, name))
+            if not (value >= 0.0) or math.isinf(value):
+                raise KernelError(f"Expected {name} >= 0 and finite. Got {value!r}.")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "ce_weight", float(self.ce_weight))
+        object.__setattr__(self, "kl_weight", float(self.kl_weight))
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
+        object.__setattr__(self, "kl_batch_div", max(int(self.kl_batch_div), 1))
+
+    @classmethod
+    def from_alpha(
+        cls, alpha: float, *, temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100
+    ) -> SparseKDParams:
+        """``(1 - alpha) * CE + alpha * T**2 * KL``: the usual distillation mix (alpha = 0: CE only)."""
+        if not (0.0 <= float(alpha) <= 1.0):
+            raise KernelError(f"Expected alpha in [0, 1]. Got {alpha!r}.")
+        return cls(
+            temperature=temperature,
+            ce_weight=1.0 - float(alpha),
+            kl_weight=float(alpha),
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+
+    def for_shape(self, logits_shape: torch.Size | tuple[int, ...]) -> SparseKDParams:
+        """These options with ``kl_batch_div`` set from the caller's logits (or hidden) shape."""
+        div = max(int(logits_shape[0]), 1) if len(logits_shape) > 1 else 1
+        return self if div == self.kl_batch_div else replace(self, kl_batch_div=div)
+
+    def keywords(self) -> dict[str, float | int | str]:
+        """The public keyword arguments of the loss functions (everything but ``kl_batch_div``)."""
+        return {
+            "temperature": self.temperature,
+            "ce_weight": self.ce_weight,
+            "kl_weight": self.kl_weight,
+            "ignore_index": self.ignore_index,
+            "reduction": self.reduction,
+        }
 
 
 def make_params(
@@ -53,18 +104,25 @@ def make_params(
     ignore_index: int,
     reduction: str,
 ) -> SparseKDParams:
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"Expected reduction in {REDUCTIONS}. Got {reduction!r}. Pick one of those.")
-    if not (float(temperature) > 0.0):
-        raise ConfigError(f"Expected temperature > 0. Got {temperature!r}. Use e.g. 1.0 or 2.0.")
+    """Validated options from the public keywords, ``kl_batch_div`` from the logits shape."""
     return SparseKDParams(
-        temperature=float(temperature),
-        ce_weight=float(ce_weight),
-        kl_weight=float(kl_weight),
-        ignore_index=int(ignore_index),
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
         reduction=reduction,
-        kl_batch_div=max(int(logits_shape[0]), 1) if len(logits_shape) > 1 else 1,
-    )
+    ).for_shape(logits_shape)
+
+
+def divisors(params: SparseKDParams, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ce_divisor, kl_divisor) for the reduction; n_valid is clamped to 1 (mean of nothing = 0)."""
+    n = n_valid.clamp(min=1)
+    one = torch.ones_like(n)
+    if params.reduction == "mean":
+        return n, n
+    if params.reduction == "sum":
+        return one, one
+    return n, one * params.kl_batch_div  # batchmean-compat
 
 
 def check_shapes(
@@ -77,34 +135,34 @@ def check_shapes(
 ) -> None:
     """Shape and dtype checks (no device sync). ``lead`` is the logits shape without the vocab dim."""
     if vocab < 1:
-        raise DataError(f"Expected a vocabulary dimension >= 1. Got logits with last dim {vocab}.")
+        raise KernelError(f"Expected a vocabulary dimension >= 1. Got logits with last dim {vocab}.")
     if tuple(targets.shape) != lead:
-        raise DataError(
+        raise KernelError(
             f"Expected targets of shape {lead} (logits without the vocab dim). Got {tuple(targets.shape)}."
         )
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise DataError(f"Expected integer targets. Got dtype {targets.dtype}. Cast with .long().")
+        raise KernelError(f"Expected integer targets. Got dtype {targets.dtype}. Cast with .long().")
     if teacher_ids.dim() != len(lead) + 1 or tuple(teacher_ids.shape[:-1]) != lead:
-        raise DataError(
+        raise KernelError(
             f"Expected teacher_ids of shape {lead + ('k',)}. Got {tuple(teacher_ids.shape)}. "
             "Check that the cache slice matches the batch."
         )
     if teacher_ids.shape[-1] < 1:
-        raise DataError("Expected at least one teacher entry per position (k >= 1). Got k = 0.")
+        raise KernelError("Expected at least one teacher entry per position (k >= 1). Got k = 0.")
     if teacher_ids.dtype.is_floating_point or teacher_ids.dtype == torch.bool:
-        raise DataError(f"Expected integer teacher_ids. Got dtype {teacher_ids.dtype}.")
+        raise KernelError(f"Expected integer teacher_ids. Got dtype {teacher_ids.dtype}.")
     if tuple(teacher_weights.shape) != tuple(teacher_ids.shape):
-        raise DataError(
+        raise KernelError(
             f"Expected teacher_weights of shape {tuple(teacher_ids.shape)} (same as teacher_ids). "
             f"Got {tuple(teacher_weights.shape)}."
         )
     if not teacher_weights.dtype.is_floating_point:
-        raise DataError(f"Expected floating teacher_weights. Got dtype {teacher_weights.dtype}.")
+        raise KernelError(f"Expected floating teacher_weights. Got dtype {teacher_weights.dtype}.")
     if tail is not None:
         if tuple(tail.shape) != lead:
-            raise DataError(f"Expected tail of shape {lead}. Got {tuple(tail.shape)}.")
+            raise KernelError(f"Expected tail of shape {lead}. Got {tuple(tail.shape)}.")
         if not tail.dtype.is_floating_point:
-            raise DataError(f"Expected a floating tail. Got dtype {tail.dtype}.")
+            raise KernelError(f"Expected a floating tail. Got dtype {tail.dtype}.")
 
 
 def check_values(vocab: int, targets: torch.Tensor, teacher_ids: torch.Tensor, ignore_index: int) -> None:
@@ -114,13 +172,13 @@ def check_values(vocab: int, targets: torch.Tensor, teacher_ids: torch.Tensor, i
     bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad_target.any()):
         value = int(targets[bad_target][0])
-        raise DataError(
+        raise KernelError(
             f"Expected targets in [0, {vocab}) or ignore_index={ignore_index}. Got {value}. "
             "Check the tokenizer/vocab size of the student."
         )
     if bool((teacher_ids >= vocab).any()):
         value = int(teacher_ids.max())
-        raise DataError(
+        raise KernelError(
             f"Expected teacher ids < vocab size {vocab} (negative ids mean padding). Got {value}. "
             "The cache was written for a different vocabulary."
         )
@@ -141,24 +199,24 @@ def triton_interpreting() -> bool:
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Return ``"triton"`` or ``"torch"`` following the rule in the module docstring."""
     if requested not in BACKENDS:
-        raise ConfigError(f"Expected backend in {BACKENDS}. Got {requested!r}.")
+        raise KernelError(f"Expected backend in {BACKENDS}. Got {requested!r}.")
     choice = requested
     if choice == "auto":
         choice = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower() or "auto"
         if choice not in BACKENDS:
-            raise ConfigError(
+            raise KernelError(
                 f"Expected {BACKEND_ENV_VAR} in {BACKENDS}. Got {choice!r}. Unset it or fix its value."
             )
     if choice == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "triton":
         if not triton_available():
-            raise ConfigError(
+            raise KernelError(
                 "Expected Triton to be importable for backend='triton'. Got ImportError. "
                 "Install triton or use backend='torch'."
             )
         if device.type != "cuda" and not triton_interpreting():
-            raise ConfigError(
+            raise KernelError(
                 f"Expected CUDA tensors for backend='triton' (or TRITON_INTERPRET=1). Got device {device}. "
                 "Use backend='torch' on CPU."
             )
@@ -189,6 +247,6 @@ def launch_config(vocab: int, k: int, *, has_tail: bool, block_v: int | None = N
     if block_v is None:
         block_v = min(next_power_of_2(vocab), 1024 if has_tail else 16384)
     if block_v & (block_v - 1):
-        raise ConfigError(f"Expected block_v to be a power of two. Got {block_v}.")
+        raise KernelError(f"Expected block_v to be a power of two. Got {block_v}.")
     num_warps = max(1, min(32, block_v // 512))
     return LaunchConfig(block_v=block_v, k_pad=max(next_power_of_2(k), 2), num_warps=num_warps)

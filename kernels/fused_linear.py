@@ -27,12 +27,19 @@ import torch
 from logitcache.kernels._common import (
     SparseKDParams,
     check_shapes,
+    check_values,
     make_params,
     next_power_of_2,
     resolve_backend,
 )
-from logitcache.kernels.sparse_kd import sparse_kd_forward_triton, sparse_kd_loss_reference
-from logitcache.pipeline.errors import DataError
+from logitcache.kernels._sparse_kd_torch import (
+    compute_dtype_of,
+    default_rows_per_chunk,
+    prepare_teacher,
+    sparse_kd_forward_torch,
+)
+from logitcache.kernels.errors import KernelError
+from logitcache.kernels.sparse_kd import loss_dtype, sparse_kd_forward_triton, sparse_kd_loss_reference
 
 
 def fused_linear_sparse_kd_loss_reference(
@@ -65,12 +72,18 @@ def fused_linear_sparse_kd_loss_reference(
     )
 
 
-def default_chunk_size(n_rows: int, hidden_size: int, vocab: int) -> int:
+def default_chunk_size(n_rows: int, hidden_size: int, vocab: int, backend: str = "triton") -> int:
+    """Rows per chunk: Liger's rule (the (C, V) buffer about the size of ``hidden``) on the GPU; on
+    the torch backend at least enough rows for a chunk of ~2**18 logits, so that the per-chunk op
+    overhead stays small next to the matmuls (the buffer then stays in the CPU caches)."""
     growth = max(math.ceil(vocab / max(hidden_size, 1)), 1)
-    return max(1, min(next_power_of_2(math.ceil(n_rows / growth)), max(n_rows, 1)))
+    rows = next_power_of_2(math.ceil(n_rows / growth))
+    if backend == "torch":
+        rows = max(rows, default_rows_per_chunk(vocab))
+    return max(1, min(rows, max(n_rows, 1)))
 
 
-def fused_linear_forward_triton(
+def fused_linear_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -79,19 +92,28 @@ def fused_linear_forward_triton(
     tail: torch.Tensor | None,
     params: SparseKDParams,
     *,
+    backend: str,
     chunk_size: int | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, grad_hidden, grad_weight) for 2-D ``hidden`` (N, H); gradients already scaled."""
+    """(loss, grad_hidden, grad_weight) for 2-D ``hidden`` (N, H); gradients already scaled.
+
+    One loop for both backends: per chunk of rows, logits by one matmul into a reused (C, V)
+    buffer, the backend's forward overwrites it with d loss / d logits, two matmuls give the
+    chunk's share of both gradients.
+    """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n_rows, hidden_size, vocab)
+    chunk = chunk_size or default_chunk_size(n_rows, hidden_size, vocab, backend)
     grad_hidden = torch.empty_like(hidden)  # (N, H)
     grad_weight = torch.zeros_like(weight)  # (V, H)
-    row_loss = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)  # (N,)
+    row_loss = torch.zeros(n_rows, dtype=loss_dtype(backend, hidden.dtype), device=hidden.device)  # (N,)
     n_valid = (targets != params.ignore_index).sum()  # device scalar: no host sync
     logits_buffer = hidden.new_empty((min(chunk, n_rows), vocab))  # (C, V) reused per chunk
-    if tail is not None:
+    teacher = None
+    if backend == "torch":
+        teacher = prepare_teacher(teacher_ids, teacher_weights, tail, compute_dtype_of(hidden.dtype))
+    elif tail is not None:
         # sort once for all chunks (the launcher would otherwise sort each chunk)
         teacher_ids, order = torch.sort(teacher_ids, dim=1)
         teacher_weights = teacher_weights.gather(1, order)
@@ -100,18 +122,31 @@ def fused_linear_forward_triton(
         hidden_chunk = hidden[start:stop]  # (c, H)
         logits_chunk = logits_buffer[: stop - start]  # (c, V)
         torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
-        row_loss[start:stop] = sparse_kd_forward_triton(
-            logits_chunk,
-            targets[start:stop],
-            teacher_ids[start:stop],
-            teacher_weights[start:stop],
-            tail[start:stop] if tail is not None else None,
-            params,
-            grad_out=logits_chunk,  # in place: logits_chunk now holds d loss / d logits_chunk
-            n_valid=n_valid,
-            block_v=block_v,
-            ids_sorted=True,
-        )
+        if teacher is not None:
+            row_loss[start:stop] = sparse_kd_forward_torch(
+                logits_chunk,
+                targets[start:stop],
+                teacher,
+                params,
+                grad_out=logits_chunk,  # in place: logits_chunk now holds d loss / d logits_chunk
+                n_valid=n_valid,
+                logits_rows=lambda rows, h=hidden_chunk: h[rows] @ weight.t(),
+                rows_offset=start,
+                rows_per_chunk=stop - start,
+            )
+        else:
+            row_loss[start:stop] = sparse_kd_forward_triton(
+                logits_chunk,
+                targets[start:stop],
+                teacher_ids[start:stop],
+                teacher_weights[start:stop],
+                tail[start:stop] if tail is not None else None,
+                params,
+                grad_out=logits_chunk,  # in place: logits_chunk now holds d loss / d logits_chunk
+                n_valid=n_valid,
+                block_v=block_v,
+                ids_sorted=True,
+            )
         torch.mm(logits_chunk, weight, out=grad_hidden[start:stop])
         grad_weight.addmm_(logits_chunk.t(), hidden_chunk)
     return row_loss.sum(), grad_hidden, grad_weight
@@ -133,6 +168,7 @@ def _fused_linear_op(
     kl_batch_div: int,
     chunk_size: int,
     block_v: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = SparseKDParams(
         temperature=temperature,
@@ -142,7 +178,7 @@ def _fused_linear_op(
         reduction=reduction,
         kl_batch_div=kl_batch_div,
     )
-    return fused_linear_forward_triton(
+    return fused_linear_forward(
         hidden,
         weight,
         targets,
@@ -150,6 +186,7 @@ def _fused_linear_op(
         teacher_weights,
         tail,
         params,
+        backend=backend,
         chunk_size=chunk_size if chunk_size > 0 else None,
         block_v=block_v if block_v > 0 else None,
     )
@@ -157,7 +194,8 @@ def _fused_linear_op(
 
 @_fused_linear_op.register_fake
 def _fused_linear_op_fake(hidden, weight, *args):  # noqa: ANN001
-    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
+    loss = hidden.new_empty((), dtype=loss_dtype(args[-1], hidden.dtype))
+    return loss, torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _fused_linear_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -169,7 +207,7 @@ def _fused_linear_backward(ctx, grad_loss, _grad_grad_hidden, _grad_grad_weight)
     return (
         grad_hidden * grad_loss.to(grad_hidden.dtype),
         grad_weight * grad_loss.to(grad_weight.dtype),
-    ) + (None,) * 12
+    ) + (None,) * 13
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup_context)
@@ -199,12 +237,12 @@ def fused_linear_sparse_kd_loss(
     ``weight``. ``batchmean-compat`` divides the KL by ``hidden.shape[0]``.
     """
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise DataError(
+        raise KernelError(
             f"Expected weight of shape (V, {hidden.shape[-1]}) matching hidden (..., H). "
             f"Got weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)}."
         )
     if hidden.dtype != weight.dtype:
-        raise DataError(f"Expected hidden and weight of one dtype. Got {hidden.dtype} and {weight.dtype}.")
+        raise KernelError(f"Expected hidden and weight of one dtype. Got {hidden.dtype} and {weight.dtype}.")
     lead = tuple(hidden.shape[:-1])
     vocab = weight.shape[0]
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
@@ -215,11 +253,10 @@ def fused_linear_sparse_kd_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    if resolve_backend(backend, hidden.device) == "torch":
-        return fused_linear_sparse_kd_loss_reference(
-            hidden, weight, targets, teacher_ids, teacher_weights, tail, **kwargs
-        )
     params = make_params(hidden.shape, **kwargs)
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen == "torch":
+        check_values(vocab, targets, teacher_ids, params.ignore_index)
     k = teacher_ids.shape[-1]
     loss, _, _ = _fused_linear_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(),
@@ -236,5 +273,6 @@ def fused_linear_sparse_kd_loss(
         params.kl_batch_div,
         int(chunk_size or 0),
         int(block_v or 0),
+        chosen,
     )
     return loss

@@ -46,7 +46,7 @@ Conventions:
   that of the merged entry (weights added), the value differs from the merged one by the
   z-independent term ``sum xlogy(w_j, w_j) - xlogy(sum w_j, sum w_j)``; S is a set for the bucket.
 - Ids must be < V, targets in [0, V) or ``ignore_index``; the torch backend raises
-  :class:`~logitcache.pipeline.errors.DataError` otherwise, the Triton path does not check (that
+  :class:`~logitcache.kernels.errors.KernelError` otherwise, the Triton path does not check (that
   would need a device sync) and out-of-range values are undefined behaviour there.
 """
 
@@ -59,27 +59,18 @@ from logitcache.kernels._common import (
     SparseKDParams,
     check_shapes,
     check_values,
+    divisors,
     launch_config,
     make_params,
     resolve_backend,
     triton_interpreting,
 )
-from logitcache.pipeline.errors import ConfigError
+from logitcache.kernels._sparse_kd_torch import compute_dtype_of, prepare_teacher, sparse_kd_forward_torch
+from logitcache.kernels.errors import KernelError
 
 # ----------------------------------------------------------------------------------------------
 # Reference (plain PyTorch, dense): the definition every test and benchmark compares against.
 # ----------------------------------------------------------------------------------------------
-
-
-def _divisors(params: SparseKDParams, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ce_divisor, kl_divisor) for the reduction; n_valid is clamped to 1 (mean of nothing = 0)."""
-    n = n_valid.clamp(min=1)
-    one = torch.ones_like(n)
-    if params.reduction == "mean":
-        return n, n
-    if params.reduction == "sum":
-        return one, one
-    return n, one * params.kl_batch_div  # batchmean-compat
 
 
 def sparse_kd_loss_reference(
@@ -141,8 +132,59 @@ def sparse_kd_loss_reference(
         ghost = torch.where(has_outside | (r <= 0), ghost, torch.full_like(ghost, float("inf")))
         kl = kl + ghost
 
-    ce_div, kl_div = _divisors(params, valid.sum().to(compute_dtype))
+    ce_div, kl_div = divisors(params, valid.sum().to(compute_dtype))
     per_pos = params.ce_weight * ce / ce_div + params.kl_weight * temp**2 * kl / kl_div  # (N,)
+    return torch.where(valid, per_pos, torch.zeros_like(per_pos)).sum()
+
+
+def dense_kd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.5,
+    kl_weight: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The same loss with the teacher given at every id (S = the whole vocabulary, no tail).
+
+    ``logits`` and ``teacher_logprobs`` (..., V) (the teacher's log-probabilities at temperature
+    T, e.g. live teachers' ensemble), ``targets`` (...). Equal to :func:`sparse_kd_loss_reference`
+    with ``teacher_ids = arange(V)`` and ``teacher_weights = teacher_logprobs.exp()``; computed
+    without the (N, V) id/weight gather, differentiable by autograd (the online student's loss).
+    """
+    vocab = logits.shape[-1]
+    if tuple(teacher_logprobs.shape) != tuple(logits.shape):
+        raise KernelError(
+            f"Expected teacher_logprobs of shape {tuple(logits.shape)} (same as logits). "
+            f"Got {tuple(teacher_logprobs.shape)}."
+        )
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise KernelError(
+            f"Expected targets of shape {tuple(logits.shape[:-1])}. Got {tuple(targets.shape)}."
+        )
+    params = make_params(
+        logits.shape,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        kl_weight=kl_weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    valid = y != params.ignore_index  # (N,)
+    log_p1 = torch.log_softmax(z, dim=-1)  # (N, V)
+    ce = -log_p1.gather(1, y.clamp(min=0).long().unsqueeze(1)).squeeze(1)  # (N,)
+    log_q = log_p1 if params.temperature == 1.0 else torch.log_softmax(z / params.temperature, dim=-1)
+    log_p = teacher_logprobs.reshape(-1, vocab).to(compute_dtype)  # (N, V)
+    p = log_p.exp()
+    kl = (torch.xlogy(p, p) - p * log_q).sum(dim=1)  # (N,)
+    ce_div, kl_div = divisors(params, valid.sum().to(compute_dtype))
+    per_pos = params.ce_weight * ce / ce_div + params.kl_weight * params.temperature**2 * kl / kl_div
     return torch.where(valid, per_pos, torch.zeros_like(per_pos)).sum()
 
 
@@ -195,7 +237,7 @@ def sparse_kd_grad_reference(
         q_out = (q * outside).sum(dim=1, keepdim=True)  # masked sum, (N, 1)
         ghost = torch.where(outside, q / q_out.clamp(min=torch.finfo(compute_dtype).tiny), 0.0)
         kl_grad = kl_grad + r.unsqueeze(1) * (q - ghost)
-    ce_div, kl_div = _divisors(params, valid.sum().to(compute_dtype))
+    ce_div, kl_div = divisors(params, valid.sum().to(compute_dtype))
     grad = params.ce_weight / ce_div * (p1 - onehot) + params.kl_weight * temp / kl_div * kl_grad
     grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
     return grad.reshape(logits.shape)
@@ -217,7 +259,7 @@ def _fwd_kernel():
     from logitcache.kernels._sparse_kd_triton import sparse_kd_fwd_kernel
 
     if triton_interpreting() and type(sparse_kd_fwd_kernel).__name__ != "InterpretedFunction":
-        raise ConfigError(
+        raise KernelError(
             "Expected TRITON_INTERPRET=1 to be set before triton is first imported. Got triton "
             "imported without it. Set the variable at the start of the process."
         )
@@ -293,8 +335,32 @@ def sparse_kd_forward_triton(
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd: a functional custom op (torch.compile sees no graph break) whose forward returns the
-# loss and the already-scaled gradient; backward multiplies by grad_output.
+# Closed-form torch backend (CPU): the math is in _sparse_kd_torch.py; this is its launcher.
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_kd_forward_chunked(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None,
+    params: SparseKDParams,
+    *,
+    grad_out: torch.Tensor,
+    rows_per_chunk: int | None = None,
+) -> torch.Tensor:
+    """The torch backend on 2-D inputs: per-row losses (N,), d loss / d logits written into ``grad_out``."""
+    teacher = prepare_teacher(teacher_ids, teacher_weights, tail, compute_dtype_of(logits.dtype))
+    n_valid = (targets != params.ignore_index).sum()
+    return sparse_kd_forward_torch(
+        logits, targets, teacher, params, grad_out=grad_out, n_valid=n_valid, rows_per_chunk=rows_per_chunk
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: one functional custom op for both backends (torch.compile sees no graph break) whose
+# forward returns the loss and the already-scaled gradient; backward multiplies by grad_output.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -316,6 +382,11 @@ def _params_from_op_args(
     )
 
 
+def loss_dtype(backend: str, logits_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the returned loss: fp32 from the Triton kernel; the compute dtype on torch."""
+    return torch.float32 if backend == "triton" else compute_dtype_of(logits_dtype)
+
+
 @torch.library.custom_op("logitcache::sparse_kd_loss", mutates_args=())
 def _sparse_kd_op(
     logits: torch.Tensor,
@@ -330,25 +401,32 @@ def _sparse_kd_op(
     reduction: str,
     kl_batch_div: int,
     block_v: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = _params_from_op_args(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
     grad = torch.empty_like(logits)
-    row_loss = sparse_kd_forward_triton(
-        logits,
-        targets,
-        teacher_ids,
-        teacher_weights,
-        tail,
-        params,
-        grad_out=grad,
-        block_v=block_v if block_v > 0 else None,
-    )
+    if backend == "triton":
+        row_loss = sparse_kd_forward_triton(
+            logits,
+            targets,
+            teacher_ids,
+            teacher_weights,
+            tail,
+            params,
+            grad_out=grad,
+            block_v=block_v if block_v > 0 else None,
+        )
+    else:
+        row_loss = sparse_kd_forward_chunked(
+            logits, targets, teacher_ids, teacher_weights, tail, params, grad_out=grad
+        )
     return row_loss.sum(), grad
 
 
 @_sparse_kd_op.register_fake
 def _sparse_kd_op_fake(logits, targets, teacher_ids, teacher_weights, tail, *args):  # noqa: ANN001
-    return logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)
+    backend = args[-1]
+    return logits.new_empty((), dtype=loss_dtype(backend, logits.dtype)), torch.empty_like(logits)
 
 
 def _sparse_kd_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -358,14 +436,14 @@ def _sparse_kd_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 def _sparse_kd_backward(ctx, grad_loss, _grad_of_grad):  # noqa: ANN001
     (grad_logits,) = ctx.saved_tensors
     scaled = grad_logits * grad_loss.to(grad_logits.dtype)
-    return (scaled,) + (None,) * 11
+    return (scaled,) + (None,) * 12
 
 
 _sparse_kd_op.register_autograd(_sparse_kd_backward, setup_context=_sparse_kd_setup_context)
 
 
 class _SparseKDInplace(torch.autograd.Function):
-    """Eager-only variant that writes the gradient into the logits buffer (no N x V allocation).
+    """Eager-only Triton variant that writes the gradient into the logits buffer (no N x V allocation).
 
     The caller's logits tensor holds the gradient afterwards; backward scales it in place, so
     the graph cannot be replayed (no ``retain_graph``).
@@ -419,25 +497,29 @@ def sparse_kd_loss(
 ) -> torch.Tensor:
     """Sparse-KD loss ``ce_weight * CE + kl_weight * T**2 * KL(teacher || student)`` (module docstring).
 
-    Shapes: ``logits`` (..., V); ``targets`` (...); ``teacher_ids``/``teacher_weights`` (..., k);
-    ``tail`` (...) or None. Returns a scalar: fp32 on the Triton path, the reference's dtype on
-    the torch path. ``backend``: "auto" | "triton" | "torch" (see logitcache.kernels._common).
-    ``inplace_grad=True`` (Triton, eager only) stores the gradient in the logits buffer, saving one
-    N x V allocation; the logits' contents are destroyed. ``block_v`` overrides the chunk width.
+    Shapes: ``logits`` (..., V); ``targets`` (...); ``teacher_ids``/``teacher_weights`` (..., k)
+    (ids of any integer dtype, e.g. int32 as the cache reader gives them); ``tail`` (...) or None.
+    Returns a scalar: fp32 on the Triton path; on the torch path float64 for float64 logits, else
+    float32. ``backend``: "auto" | "triton" | "torch" (see logitcache.kernels._common); "torch" is
+    the closed-form chunked backend (loss and gradient in one pass, no N x V temporaries), not the
+    reference. ``inplace_grad=True`` (Triton, eager only; ignored by the torch backend) stores the
+    gradient in the logits buffer, saving one N x V allocation; the logits' contents are destroyed.
+    ``block_v`` overrides the Triton chunk width.
     """
     vocab = logits.shape[-1]
     lead = tuple(logits.shape[:-1])
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
-    kwargs = dict(
+    params = make_params(
+        logits.shape,
         temperature=temperature,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    if resolve_backend(backend, logits.device) == "torch":
-        return sparse_kd_loss_reference(logits, targets, teacher_ids, teacher_weights, tail, **kwargs)
-    params = make_params(logits.shape, **kwargs)
+    chosen = resolve_backend(backend, logits.device)
+    if chosen == "torch":
+        check_values(vocab, targets, teacher_ids, params.ignore_index)
     k = teacher_ids.shape[-1]
     logits_2d = logits.reshape(-1, vocab)  # (N, V)
     if logits_2d.stride(-1) != 1:
@@ -446,7 +528,7 @@ def sparse_kd_loss(
     ids_2d = teacher_ids.reshape(-1, k)  # (N, k)
     weights_2d = teacher_weights.reshape(-1, k)  # (N, k)
     tail_1d = tail.reshape(-1) if tail is not None else None  # (N,)
-    if inplace_grad and not torch.compiler.is_compiling():
+    if chosen == "triton" and inplace_grad and not torch.compiler.is_compiling():
         return _SparseKDInplace.apply(logits_2d, targets_1d, ids_2d, weights_2d, tail_1d, params, block_v)
     loss, _ = _sparse_kd_op(
         logits_2d,
@@ -461,5 +543,6 @@ def sparse_kd_loss(
         params.reduction,
         params.kl_batch_div,
         int(block_v or 0),
+        chosen,
     )
     return loss

@@ -9,8 +9,8 @@ data order, optimizer and loop; only the teacher signal differs):
   dense teacher tensor ever exists.
 * ``online``: the teachers run at every step (eval mode, no grad, bf16 autocast on CUDA) and give
   full-vocabulary log-probabilities, ensembled by the cache's rule (``cache.ensemble``,
-  ``cache.weights``, ``cache.temperature``), as in BabyLlama-2; loss = :func:`dense_kd_loss`, the
-  same definition at full vocabulary.
+  ``cache.weights``, ``cache.temperature``), as in BabyLlama-2; loss =
+  :func:`logitcache.kernels.dense_kd_loss`, the same definition at full vocabulary.
 * ``ce``: no teacher; cross-entropy only (``alpha`` is ignored).
 
 The loss of one position with student logits ``z``, target ``y`` (the next token), teacher
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
-from logitcache.kernels import fused_linear_sparse_kd_loss, resolve_backend
+from logitcache.kernels import SparseKDParams, dense_kd_loss, fused_linear_sparse_kd_loss, resolve_backend
 from logitcache.pipeline.config import Config
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError, StageError
@@ -118,62 +118,19 @@ def is_student_complete(config: Config) -> bool:
 
 @dataclass(frozen=True)
 class LossOptions:
+    """The student's loss: its mode and the kernel's options (one validated object for every backend)."""
+
     mode: str  # "cache" | "online" | "ce"
-    ce_weight: float
-    kl_weight: float
-    temperature: float
-    tail: str  # "renormalize" | "ghost"
-    reduction: str  # "mean" | "sum" | "batchmean-compat"
+    params: SparseKDParams  # temperature, ce_weight = 1 - alpha, kl_weight = alpha, reduction
 
     @classmethod
     def from_config(cls, config: Config) -> LossOptions:
         distill = config.student.distill
         alpha = 0.0 if config.student.mode == "ce" else distill.alpha
-        return cls(
-            mode=config.student.mode,
-            ce_weight=1.0 - alpha,
-            kl_weight=alpha,
-            temperature=distill.temperature,
-            tail=distill.tail,
-            reduction=distill.reduction,
+        params = SparseKDParams.from_alpha(
+            alpha, temperature=distill.temperature, reduction=distill.reduction
         )
-
-
-def dense_kd_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_logprobs: torch.Tensor,
-    *,
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    reduction: str,
-) -> torch.Tensor:
-    """The sparse-KD loss with the teacher given at every id (S = the whole vocabulary).
-
-    ``logits`` and ``teacher_logprobs`` (B, T, V), ``targets`` (B, T)::
-
-        loss_pos = ce_weight * -log_softmax(z)[y] + kl_weight * T^2 * sum_v p_v (log p_v - log_softmax(z / T)_v)
-
-    reduced as :func:`logitcache.kernels.sparse_kd_loss_reference` does (``mean``: / positions;
-    ``sum``; ``batchmean-compat``: CE / positions, KL / B); equal to it with ids = all of V.
-    """
-    z = logits.float()  # (B, T, V)
-    log_p1 = torch.log_softmax(z, dim=-1)  # (B, T, V)
-    ce = -log_p1.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    log_q = log_p1 if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
-    p = teacher_logprobs.float().exp()  # (B, T, V)
-    kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # (B, T)
-    n = targets.numel()
-    if reduction == "mean":
-        ce_div, kl_div = n, n
-    elif reduction == "sum":
-        ce_div, kl_div = 1, 1
-    elif reduction == "batchmean-compat":
-        ce_div, kl_div = n, logits.shape[0]
-    else:
-        raise ConfigError(f"Expected reduction in ('mean', 'sum', 'batchmean-compat'). Got {reduction!r}.")
-    return ce_weight * ce.sum() / ce_div + kl_weight * temperature**2 * kl.sum() / kl_div
+        return cls(mode=config.student.mode, params=params)
 
 
 class OnlineTeachers:
@@ -235,14 +192,11 @@ class StudentObjective(torch.nn.Module):
         if o.mode == "online":
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
-            return dense_kd_loss(
-                logits, targets, teacher_logp, temperature=o.temperature, ce_weight=o.ce_weight,
-                kl_weight=o.kl_weight, reduction=o.reduction,
-            )  # fmt: skip
+            return dense_kd_loss(logits, targets, teacher_logp, **o.params.keywords())
         triton = resolve_backend("auto", hidden.device) == "triton"
-        if o.mode == "ce" and not triton:
+        if o.mode == "ce" and not triton:  # plain CE training, exactly as a user would write it
             logits = F.linear(hidden, weight)  # (B, T-1, V)
-            ce_reduction = "sum" if o.reduction == "sum" else "mean"
+            ce_reduction = "sum" if o.params.reduction == "sum" else "mean"
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=ce_reduction)
         if o.mode == "ce":  # the same fused kernel with no teacher mass: one zero-weight entry
             ids = targets.unsqueeze(-1)  # (B, T-1, 1)
@@ -256,9 +210,8 @@ class StudentObjective(torch.nn.Module):
         )
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_sparse_kd_loss(
-                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, temperature=o.temperature,
-                ce_weight=o.ce_weight, kl_weight=o.kl_weight, reduction=o.reduction,
-            )  # fmt: skip
+                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, **o.params.keywords()
+            )
 
 
 def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fused linear + sparse-KD: the chunked Triton path against the dense reference (interpreter on CPU).
+"""Fused linear + sparse-KD: both chunked backends (Triton in the interpreter on CPU, and the
+closed-form torch backend) against the dense reference.
 
 Tolerance: as in test_kernels.py, the fp32 path may be at most 2x as far from the float64 truth as
 the fp32 dense reference is (plus 8 fp32 ulps of the largest value). The chunked path sums
@@ -21,9 +22,9 @@ from logitcache.kernels import (
     fused_linear_sparse_kd_loss,
     fused_linear_sparse_kd_loss_reference,
 )
+from logitcache.kernels.errors import KernelError
 from logitcache.kernels.fused_linear import default_chunk_size
 from logitcache.kernels.testing import IGNORE, assert_within_naive, make_case
-from logitcache.pipeline.errors import DataError
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +51,10 @@ def _run(fn, hidden, weight, case, dtype, grad_scale, **kwargs):
     return loss.detach(), hidden.grad, weight.grad
 
 
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("mode", "temperature", "reduction", "chunk_size"),
     [
@@ -58,7 +63,7 @@ def _run(fn, hidden, weight, case, dtype, grad_scale, **kwargs):
         ("sampled", 2.0, "sum", None),  # default chunk size
     ],
 )
-def test_fused_linear_matches_dense_reference(mode, temperature, reduction, chunk_size):
+def test_fused_linear_matches_dense_reference(backend, mode, temperature, reduction, chunk_size):
     case, hidden, weight = _inputs(33, 16, 100, 5, mode, seed=20)
     kwargs = dict(temperature=temperature, reduction=reduction, ce_weight=0.3, kl_weight=0.7)
     exact = _run(fused_linear_sparse_kd_loss_reference, hidden, weight, case, torch.float64, 1.5, **kwargs)
@@ -70,7 +75,7 @@ def test_fused_linear_matches_dense_reference(mode, temperature, reduction, chun
         case,
         torch.float32,
         1.5,
-        backend="triton",
+        backend=backend,
         chunk_size=chunk_size,
         block_v=32,
         **kwargs,
@@ -79,7 +84,8 @@ def test_fused_linear_matches_dense_reference(mode, temperature, reduction, chun
         assert_within_naive(got, want, base, what)
 
 
-def test_fused_linear_three_dim_hidden_and_all_ignored():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_three_dim_hidden_and_all_ignored(backend):
     case, hidden, weight = _inputs(6, 8, 17, 3, "ghost", seed=21)
     hidden_3d = hidden.reshape(2, 3, 8).float().requires_grad_()
     weight = weight.float().requires_grad_()
@@ -91,7 +97,7 @@ def test_fused_linear_three_dim_hidden_and_all_ignored():
         case.ids.reshape(2, 3, 3),
         case.weights.reshape(2, 3, 3).float(),
         case.tail.reshape(2, 3).float(),
-        backend="triton",
+        backend=backend,
         chunk_size=4,
     )
     loss.backward()
@@ -99,7 +105,8 @@ def test_fused_linear_three_dim_hidden_and_all_ignored():
     assert hidden_3d.grad.abs().max().item() == 0.0 and weight.grad.abs().max().item() == 0.0
 
 
-def test_fused_linear_under_torch_compile_has_no_graph_break():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_under_torch_compile_has_no_graph_break(backend):
     case, hidden, weight = _inputs(7, 8, 17, 3, "topk", seed=22)
     hidden = hidden.float()
     weight = weight.float().requires_grad_()
@@ -112,7 +119,7 @@ def test_fused_linear_under_torch_compile_has_no_graph_break():
             case.ids,
             case.weights.float(),
             temperature=2.0,
-            backend="triton",
+            backend=backend,
             chunk_size=4,
         )
 
@@ -127,11 +134,46 @@ def test_default_chunk_size_follows_hidden_to_vocab_ratio():
     assert default_chunk_size(16384, 1024, 128256) == 256  # logits chunk ~ the size of hidden
     assert default_chunk_size(7, 64, 17) == 7  # never more than N
     assert default_chunk_size(1, 8, 100000) == 1
+    # torch backend (CPU): at least 2**18 logits per chunk, so per-chunk op overhead stays small
+    assert default_chunk_size(2016, 96, 4096, "torch") == 64
+    assert default_chunk_size(16384, 1024, 128256) == default_chunk_size(16384, 1024, 128256, "torch")
+
+
+@pytest.mark.parametrize("mode", ["topk", "ghost", "sampled"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_linear_torch_backend_float64_matches_reference(mode, temperature):
+    """float64: exact formulas on both sides, so 1e-10 (see test_kernels.py)."""
+    case, hidden, weight = _inputs(33, 16, 100, 5, mode, seed=24)
+    kwargs = dict(temperature=temperature, ce_weight=0.3, kl_weight=0.7)
+    want = _run(fused_linear_sparse_kd_loss_reference, hidden, weight, case, torch.float64, 0.5, **kwargs)
+    got = _run(
+        fused_linear_sparse_kd_loss, hidden, weight, case, torch.float64, 0.5, backend="torch", chunk_size=7,
+        **kwargs,
+    )  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert float((g - w).abs().max()) <= 1e-10
+
+
+def test_fused_linear_torch_backend_recomputes_underflowing_rows():
+    """A chunk row whose outside mass underflows is recomputed from hidden @ weight.T in log space."""
+    case, hidden, weight = _inputs(6, 4, 20, 19, "ghost", seed=25)
+    weight = torch.zeros_like(weight)
+    weight[:, 0] = -1e4
+    weight[case.ids[1], 0] = 1e4  # row 1: only its one outside id is far below the rest
+    hidden = torch.zeros_like(hidden)
+    hidden[:, 0] = 1.0
+    want = _run(fused_linear_sparse_kd_loss_reference, hidden, weight, case, torch.float64, 1.0)
+    got = _run(
+        fused_linear_sparse_kd_loss, hidden, weight, case, torch.float64, 1.0, backend="torch", chunk_size=4
+    )
+    assert torch.isfinite(want[0])
+    for g, w in zip(got, want, strict=True):
+        assert float((g - w).abs().max()) <= 1e-10 * max(1.0, float(w.abs().max()))
 
 
 def test_fused_linear_shape_errors():
     case, hidden, weight = _inputs(4, 8, 17, 3, "topk", seed=23)
-    with pytest.raises(DataError):
+    with pytest.raises(KernelError):
         fused_linear_sparse_kd_loss(hidden, weight[:, :4], case.targets, case.ids, case.weights)
-    with pytest.raises(DataError):
+    with pytest.raises(KernelError):
         fused_linear_sparse_kd_loss(hidden, weight.float(), case.targets, case.ids, case.weights)
