@@ -4,8 +4,8 @@ Backend rule (one dispatch point, :func:`resolve_backend`):
 
 1. an explicit ``backend="triton"`` or ``backend="torch"`` keyword wins;
 2. otherwise the environment variable ``LOGITCACHE_KERNEL_BACKEND`` (``auto``/``triton``/``torch``);
-3. otherwise ``auto``: Triton when the logits live on CUDA and Triton imports, the plain-PyTorch
-   reference everywhere else (CPU training).
+3. otherwise ``auto``: Triton when the logits live on CUDA and Triton imports, the closed-form
+   chunked torch backend everywhere else (CPU training).
 
 ``backend="triton"`` on CPU tensors is allowed only under ``TRITON_INTERPRET=1`` (the interpreter
 that CI uses); anything else is a :class:`~logitcache.kernels.errors.KernelError`.
