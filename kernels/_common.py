@@ -17,7 +17,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Final, TypedDict, Unpack
 
 import torch
 
@@ -84,6 +84,18 @@ class SparseKDParams:
         div = max(int(logits_shape[0]), 1) if len(logits_shape) > 1 else 1
         return self if div == self.kl_batch_div else replace(self, kl_batch_div=div)
 
+    def op_args(self) -> tuple[float, float, float, int, str, int]:
+        """The fields in declaration order: how the options cross a ``torch.library.custom_op``
+        boundary (which takes no dataclasses); ``SparseKDParams(*op_args)`` rebuilds them."""
+        return (
+            self.temperature,
+            self.ce_weight,
+            self.kl_weight,
+            self.ignore_index,
+            self.reduction,
+            self.kl_batch_div,
+        )
+
     def keywords(self) -> dict[str, float | int | str]:
         """The public keyword arguments of the loss functions (everything but ``kl_batch_div``)."""
         return {
@@ -95,23 +107,27 @@ class SparseKDParams:
         }
 
 
+class LossKeywords(TypedDict, total=False):
+    """The public keyword options of every loss function (the fields of :class:`SparseKDParams`)."""
+
+    temperature: float
+    ce_weight: float
+    kl_weight: float
+    ignore_index: int
+    reduction: str
+
+
 def make_params(
-    logits_shape: torch.Size | tuple[int, ...],
-    *,
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    ignore_index: int,
-    reduction: str,
+    logits_shape: torch.Size | tuple[int, ...], **options: Unpack[LossKeywords]
 ) -> SparseKDParams:
-    """Validated options from the public keywords, ``kl_batch_div`` from the logits shape."""
-    return SparseKDParams(
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    ).for_shape(logits_shape)
+    """Validated options from the public keywords (defaults as in :class:`SparseKDParams`),
+    ``kl_batch_div`` from the logits (or hidden) shape."""
+    unknown = set(options) - set(LossKeywords.__annotations__)
+    if unknown:
+        raise KernelError(
+            f"Unknown loss option(s) {sorted(unknown)}. Expected some of {list(LossKeywords.__annotations__)}."
+        )
+    return SparseKDParams(**options).for_shape(logits_shape)  # type: ignore[arg-type]
 
 
 def divisors(params: SparseKDParams, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,10 +21,12 @@ which makes the (C, V) buffer about the size of ``hidden``; clamped to [1, N].
 from __future__ import annotations
 
 import math
+from typing import Unpack
 
 import torch
 
 from logitcache.kernels._common import (
+    LossKeywords,
     SparseKDParams,
     check_shapes,
     check_values,
@@ -49,27 +51,11 @@ def fused_linear_sparse_kd_loss_reference(
     teacher_ids: torch.Tensor,
     teacher_weights: torch.Tensor,
     tail: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ce_weight: float = 0.5,
-    kl_weight: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """Dense reference: materialises ``hidden @ weight.T`` and calls the sparse-KD reference."""
     logits = hidden @ weight.t()  # (..., V)
-    return sparse_kd_loss_reference(
-        logits,
-        targets,
-        teacher_ids,
-        teacher_weights,
-        tail,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+    return sparse_kd_loss_reference(logits, targets, teacher_ids, teacher_weights, tail, **options)
 
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab: int, backend: str = "triton") -> int:
@@ -170,14 +156,7 @@ def _fused_linear_op(
     block_v: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = SparseKDParams(
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        kl_batch_div=kl_batch_div,
-    )
+    params = SparseKDParams(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
     return fused_linear_forward(
         hidden,
         weight,
@@ -246,14 +225,14 @@ def fused_linear_sparse_kd_loss(
     lead = tuple(hidden.shape[:-1])
     vocab = weight.shape[0]
     check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
-    kwargs = dict(
+    params = make_params(
+        hidden.shape,
         temperature=temperature,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
         ignore_index=ignore_index,
         reduction=reduction,
     )
-    params = make_params(hidden.shape, **kwargs)
     chosen = resolve_backend(backend, hidden.device)
     if chosen == "torch":
         check_values(vocab, targets, teacher_ids, params.ignore_index)
@@ -265,12 +244,7 @@ def fused_linear_sparse_kd_loss(
         teacher_ids.reshape(-1, k),
         teacher_weights.reshape(-1, k),
         tail.reshape(-1) if tail is not None else None,
-        params.temperature,
-        params.ce_weight,
-        params.kl_weight,
-        params.ignore_index,
-        params.reduction,
-        params.kl_batch_div,
+        *params.op_args(),
         int(chunk_size or 0),
         int(block_v or 0),
         chosen,

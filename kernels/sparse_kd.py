@@ -52,10 +52,13 @@ Conventions:
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 
 from logitcache.kernels._common import (
     LaunchConfig,
+    LossKeywords,
     SparseKDParams,
     check_shapes,
     check_values,
@@ -73,44 +76,56 @@ from logitcache.kernels.errors import KernelError
 # ----------------------------------------------------------------------------------------------
 
 
+def _dense_inputs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    params: SparseKDParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+    """2-D views of the inputs in the reference's compute dtype:
+    (z (N, V), y (N,), safe ids (N, k), present (N, k), w (N, k), valid (N,), dtype)."""
+    vocab, k = logits.shape[-1], teacher_ids.shape[-1]
+    compute_dtype = compute_dtype_of(logits.dtype)
+    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
+    y = targets.reshape(-1)  # (N,)
+    ids = teacher_ids.reshape(-1, k).long()  # (N, k)
+    present = ids >= 0  # (N, k) negative ids are padding
+    w = teacher_weights.reshape(-1, k).to(compute_dtype).masked_fill(~present, 0.0)  # (N, k)
+    return z, y, ids.clamp(min=0), present, w, y != params.ignore_index, compute_dtype
+
+
+def _membership(z: torch.Tensor, safe_ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(N, V) bool: v in S. Padding goes to an extra column V that is dropped, so that a padding
+    slot never races a real id in the scatter."""
+    n_rows, vocab = z.shape
+    slots = torch.where(present, safe_ids, vocab)  # (N, k)
+    return torch.zeros(n_rows, vocab + 1, dtype=torch.bool, device=z.device).scatter_(1, slots, True)[
+        :, :vocab
+    ]
+
+
 def sparse_kd_loss_reference(
     logits: torch.Tensor,
     targets: torch.Tensor,
     teacher_ids: torch.Tensor,
     teacher_weights: torch.Tensor,
     tail: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ce_weight: float = 0.5,
-    kl_weight: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """Dense plain-PyTorch sparse-KD loss (see the module docstring). Differentiable by autograd.
 
-    Computes in float64 when the logits are float64, else float32; returns that dtype.
+    Options: the keywords of :func:`sparse_kd_loss` (``temperature``, ``ce_weight``,
+    ``kl_weight``, ``ignore_index``, ``reduction``). Computes in float64 when the logits are
+    float64, else float32; returns that dtype.
     """
     vocab = logits.shape[-1]
-    lead = tuple(logits.shape[:-1])
-    check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
-    params = make_params(
-        logits.shape,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
+    check_shapes(tuple(logits.shape[:-1]), vocab, targets, teacher_ids, teacher_weights, tail)
+    params = make_params(logits.shape, **options)
+    check_values(vocab, targets, teacher_ids, params.ignore_index)
+    z, y, safe_ids, present, w, valid, compute_dtype = _dense_inputs(
+        logits, targets, teacher_ids, teacher_weights, params
     )
-    check_values(vocab, targets, teacher_ids, ignore_index)
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    k = teacher_ids.shape[-1]
-    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
-    y = targets.reshape(-1)  # (N,)
-    ids = teacher_ids.reshape(-1, k).long()  # (N, k)
-    present = ids >= 0  # (N, k) negative ids are padding
-    safe_ids = ids.clamp(min=0)
-    w = teacher_weights.reshape(-1, k).to(compute_dtype).masked_fill(~present, 0.0)  # (N, k)
-    valid = y != params.ignore_index  # (N,)
     temp = params.temperature
 
     log_p1 = torch.log_softmax(z, dim=-1)  # (N, V)
@@ -121,7 +136,7 @@ def sparse_kd_loss_reference(
     kl = (torch.xlogy(w, w) - w * log_q_s).sum(dim=1)  # (N,)
     if tail is not None:
         r = tail.reshape(-1).to(compute_dtype)  # (N,)
-        in_s = torch.zeros_like(z, dtype=torch.bool).scatter_(1, safe_ids, present)  # (N, V)
+        in_s = _membership(z, safe_ids, present)  # (N, V)
         has_outside = ~in_s.all(dim=1)  # (N,)
         # masked log-sum-exp over v not in S; rows with nothing outside get a dummy finite row so
         # that autograd stays NaN-free, and their value is fixed below.
@@ -141,12 +156,7 @@ def dense_kd_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     teacher_logprobs: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    ce_weight: float = 0.5,
-    kl_weight: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """The same loss with the teacher given at every id (S = the whole vocabulary, no tail).
 
@@ -165,15 +175,8 @@ def dense_kd_loss(
         raise KernelError(
             f"Expected targets of shape {tuple(logits.shape[:-1])}. Got {tuple(targets.shape)}."
         )
-    params = make_params(
-        logits.shape,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    params = make_params(logits.shape, **options)
+    compute_dtype = compute_dtype_of(logits.dtype)
     z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
     y = targets.reshape(-1)  # (N,)
     valid = y != params.ignore_index  # (N,)
@@ -194,35 +197,16 @@ def sparse_kd_grad_reference(
     teacher_ids: torch.Tensor,
     teacher_weights: torch.Tensor,
     tail: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    ce_weight: float = 0.5,
-    kl_weight: float = 0.5,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **options: Unpack[LossKeywords],
 ) -> torch.Tensor:
     """Closed-form d loss / d logits (the formula the Triton kernel writes), in the reference's dtype.
 
     Tests check it against autograd of :func:`sparse_kd_loss_reference`.
     """
-    vocab = logits.shape[-1]
-    params = make_params(
-        logits.shape,
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
+    params = make_params(logits.shape, **options)
+    z, y, safe_ids, present, w, valid, compute_dtype = _dense_inputs(
+        logits, targets, teacher_ids, teacher_weights, params
     )
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    k = teacher_ids.shape[-1]
-    z = logits.reshape(-1, vocab).to(compute_dtype)  # (N, V)
-    y = targets.reshape(-1)
-    ids = teacher_ids.reshape(-1, k).long()
-    present = ids >= 0
-    safe_ids = ids.clamp(min=0)
-    w = teacher_weights.reshape(-1, k).to(compute_dtype).masked_fill(~present, 0.0)  # (N, k)
-    valid = y != params.ignore_index
     temp = params.temperature
 
     p1 = torch.softmax(z, dim=-1)  # (N, V)
@@ -233,7 +217,7 @@ def sparse_kd_grad_reference(
     kl_grad = total.unsqueeze(1) * q - w_on_s
     if tail is not None:
         r = tail.reshape(-1).to(compute_dtype)
-        outside = ~torch.zeros_like(z, dtype=torch.bool).scatter_(1, safe_ids, present)  # (N, V)
+        outside = ~_membership(z, safe_ids, present)  # (N, V)
         q_out = (q * outside).sum(dim=1, keepdim=True)  # masked sum, (N, 1)
         ghost = torch.where(outside, q / q_out.clamp(min=torch.finfo(compute_dtype).tiny), 0.0)
         kl_grad = kl_grad + r.unsqueeze(1) * (q - ghost)
@@ -364,24 +348,6 @@ def sparse_kd_forward_chunked(
 # ----------------------------------------------------------------------------------------------
 
 
-def _params_from_op_args(
-    temperature: float,
-    ce_weight: float,
-    kl_weight: float,
-    ignore_index: int,
-    reduction: str,
-    kl_batch_div: int,
-) -> SparseKDParams:
-    return SparseKDParams(
-        temperature=temperature,
-        ce_weight=ce_weight,
-        kl_weight=kl_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        kl_batch_div=kl_batch_div,
-    )
-
-
 def loss_dtype(backend: str, logits_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the returned loss: fp32 from the Triton kernel; the compute dtype on torch."""
     return torch.float32 if backend == "triton" else compute_dtype_of(logits_dtype)
@@ -403,7 +369,7 @@ def _sparse_kd_op(
     block_v: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    params = _params_from_op_args(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
+    params = SparseKDParams(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
     grad = torch.empty_like(logits)
     if backend == "triton":
         row_loss = sparse_kd_forward_triton(
@@ -536,12 +502,7 @@ def sparse_kd_loss(
         ids_2d,
         weights_2d,
         tail_1d,
-        params.temperature,
-        params.ce_weight,
-        params.kl_weight,
-        params.ignore_index,
-        params.reduction,
-        params.kl_batch_div,
+        *params.op_args(),
         int(block_v or 0),
         chosen,
     )
