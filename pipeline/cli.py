@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from logitcache.pipeline import __version__
-from logitcache.pipeline.errors import LogitcacheError
 
 CONFIG_ARG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -313,12 +312,14 @@ def train_student_cmd(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback.
+
+    User errors are :class:`~logitcache.pipeline.errors.LogitcacheError` (config, data, cache,
+    stage, teacher) and :class:`~logitcache.kernels.errors.KernelError` (a bad loss input or
+    option). They are imported only when something was raised, so ``pipe --help`` loads no torch.
+    """
     try:
         cli.main(args=argv, prog_name="pipe", standalone_mode=False)
-    except LogitcacheError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -328,6 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        from logitcache.kernels.errors import KernelError
+        from logitcache.pipeline.errors import LogitcacheError
+
+        if not isinstance(exc, LogitcacheError | KernelError):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

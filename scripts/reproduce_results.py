@@ -49,7 +49,7 @@ from logitcache.pipeline.evaluation.compare import (
 )
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import PROVENANCE_FILE, _git_commit, package_versions, read_marker
+from logitcache.pipeline.rundir import PROVENANCE_FILE, git_commit, package_versions, read_marker
 from logitcache.pipeline.runner import run_pipeline
 from logitcache.pipeline.student import train_student
 
@@ -183,7 +183,7 @@ def main() -> None:
         write_markdown(document, config, Path(args.out))
         return
     started = time.perf_counter()
-    commit = _git_commit()[:7]  # the code that runs, read before anything else can change it
+    commit = git_commit()[:7]  # the code that runs, read before anything else can change it
     seeds = [int(s) for s in args.seeds.split(",")]
 
     base_config = load_config(args.config, [*args.set, BASE_STUDENTS], run_dir=args.run_dir)

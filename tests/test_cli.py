@@ -52,3 +52,36 @@ def test_user_errors_are_one_line(args: list[str], message: str, tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.startswith(message)
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_kernel_errors_are_user_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """A KernelError (bad tensor or loss option) is reported like a LogitcacheError: one line, exit 2."""
+    from logitcache.kernels.errors import KernelError
+    from logitcache.pipeline import cli as cli_module
+    from logitcache.pipeline import prepare
+
+    from .conftest import REPO
+
+    def bad_option(*args: object, **kwargs: object) -> None:
+        raise KernelError("Expected reduction in ('mean', 'sum'). Got 'max'.")
+
+    monkeypatch.setattr(prepare, "prepare_data", bad_option)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["prepare-data", str(REPO / "configs" / "demo.toml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: Expected reduction in ('mean', 'sum'). Got 'max'.\n"
+
+
+def test_other_exceptions_are_not_swallowed(monkeypatch: pytest.MonkeyPatch):
+    from logitcache.pipeline import cli as cli_module
+    from logitcache.pipeline import prepare
+
+    from .conftest import REPO
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(prepare, "prepare_data", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_module.main(["prepare-data", str(REPO / "configs" / "demo.toml")])

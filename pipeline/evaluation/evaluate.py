@@ -40,7 +40,7 @@ from logitcache.pipeline.evaluation.loading import (
 )
 from logitcache.pipeline.models import count_parameters
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import RunLayout, _git_commit, atomic_write_text, package_versions
+from logitcache.pipeline.rundir import RunLayout, atomic_write_text, git_commit, package_versions
 
 RESULTS_FORMAT = "logitcache-eval"
 RESULTS_VERSION = 1
@@ -169,7 +169,7 @@ def evaluate_models(
         "version": RESULTS_VERSION,
         "provenance": {
             "versions": package_versions(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "command": sys.argv,
             "platform": platform.platform(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
