@@ -35,11 +35,11 @@ import torch
 
 from benchmarks import append_csv, device_name, git_commit, print_table
 from logitcache.pipeline.cache_logits import EnsembleSelector, _teacher_dirs, cache_logits
-from logitcache.pipeline.config import load_config
+from logitcache.pipeline.config import load_config, teacher_fingerprint
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData, prepare_data
-from logitcache.pipeline.teachers import finalize_model_dir, teacher_config, teacher_dir, teacher_fingerprint
+from logitcache.pipeline.teachers import finalize_model_dir, teacher_config, teacher_dir
 
 
 def _sync(device: torch.device) -> None:

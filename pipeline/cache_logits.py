@@ -46,11 +46,11 @@ from logitcache.cache import (
 )
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.pipeline import __version__
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import Config, cache_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import load_model
-from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     COMPLETE_MARKER,
@@ -60,7 +60,7 @@ from logitcache.pipeline.rundir import (
     mark_complete,
     write_provenance,
 )
-from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, teacher_fingerprint
+from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
 
 CACHE_STORE = "logits.zarr"
 VERIFY_FILE = "verify.json"
@@ -68,16 +68,6 @@ VERIFY_FILE = "verify.json"
 
 def cache_store_path(config: Config) -> Path:
     return RunLayout(config.run_dir).cache / CACHE_STORE
-
-
-def cache_fingerprint(config: Config) -> str:
-    parts = {
-        "data": data_fingerprint(config),
-        "teachers": {name: teacher_fingerprint(config, name) for name in config.teachers},
-        "cache": config.to_dict()["cache"],
-        "seed": config.run.seed,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def weights_sha256(model_dir: Path) -> str:

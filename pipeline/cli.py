@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from logitcache.pipeline import __version__
+from logitcache.pipeline.config import DEVICES, EVAL_SPLITS, STUDENT_MODES, EvalConfig
 
 CONFIG_ARG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -121,10 +122,10 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
     default=None,
     help="Directory of BLiMP .jsonl files (native format): minimal-pair accuracy.",
 )
-@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--ece-bins", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--split", type=click.Choice(EVAL_SPLITS), default=EvalConfig.split, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True)
+@click.option("--ece-bins", type=click.IntRange(min=1), default=EvalConfig.ece_bins, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -280,7 +281,7 @@ def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: in
 @CONFIG_ARG
 @click.option(
     "--mode",
-    type=click.Choice(["cache", "online", "ce"]),
+    type=click.Choice(STUDENT_MODES),
     default=None,
     help="cache: distil from RUN/cache; online: run the teachers at every step; ce: no teacher "
     "(default: student.mode of the config, 'cache').",

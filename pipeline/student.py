@@ -32,8 +32,6 @@ Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +43,11 @@ from transformers import PreTrainedModel
 
 from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
 from logitcache.kernels import fused_linear_sparse_kd_loss, resolve_backend
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.models import build_model, count_parameters, load_model
-from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import (
     BatchReader,
@@ -61,17 +59,15 @@ from logitcache.pipeline.teachers import (
     finalize_model_dir,
     is_teacher_complete,
     teacher_dir,
-    teacher_fingerprint,
 )
 from logitcache.pipeline.training import train_model
 
-MODES = ("cache", "online", "ce")
 CACHE_STORE = "logits.zarr"  # RUN/cache/logits.zarr (pipeline/cache_logits.py)
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
 
 
 # ----------------------------------------------------------------------------------------------
-# Names, folders, fingerprint
+# Names, folders (the fingerprint: pipeline/config.py)
 
 
 def student_seed(config: Config) -> int:
@@ -92,20 +88,6 @@ def cache_store(config: Config) -> Path:
     folder = RunLayout(config.run_dir).cache
     store = folder / CACHE_STORE
     return store if store.exists() or not (folder / "zarr.json").is_file() else folder
-
-
-def student_fingerprint(config: Config) -> str:
-    """What the trained student depends on; loader workers/prefetch are left out (no effect)."""
-    student = config.to_dict()["student"]
-    student.pop("name")
-    student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
-    parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
-    if config.student.mode != "ce":
-        parts["teachers"] = {name: teacher_fingerprint(config, name) for name in config.teachers}
-        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
-    if config.student.mode == "ce":
-        parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def is_student_complete(config: Config) -> bool:
@@ -346,8 +328,8 @@ def train_student(
     ctx: DistContext | None = None,
 ) -> Path:
     """Train the student of ``config`` (mode ``student.mode``), resuming if interrupted; return its folder."""
-    if config.student.mode not in MODES:
-        raise ConfigError(f"Expected student.mode in {MODES}. Got {config.student.mode!r}.")
+    if config.student.mode not in STUDENT_MODES:
+        raise ConfigError(f"Expected student.mode in {STUDENT_MODES}. Got {config.student.mode!r}.")
     _check_loader(config)
     out = student_dir(config)
     fingerprint = student_fingerprint(config)

@@ -24,13 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
-from logitcache.pipeline.evaluation.calibration import DEFAULT_BINS
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
     check_model_matches_data,
@@ -46,17 +45,21 @@ RESULTS_FORMAT = "logitcache-eval"
 RESULTS_VERSION = 1
 RESULTS_FILE = "results.json"
 MODEL_GROUPS = ("teachers", "students")
+_DEFAULTS = EvalConfig()  # the defaults of `pipe evaluate`, of a run's evaluate stage and of EvalOptions
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What to evaluate on and how (the CLI's options; the library's keyword arguments)."""
+    """What to evaluate on and how (the CLI's options; the library's keyword arguments).
+
+    Defaults: those of the config's ``[evaluate]`` section (:class:`EvalConfig`).
+    """
 
     data_dir: Path | None = None  # a prepared RUN/data folder: held-out perplexity and ECE
     blimp_dir: Path | None = None  # a directory of BLiMP .jsonl files
-    split: Literal["test", "dev"] = "test"
-    batch_size: int = 32
-    ece_bins: int = DEFAULT_BINS
+    split: EvalSplit = _DEFAULTS.split
+    batch_size: int = _DEFAULTS.batch_size
+    ece_bins: int = _DEFAULTS.ece_bins
     device: str = "auto"
 
     @classmethod
@@ -114,8 +117,8 @@ def evaluate_models(
         raise ConfigError(
             f"Expected batch_size >= 1 and ece_bins >= 1. Got {options.batch_size} and {options.ece_bins}."
         )
-    if options.split not in ("test", "dev"):
-        raise ConfigError(f"Expected split 'test' or 'dev'. Got {options.split!r}.")
+    if options.split not in EVAL_SPLITS:
+        raise ConfigError(f"Expected split in {', '.join(map(repr, EVAL_SPLITS))}. Got {options.split!r}.")
     device = resolve_device(options.device)
     # Read the inputs once, and before any model, so a bad input fails fast.
     data = PreparedData.open(options.data_dir) if options.data_dir is not None else None
