@@ -33,7 +33,7 @@ def run_pipeline(
     from logitcache.pipeline.evaluation.report import build_report
 
     ctx = init_distributed(config.run.device)
-    layout = RunLayout(config.run_dir)
+    layout = RunLayout.of(config)
     results: list[StageResult] = []
 
     def stage(name: str, done: bool, action: Callable[[], object], *, main_only: bool = False) -> None:
@@ -83,6 +83,6 @@ def run_pipeline(
     stage("evaluate", is_complete(layout.eval, fingerprint), evaluate, main_only=True)
     # The report is cheap: rebuilt whenever an earlier stage ran or it is missing.
     anything_ran = any(not r.skipped for r in results)
-    report_done = not anything_ran and (layout.eval / "report.html").is_file()
+    report_done = not anything_ran and layout.report.is_file()
     stage("report", report_done, lambda: build_report(layout.root), main_only=True)
     return results

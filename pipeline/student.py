@@ -41,12 +41,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
 from logitcache.kernels import fused_linear_sparse_kd_loss, resolve_backend
 from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed
-from logitcache.pipeline.errors import ConfigError, StageError
-from logitcache.pipeline.models import build_model, count_parameters, load_model
+from logitcache.pipeline.errors import ConfigError
+from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import (
@@ -55,14 +54,10 @@ from logitcache.pipeline.student_data import (
     default_block,
     make_order_fn,
 )
-from logitcache.pipeline.teachers import (
-    finalize_model_dir,
-    is_teacher_complete,
-    teacher_dir,
-)
+from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
+from logitcache.pipeline.teachers import finalize_model_dir
 from logitcache.pipeline.training import train_model
 
-CACHE_STORE = "logits.zarr"  # RUN/cache/logits.zarr (pipeline/cache_logits.py)
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
 
 
@@ -80,14 +75,7 @@ def student_name(config: Config) -> str:
 
 
 def student_dir(config: Config) -> Path:
-    return RunLayout(config.run_dir).student(student_name(config))
-
-
-def cache_store(config: Config) -> Path:
-    """The cache the student reads: ``RUN/cache/logits.zarr`` (or ``RUN/cache`` if that is the store)."""
-    folder = RunLayout(config.run_dir).cache
-    store = folder / CACHE_STORE
-    return store if store.exists() or not (folder / "zarr.json").is_file() else folder
+    return RunLayout.of(config).student(student_name(config))
 
 
 def is_student_complete(config: Config) -> bool:
@@ -158,43 +146,6 @@ def dense_kd_loss(
     return ce_weight * ce.sum() / ce_div + kl_weight * temperature**2 * kl.sum() / kl_div
 
 
-class OnlineTeachers:
-    """The trained teachers, run live: full-vocabulary ensemble log-probabilities per batch."""
-
-    def __init__(self, config: Config, vocab_size: int, device: torch.device):
-        self.names = list(config.teachers)
-        if not self.names:
-            raise StageError(
-                "Expected at least one teacher ([teachers.NAME]) for student.mode = 'online'. Got none."
-            )
-        self.models: list[PreTrainedModel] = []
-        for name in self.names:
-            if not is_teacher_complete(config, name):
-                raise StageError(
-                    f"Teacher '{name}' is not trained yet. Run `pipe train-teacher CONFIG --teacher {name}`."
-                )
-            model = load_model(teacher_dir(config, name)).to(device).eval()
-            model.requires_grad_(False)
-            self.models.append(model)
-        self.vocab = vocab_size
-        self.cache = config.cache
-
-    @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) float32 ensemble log-probabilities at ``cache.temperature``."""
-        logits = [
-            model(input_ids=input_ids).logits[..., : self.vocab] for model in self.models
-        ]  # (B, T, V) each
-        return ensemble_logprobs(
-            logits,
-            teacher_names=self.names,
-            window_indices=torch.arange(input_ids.shape[0]),
-            rule=self.cache.ensemble,
-            weights=self.cache.weights or None,
-            temperature=self.cache.temperature,
-        )
-
-
 class StudentObjective(torch.nn.Module):
     """The module the loop trains (``wrap`` hook): the student plus its loss; forward(batch) -> loss.
 
@@ -202,7 +153,7 @@ class StudentObjective(torch.nn.Module):
     synchronises exactly the student's gradients.
     """
 
-    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: OnlineTeachers | None = None):
+    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: TeacherEnsemble | None = None):
         super().__init__()
         self.model = model
         self.options = options
@@ -246,28 +197,6 @@ class StudentObjective(torch.nn.Module):
 def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
     return module(batch)
-
-
-# ----------------------------------------------------------------------------------------------
-# The cache
-
-
-def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
-    """Open ``RUN/cache`` and refuse it unless it was made for this tokenizer, vocabulary and data."""
-    store = cache_store(config)
-    if not store.exists():
-        raise StageError(
-            f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
-        )
-    reader = open_cache(store)
-    reader.check_compatible(
-        tokenizer_sha256=data.manifest["tokenizer_sha256"],
-        dataset_sha256=data.windows_sha256("train"),
-        vocab_size=data.vocab_size,
-        num_windows=int(data.manifest["splits"]["train"]["windows"]),
-        seq_len=data.seq_len,
-    )
-    return reader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,13 +269,13 @@ def train_student(
         if ctx.is_main:
             shutil.rmtree(out)
         ctx.barrier()
-    data = PreparedData.open(RunLayout(config.run_dir).data)
+    data = PreparedData.open(RunLayout.of(config).data)
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
     seed = student_seed(config) + STUDENT_SEED_OFFSET
     model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
-    teachers = OnlineTeachers(config, data.vocab_size, ctx.device) if options.mode == "online" else None
+    teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
     train = config.student.train
     micro = max(1, train.batch_size // (ctx.world_size * train.grad_accum_steps))
     batches = make_batches(config, data, windows, ctx, micro)

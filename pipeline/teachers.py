@@ -37,7 +37,7 @@ def teacher_config(config: Config, name: str) -> TeacherConfig:
 def teacher_dir(config: Config, name: str) -> Path:
     """Where teacher ``name`` lives: its configured ``path``, or ``RUN/teachers/NAME``."""
     teacher = teacher_config(config, name)
-    return Path(teacher.path) if teacher.path else RunLayout(config.run_dir).teacher(name)
+    return Path(teacher.path) if teacher.path else RunLayout.of(config).teacher(name)
 
 
 def is_teacher_complete(config: Config, name: str) -> bool:
@@ -72,7 +72,7 @@ def train_teacher(
         return out
     if overwrite and out.exists():
         shutil.rmtree(out)
-    data = PreparedData.open(RunLayout(config.run_dir).data)
+    data = PreparedData.open(RunLayout.of(config).data)
     ctx = ctx or init_distributed(config.run.device)
     train_windows = torch.from_numpy(data.windows("train").astype("int64"))  # (N, T)
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)

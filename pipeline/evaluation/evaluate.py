@@ -39,12 +39,16 @@ from logitcache.pipeline.evaluation.loading import (
 )
 from logitcache.pipeline.models import count_parameters
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import RunLayout, atomic_write_text, git_commit, package_versions
+from logitcache.pipeline.rundir import (
+    MODEL_GROUPS,
+    RunLayout,
+    atomic_write_text,
+    git_commit,
+    package_versions,
+)
 
 RESULTS_FORMAT = "logitcache-eval"
 RESULTS_VERSION = 1
-RESULTS_FILE = "results.json"
-MODEL_GROUPS = ("teachers", "students")
 _DEFAULTS = EvalConfig()  # the defaults of `pipe evaluate`, of a run's evaluate stage and of EvalOptions
 
 
@@ -67,7 +71,7 @@ class EvalOptions:
         """The options of a run's evaluate stage: ``[evaluate]`` of the config, on ``RUN/data``."""
         section = config.evaluate
         return cls(
-            data_dir=RunLayout(config.run_dir).data,
+            data_dir=RunLayout.of(config).data,
             blimp_dir=Path(section.blimp_dir) if section.blimp_dir else None,
             split=section.split,
             batch_size=section.batch_size,
@@ -80,8 +84,7 @@ def find_run_models(run_dir: str | Path) -> list[Path]:
     """Finished model folders of a run: ``RUN/teachers/*`` then ``RUN/students/*`` holding config.json."""
     layout = RunLayout(Path(run_dir))
     found: list[Path] = []
-    for group in MODEL_GROUPS:
-        root = layout.root / group
+    for root in (layout.teachers, layout.students):
         if root.is_dir():
             found.extend(sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()))
     return found
@@ -312,4 +315,4 @@ def evaluate_run(
     if options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
-    return write_results(results, out if out is not None else layout.eval / RESULTS_FILE)
+    return write_results(results, out if out is not None else layout.eval_results)
