@@ -53,6 +53,7 @@ from logitcache.pipeline.rundir import (
     is_complete,
     locate_cache_store,
     mark_complete,
+    read_marker,
     write_provenance,
 )
 from logitcache.pipeline.teacher_signal import TeacherEnsemble
@@ -178,6 +179,18 @@ def cache_logits(
     return out
 
 
+def describe_cache(out: Path) -> str:
+    """One line on a complete cache stage folder (what `pipe cache-logits` prints); "" if incomplete."""
+    summary = (read_marker(out) or {}).get("summary") or {}
+    if not summary:
+        return ""
+    return (
+        f"cache {out}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
+        f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
+        f"{summary['mean_teacher_entropy']:.3f} nats"
+    )
+
+
 def resolve_cache_store(path: str | Path) -> Path:
     """A cache location given by the user: a stage folder (RUN/cache) or the store itself."""
     store = locate_cache_store(path)
@@ -218,6 +231,18 @@ def verify(
         report["recompute"] = recompute_check(store, data, recompute, seed=seed, device=device)
         report["ok"] = report["ok"] and report["recompute"]["ok"]
     return report
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report of :func:`verify` as `pipe verify-cache` prints it: failures, recompute, verdict last."""
+    lines = [f"FAIL {line}" for line in report.get("problems", [])]
+    for shard in report.get("shards", []):
+        lines += [f"FAIL shard {shard['shard']}: {problem}" for problem in shard.get("problems", [])]
+    if "recompute" in report:
+        recompute = report["recompute"] | {"windows": len(report["recompute"]["windows"])}
+        lines.append(f"recompute: {json.dumps(recompute)}")
+    lines.append(f"{'OK' if report['ok'] else 'FAILED'}: {report['store']}")
+    return lines
 
 
 def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, device: str) -> dict[str, Any]:

@@ -319,6 +319,17 @@ def load_config(
     return config
 
 
+def with_student(config: Config, *, mode: str | None = None, name: str | None = None) -> Config:
+    """``config`` with ``student.mode`` and/or ``student.name`` replaced (`pipe train-student --mode/--name`)."""
+    if mode is not None and mode not in STUDENT_MODES:
+        raise ConfigError(f"Expected student.mode in {', '.join(map(repr, STUDENT_MODES))}. Got {mode!r}.")
+    student = config.student
+    student = dataclasses.replace(
+        student, mode=student.mode if mode is None else mode, name=student.name if name is None else name
+    )
+    return dataclasses.replace(config, student=student)
+
+
 # Keys whose values are filesystem paths written relative to the config file.
 _PATH_KEYS = {("run", "dir"), ("data", "corpus"), ("evaluate", "blimp_dir")}
 

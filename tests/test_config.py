@@ -20,6 +20,7 @@ from logitcache.pipeline.config import (
     run_students,
     student_fingerprint,
     teacher_fingerprint,
+    with_student,
 )
 from logitcache.pipeline.errors import ConfigError
 
@@ -217,3 +218,14 @@ def test_modes_and_eval_defaults_are_defined_once():
     )
     mode = next(p for p in cli.commands["train-student"].params if p.name == "mode")
     assert tuple(mode.type.choices) == STUDENT_MODES
+
+
+def test_with_student_replaces_mode_and_name():
+    """`pipe train-student --mode/--name`: a replaced dataclass, no TOML templating (any name works)."""
+    base = load_config(REPO / "configs" / "demo.toml")
+    assert with_student(base) == base
+    other = with_student(base, mode="online", name='odd "name"')
+    assert (other.student.mode, other.student.name) == ("online", 'odd "name"')
+    assert other.student.model == base.student.model and other.cache == base.cache
+    with pytest.raises(ConfigError, match="Expected student.mode in 'cache', 'online', 'ce'. Got 'teacher'."):
+        with_student(base, mode="teacher")

@@ -316,3 +316,30 @@ def evaluate_run(
         options = dataclasses.replace(options, data_dir=layout.data)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
     return write_results(results, out if out is not None else layout.eval_results)
+
+
+def evaluate_command(
+    model_dirs: Sequence[str | Path],
+    *,
+    options: EvalOptions = EvalOptions(),
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path | str:
+    """`pipe evaluate`: MODEL_DIRs, or every model of ``run_dir`` when none are given.
+
+    With ``run_dir``, held-out data defaults to ``RUN/data`` and the results go to
+    ``RUN/eval/results.json`` unless ``out`` says otherwise. Returns the path written, or the
+    results document as JSON text when there is nowhere to write it (no ``out``, no ``run_dir``).
+    """
+    if run_dir is not None and not model_dirs:
+        return evaluate_run(run_dir, options=options, out=out, log=log)
+    if not model_dirs:
+        raise ConfigError("Expected MODEL_DIR arguments or --run-dir RUN. Got neither.")
+    layout = RunLayout(Path(run_dir)) if run_dir is not None else None
+    if layout is not None and options.data_dir is None:
+        options = dataclasses.replace(options, data_dir=layout.data)
+    results = evaluate_models(model_dirs, options=options, log=log)
+    if out is None and layout is not None:
+        out = layout.eval_results
+    return dumps_results(results) if out is None else write_results(results, out)
