@@ -34,12 +34,13 @@ import numpy as np
 import torch
 
 from benchmarks import append_csv, device_name, git_commit, print_table
-from logitcache.pipeline.cache_logits import EnsembleSelector, _teacher_dirs, cache_logits
-from logitcache.pipeline.config import load_config
+from logitcache.pipeline.cache_logits import cache_logits
+from logitcache.pipeline.config import load_config, teacher_fingerprint
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData, prepare_data
-from logitcache.pipeline.teachers import finalize_model_dir, teacher_config, teacher_dir, teacher_fingerprint
+from logitcache.pipeline.teacher_signal import TeacherEnsemble
+from logitcache.pipeline.teachers import finalize_model_dir, teacher_config, teacher_dir
 
 
 def _sync(device: torch.device) -> None:
@@ -87,7 +88,7 @@ def measure(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set, run_dir=args.run_dir)
     data = PreparedData.open(Path(args.run_dir) / "data")
     device = resolve_device(config.run.device)
-    selector = EnsembleSelector(config, _teacher_dirs(config), data, device)
+    selector = TeacherEnsemble.load(config, data, device)
     windows = data.windows("train")  # both measurements cover all training windows
     tokens = windows.size
     batch = config.cache.batch_size

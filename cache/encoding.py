@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from logitcache.cache.errors import CacheError
 from logitcache.cache.metadata import CacheMetadata
-from logitcache.pipeline.errors import CacheError
 
 FLOAT_LOGP_MIN = -1000.0  # exp(-1000) == 0 in float32: nothing is lost by clamping there
 

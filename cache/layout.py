@@ -24,8 +24,8 @@ from typing import Any, Final
 import numpy as np
 
 from logitcache.cache.encoding import value_dtype
-from logitcache.cache.metadata import CacheMetadata, _check_keys, parse_positive_int
-from logitcache.pipeline.errors import CacheError
+from logitcache.cache.errors import CacheError
+from logitcache.cache.metadata import CacheMetadata, check_keys, parse_positive_int
 
 METADATA_KEY: Final = "logitcache"
 LAYOUT_KEY: Final = "logitcache_layout"
@@ -85,7 +85,7 @@ class Layout:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Layout:
         keys = ("num_windows", "seq_len", "k", "windows_per_chunk", "windows_per_shard")
-        _check_keys(data, keys, keys, "cache attribute 'logitcache_layout'")
+        check_keys(data, keys, keys, "cache attribute 'logitcache_layout'")
         return cls(**{key: data[key] for key in keys})
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, get_args
 
-from logitcache.pipeline.errors import CacheError
+from logitcache.cache.errors import CacheError
 
 FORMAT_VERSION: Final = 1
 """Version of the on-disk layout. Bumped on any change a v1 reader could misread."""
@@ -132,9 +132,10 @@ def parse_json_dict(data: object, field_name: str) -> dict[str, Any]:
         ) from None
 
 
-def _check_keys(
+def check_keys(
     data: Mapping[str, Any], allowed: tuple[str, ...], required: tuple[str, ...], where: str
 ) -> None:
+    """Refuse a JSON object with keys outside ``allowed`` or without one of ``required``."""
     if not isinstance(data, Mapping):
         raise CacheError(f"Expected {where} to be a JSON object. Got {type(data).__name__}.")
     unknown = sorted(set(data) - set(allowed))
@@ -181,7 +182,7 @@ class TeacherInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherInfo:
         keys = ("name", "path", "weights_sha256", "dtype")
-        _check_keys(data, keys, keys, "cache metadata 'teachers[]'")
+        check_keys(data, keys, keys, "cache metadata 'teachers[]'")
         return cls(**{key: data[key] for key in keys})
 
 
@@ -205,7 +206,7 @@ class Compressor:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Compressor:
         keys = ("cname", "clevel", "shuffle")
-        _check_keys(data, keys, keys, "cache metadata 'encoding.compressor'")
+        check_keys(data, keys, keys, "cache metadata 'encoding.compressor'")
         return cls(**{key: data[key] for key in keys})
 
 
@@ -253,7 +254,7 @@ class Encoding:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Encoding:
         keys = ("id_code", "value_code", "logp_floor", "compressor", "id_compressor")
-        _check_keys(data, keys, keys, "cache metadata 'encoding'")
+        check_keys(data, keys, keys, "cache metadata 'encoding'")
         return cls(
             id_code=data["id_code"],
             value_code=data["value_code"],
@@ -391,7 +392,7 @@ class CacheMetadata:
             raise CacheError(f"Expected the cache metadata to be a JSON object. Got {type(data).__name__}.")
         # Check the version first: a newer format may have other keys, and that is the real error.
         parse_format_version(data.get("format_version"))
-        _check_keys(data, keys, keys, "cache metadata")
+        check_keys(data, keys, keys, "cache metadata")
         teachers = data["teachers"]
         if not isinstance(teachers, list):
             raise _fail("teachers", "a list", teachers)

@@ -24,10 +24,10 @@ import zarr
 
 from logitcache.cache import storage
 from logitcache.cache.encoding import decode_entries
+from logitcache.cache.errors import CacheError
 from logitcache.cache.layout import DONE_ARRAY, Layout, shard_key, sharded_names
 from logitcache.cache.metadata import CacheMetadata
-from logitcache.cache.writer import _read_attrs
-from logitcache.pipeline.errors import CacheError
+from logitcache.cache.writer import read_attrs
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def open_cache(store: storage.StoreLike) -> CacheReader:
             f"Expected a logit cache (zarr v3 group) at {storage.describe(zstore)}. Got none. "
             "Run `pipe cache-logits` first."
         ) from None
-    metadata, layout, summary = _read_attrs(group)
+    metadata, layout, summary = read_attrs(group)
     if summary is None:
         raise CacheError(
             f"Expected a complete cache at {storage.describe(zstore)}. Got an unfinished one. "

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from logitcache.pipeline.errors import CacheError, TeacherError
+from logitcache.cache.errors import CacheError, TeacherError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from logitcache.pipeline.errors import CacheError
+from logitcache.cache.errors import CacheError
 
 StoreLike = str | os.PathLike[str] | Store
 """A cache location: a filesystem path, or any zarr v3 ``Store`` (LocalStore, FsspecStore, ...)."""

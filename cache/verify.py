@@ -18,10 +18,10 @@ from zarr.abc.store import Store
 
 from logitcache.cache import storage
 from logitcache.cache.encoding import FLOAT_LOGP_MIN, decode_probs, mass_tolerance, value_bits, value_max
+from logitcache.cache.errors import CacheError
 from logitcache.cache.layout import DONE_ARRAY, STATS_ARRAY, Layout, shard_key, sharded_names
 from logitcache.cache.metadata import CacheMetadata
-from logitcache.cache.writer import _read_attrs
-from logitcache.pipeline.errors import CacheError
+from logitcache.cache.writer import read_attrs
 
 
 @dataclass
@@ -224,7 +224,7 @@ def verify_cache(
     report = VerifyReport(location=storage.describe(zstore))
     try:
         group = zarr.open_group(zstore, mode="r")
-        metadata, layout, summary = _read_attrs(group)
+        metadata, layout, summary = read_attrs(group)
     except CacheError as exc:
         report.problems.append(str(exc))
         return report

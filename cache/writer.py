@@ -31,6 +31,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from logitcache.cache import storage
 from logitcache.cache.encoding import encode_entries
+from logitcache.cache.errors import CacheError
 from logitcache.cache.layout import (
     COMPLETE_KEY,
     DONE_ARRAY,
@@ -45,7 +46,6 @@ from logitcache.cache.layout import (
 )
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
 from logitcache.cache.select import SampledSelection, TopkSelection
-from logitcache.pipeline.errors import CacheError
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -> zarr.Array:
@@ -73,7 +73,8 @@ def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -
     )
 
 
-def _read_attrs(group: zarr.Group) -> tuple[CacheMetadata, Layout, dict[str, Any] | None]:
+def read_attrs(group: zarr.Group) -> tuple[CacheMetadata, Layout, dict[str, Any] | None]:
+    """The cache's group attributes: its metadata, its layout, and the summary once complete (else None)."""
     attrs = dict(group.attrs)
     if METADATA_KEY not in attrs:
         raise CacheError(
@@ -263,7 +264,7 @@ def create_cache(
     except CacheError:
         raise
     if existing is not None and not overwrite:
-        old_metadata, old_layout, complete = _read_attrs(existing)
+        old_metadata, old_layout, complete = read_attrs(existing)
         if complete is not None:
             raise CacheError(
                 f"Expected no complete cache at {storage.describe(zstore)}. Got a complete one. "
@@ -306,7 +307,7 @@ def open_cache_writer(store: storage.StoreLike, *, metadata: CacheMetadata) -> C
             f"Expected a cache created by rank 0 at {storage.describe(zstore)}. Got an empty location. "
             "Call create_cache on rank 0 and barrier before opening on other ranks."
         )
-    old_metadata, layout, complete = _read_attrs(existing)
+    old_metadata, layout, complete = read_attrs(existing)
     if complete is not None:
         raise CacheError(f"Expected an unfinished cache at {storage.describe(zstore)}. Got a complete one.")
     differing = old_metadata.differences(metadata)

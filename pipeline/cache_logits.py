@@ -1,7 +1,9 @@
 """`pipe cache-logits` and `pipe verify-cache`: run the teachers once, store their ensemble.
 
 ``RUN/cache/`` holds ``logits.zarr`` (the cache, format in docs/cache-format.md) beside the stage's
-``provenance.json``, ``COMPLETE.json`` and, once verified, ``verify.json``.
+``provenance.json``, ``COMPLETE.json`` and, once verified, ``verify.json`` (paths: :class:`RunLayout`).
+The teachers are loaded and checked by :mod:`logitcache.pipeline.teacher_signal`, as for the
+online student.
 
 How it runs: every teacher does one forward pass per batch of ``cache.batch_size`` training
 windows (bf16 autocast on CUDA, float32 on CPU); their logits are combined by the ensemble rule
@@ -15,119 +17,49 @@ bit-identical to an uninterrupted run. Under ``torchrun`` rank ``r`` of ``W`` wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from logitcache.cache import (
     CacheMetadata,
     Encoding,
     SampledSelection,
-    TeacherInfo,
     TopkSelection,
     create_cache,
     default_layout,
-    ensemble_logprobs,
-    ensemble_topk,
     open_cache,
     open_cache_writer,
-    select_sampled,
     verify_cache,
 )
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.pipeline import __version__
-from logitcache.pipeline.config import Config
-from logitcache.pipeline.distributed import DistContext, init_distributed
-from logitcache.pipeline.errors import CacheError, StageError, TeacherError
-from logitcache.pipeline.models import load_model
-from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
+from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
+from logitcache.pipeline.errors import CacheError, StageError
+from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     COMPLETE_MARKER,
     RunLayout,
     atomic_write_text,
     is_complete,
+    locate_cache_store,
     mark_complete,
+    read_marker,
     write_provenance,
 )
-from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, teacher_fingerprint
-
-CACHE_STORE = "logits.zarr"
-VERIFY_FILE = "verify.json"
+from logitcache.pipeline.teacher_signal import TeacherEnsemble
 
 
-def cache_store_path(config: Config) -> Path:
-    return RunLayout(config.run_dir).cache / CACHE_STORE
-
-
-def cache_fingerprint(config: Config) -> str:
-    parts = {
-        "data": data_fingerprint(config),
-        "teachers": {name: teacher_fingerprint(config, name) for name in config.teachers},
-        "cache": config.to_dict()["cache"],
-        "seed": config.run.seed,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """SHA-256 over the model's safetensors files (sorted by name), i.e. of exactly its weights."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise TeacherError(
-            f"Expected safetensors weights in {model_dir}. Found none (pickle .bin files are not read)."
-        )
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
-    """Refuse a teacher whose tokenizer differs from the prepared data's (ids would mean other tokens)."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise TeacherError(
-            f"Teacher '{name}' at {model_dir} has no tokenizer.json. Expected the tokenizer of the prepared data "
-            f"({data.tokenizer_path}); teachers must share it."
-        )
-    ours = Tokenizer.from_file(str(data.tokenizer_path)).get_vocab(with_added_tokens=True)
-    theirs = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    if ours != theirs:
-        differing = len(set(ours.items()) ^ set(theirs.items()))
-        raise TeacherError(
-            f"Teacher '{name}' uses a different tokenizer than the prepared data ({len(theirs)} vs {len(ours)} "
-            f"tokens, {differing} entries differ). All teachers must share the data's tokenizer."
-        )
-
-
-def _teacher_dirs(config: Config) -> dict[str, Path]:
-    if not config.teachers:
-        raise StageError("Expected at least one teacher in the config ([teachers.NAME]). Got none.")
-    dirs = {}
-    for name in config.teachers:
-        if not is_teacher_complete(config, name):
-            raise StageError(
-                f"Teacher '{name}' is not trained yet. Run `pipe train-teacher CONFIG --teacher {name}`."
-            )
-        dirs[name] = teacher_dir(config, name)
-    return dirs
-
-
-def build_metadata(config: Config, data: PreparedData, dirs: dict[str, Path], dtype: str) -> CacheMetadata:
+def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble) -> CacheMetadata:
     cache = config.cache
     sampled = cache.mode == "sampled"
     encoding = SAMPLED_ENCODING if sampled else Encoding(id_code=cache.id_code, value_code=cache.value_code)
@@ -136,10 +68,7 @@ def build_metadata(config: Config, data: PreparedData, dirs: dict[str, Path], dt
         vocab_size=data.vocab_size,
         tokenizer_sha256=data.manifest["tokenizer_sha256"],
         dataset_sha256=data.windows_sha256("train"),
-        teachers=tuple(
-            TeacherInfo(name=name, path=str(path), weights_sha256=weights_sha256(path), dtype=dtype)
-            for name, path in dirs.items()
-        ),
+        teachers=teachers.infos(),
         k=cache.samples if sampled else cache.k,
         package_version=__version__,
         ensemble=cache.ensemble,
@@ -154,77 +83,13 @@ def build_metadata(config: Config, data: PreparedData, dirs: dict[str, Path], dt
     )
 
 
-class EnsembleSelector:
-    """Runs the teachers on windows and selects the stored entries (one batch at a time)."""
-
-    def __init__(self, config: Config, dirs: dict[str, Path], data: PreparedData, device: torch.device):
-        self.config = config
-        self.device = device
-        self.names = list(dirs)
-        self.vocab = data.vocab_size
-        self.models = []
-        for name, path in dirs.items():
-            check_teacher_tokenizer(name, path, data)
-            model = load_model(path).to(device).eval()
-            if model.config.vocab_size < self.vocab:
-                raise TeacherError(
-                    f"Teacher '{name}' has {model.config.vocab_size} output logits; the tokenizer has {self.vocab} tokens."
-                )
-            self.models.append(model)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        )
-        self.dtype = "bfloat16" if device.type == "cuda" else "float32"
-
-    @torch.no_grad()
-    def teacher_logits(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's logits (B, T, V) for windows (B, T), cut to the tokenizer's vocab."""
-        input_ids = windows.to(self.device, dtype=torch.long)  # (B, T)
-        logits = []
-        for model in self.models:
-            with self.autocast:
-                out = model(input_ids=input_ids).logits  # (B, T, V_model)
-            logits.append(out[..., : self.vocab])  # a model may pad its output layer beyond the vocab
-        return logits
-
-    def _ensemble_args(self, indices: torch.Tensor) -> dict[str, Any]:
-        cache = self.config.cache
-        return {
-            "teacher_names": self.names,
-            "window_indices": indices,
-            "rule": cache.ensemble,
-            "weights": cache.weights or None,
-            "temperature": cache.temperature,
-        }
-
-    @torch.no_grad()
-    def logprobs(self, windows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Ensemble log-probabilities (B, T, V) float32 for windows (B, T)."""
-        return ensemble_logprobs(self.teacher_logits(windows), **self._ensemble_args(indices))
-
-    @torch.no_grad()
-    def select(self, windows: torch.Tensor, indices: torch.Tensor) -> TopkSelection | SampledSelection:
-        """The stored entries of windows (B, T), on the CPU."""
-        cache = self.config.cache
-        if cache.mode == "sampled":
-            selection = select_sampled(
-                self.logprobs(windows, indices),
-                num_samples=cache.samples,
-                seed=self.config.run.seed,
-                window_indices=indices,
-            )
-        else:  # fused: no (B, T, V) ensemble log-probabilities (see cache/select.py)
-            selection = ensemble_topk(self.teacher_logits(windows), k=cache.k, **self._ensemble_args(indices))
-        return type(selection)(**{f: getattr(selection, f).cpu() for f in selection.__dataclass_fields__})
-
-
 def _concat(parts: list[TopkSelection | SampledSelection]) -> TopkSelection | SampledSelection:
     cls = type(parts[0])
     return cls(**{f: torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__})
 
 
 def _shard_selections(
-    selector: EnsembleSelector, windows: np.ndarray, writer: Any, shards: list[int], batch_size: int, bar: Any
+    teachers: TeacherEnsemble, windows: np.ndarray, writer: Any, shards: list[int], batch_size: int, bar: Any
 ) -> Iterator[tuple[int, TopkSelection | SampledSelection]]:
     for shard in shards:
         start, stop = writer.shard_rows(shard)
@@ -232,7 +97,7 @@ def _shard_selections(
         for begin in range(start, stop, batch_size):
             end = min(begin + batch_size, stop)
             batch = torch.from_numpy(windows[begin:end].astype(np.int64))  # (B, T)
-            parts.append(selector.select(batch, torch.arange(begin, end)))
+            parts.append(teachers.select(batch, torch.arange(begin, end)))
             bar.update((end - begin) * windows.shape[1])
         yield shard, _concat(parts)
 
@@ -253,22 +118,21 @@ def cache_logits(
     config: Config, *, overwrite: bool = False, progress: bool | None = None, ctx: DistContext | None = None
 ) -> Path:
     """Build ``RUN/cache`` from the trained teachers; return its folder. Resumes an interrupted run."""
-    layout = RunLayout(config.run_dir)
+    layout = RunLayout.of(config)
     out = layout.cache
     fingerprint = cache_fingerprint(config)
     if is_complete(out, fingerprint) and not overwrite:
         return out
     ctx = ctx or init_distributed(config.run.device)
     data = PreparedData.open(layout.data)
-    dirs = _teacher_dirs(config)
     if out.exists() and not out.is_dir():
         raise CacheError(
             f"Expected a folder for the cache at {out}. Got a file; move it away or use another --run-dir."
         )
-    selector = EnsembleSelector(config, dirs, data, ctx.device)
-    metadata = build_metadata(config, data, dirs, selector.dtype)
+    teachers = TeacherEnsemble.load(config, data, ctx.device)
+    metadata = build_metadata(config, data, teachers)
     windows = data.windows("train")  # (N, T)
-    store = out / CACHE_STORE
+    store = layout.cache_store
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         writer = create_cache(  # refuses (changing nothing) a complete or different cache unless overwrite
@@ -279,8 +143,8 @@ def cache_logits(
             **_chunking(config, windows.shape, metadata.k),
             overwrite=overwrite,
         )
-        for stale in (COMPLETE_MARKER, VERIFY_FILE):  # from an earlier cache that is being replaced
-            (out / stale).unlink(missing_ok=True)
+        for stale in (out / COMPLETE_MARKER, layout.verify_report):  # of an earlier cache being replaced
+            stale.unlink(missing_ok=True)
         write_provenance(out, config, "cache-logits")
     ctx.barrier()
     if not ctx.is_main:
@@ -296,7 +160,7 @@ def cache_logits(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as pool, bar:
         pending: list[Future[None]] = []
         for shard, selection in _shard_selections(
-            selector, windows, writer, shards, config.cache.batch_size, bar
+            teachers, windows, writer, shards, config.cache.batch_size, bar
         ):
             pending.append(pool.submit(writer.write_shard, shard, selection))
             while len(pending) > 1:
@@ -315,18 +179,28 @@ def cache_logits(
     return out
 
 
+def describe_cache(out: Path) -> str:
+    """One line on a complete cache stage folder (what `pipe cache-logits` prints); "" if incomplete."""
+    summary = (read_marker(out) or {}).get("summary") or {}
+    if not summary:
+        return ""
+    return (
+        f"cache {out}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
+        f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
+        f"{summary['mean_teacher_entropy']:.3f} nats"
+    )
+
+
 def resolve_cache_store(path: str | Path) -> Path:
     """A cache location given by the user: a stage folder (RUN/cache) or the store itself."""
-    path = Path(path)
-    if path.is_file():
-        raise CacheError(f"Expected a cache folder. Got the file {path}.")
-    if (path / CACHE_STORE).is_dir():
-        return path / CACHE_STORE
-    if not path.exists():
+    store = locate_cache_store(path)
+    if store.is_file():
+        raise CacheError(f"Expected a cache folder. Got the file {store}.")
+    if not store.exists():
         raise CacheError(
-            f"Expected a logit cache at {path}. Found nothing; run `pipe cache-logits CONFIG` first."
+            f"Expected a logit cache at {store}. Found nothing; run `pipe cache-logits CONFIG` first."
         )
-    return path
+    return store
 
 
 def verify(
@@ -340,8 +214,9 @@ def verify(
 ) -> dict[str, Any]:
     """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``."""
     store = resolve_cache_store(path)
-    if data_dir is None and (store.parent.parent / "data" / "COMPLETE.json").is_file():
-        data_dir = store.parent.parent / "data"  # RUN/cache/logits.zarr -> RUN/data
+    run_data = RunLayout(store.parent.parent).data  # RUN/cache/logits.zarr -> RUN/data
+    if data_dir is None and (run_data / COMPLETE_MARKER).is_file():
+        data_dir = run_data
     data = PreparedData.open(data_dir) if data_dir is not None else None
     report = verify_cache(
         store,
@@ -358,6 +233,18 @@ def verify(
     return report
 
 
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The report of :func:`verify` as `pipe verify-cache` prints it: failures, recompute, verdict last."""
+    lines = [f"FAIL {line}" for line in report.get("problems", [])]
+    for shard in report.get("shards", []):
+        lines += [f"FAIL shard {shard['shard']}: {problem}" for problem in shard.get("problems", [])]
+    if "recompute" in report:
+        recompute = report["recompute"] | {"windows": len(report["recompute"]["windows"])}
+        lines.append(f"recompute: {json.dumps(recompute)}")
+    lines.append(f"{'OK' if report['ok'] else 'FAILED'}: {report['store']}")
+    return lines
+
+
 def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, device: str) -> dict[str, Any]:
     """Rerun the teachers on ``count`` random windows and compare with the stored entries.
 
@@ -366,9 +253,6 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     GPU or other hardware (float32 on the same CPU recomputes exactly); top-k sets may differ only
     where the k-th and (k+1)-th probabilities are within that tolerance (ties).
     """
-    from logitcache.pipeline.config import CacheConfig, Config, DataConfig, RunConfig
-    from logitcache.pipeline.distributed import resolve_device
-
     reader = open_cache(store)
     meta = reader.metadata
     dirs = {t.name: Path(t.path) for t in meta.teachers}
@@ -380,19 +264,18 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
         weights=list(meta.teacher_weights or []),
         temperature=meta.temperature,
     )
-    config = Config(run=RunConfig(seed=meta.seed), data=DataConfig(), cache=cache_cfg)
-    selector = EnsembleSelector(config, dirs, data, resolve_device(device))
+    teachers = TeacherEnsemble(dirs, data, resolve_device(device), cache=cache_cfg, seed=meta.seed)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(reader.num_windows, size=min(count, reader.num_windows), replace=False))
     windows = torch.from_numpy(data.windows("train")[rows].astype(np.int64))  # (n, T)
     stored = reader.read_windows(rows, weights="ghost" if meta.mode == "topk" else "renormalized")
-    logp = selector.logprobs(windows, torch.from_numpy(rows)).cpu()  # (n, T, V)
+    logp = teachers.logprobs(windows, torch.from_numpy(rows)).cpu()  # (n, T, V)
     probs = logp.exp()
     # The stored weights of the default code are p / p_max rounded to B bits and rescaled by the
     # reader, so each may be off by half a step of p_max; other codes get 1 % of p_max.
     code = meta.encoding.value_code
     step = 1.0 / (2 ** int(code.removeprefix("ratio_q")) - 1) if code.startswith("ratio_q") else 0.02
-    hardware_slack = 0.0 if selector.dtype == "float32" else 2e-3  # bf16 teachers on a GPU
+    hardware_slack = 0.0 if teachers.dtype == "float32" else 2e-3  # bf16 teachers on a GPU
     p_max = probs.amax(-1, keepdim=True)  # (n, T, 1)
     tolerance = p_max * step + 1e-5 + hardware_slack  # (n, T, 1): half a step each way, doubled
     recomputed = probs.gather(-1, stored.ids)  # (n, T, k) exact probabilities of the stored ids
@@ -418,19 +301,17 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
 
 def verify_stage(config: Config, *, progress: bool | None = None) -> dict[str, Any]:
     """`pipe run`'s verify step: verify RUN/cache against RUN/data, record verify.json, raise if bad."""
-    layout = RunLayout(config.run_dir)
+    layout = RunLayout.of(config)
     report = verify(layout.cache, data_dir=layout.data, progress=progress)
     report["fingerprint"] = cache_fingerprint(config)
-    atomic_write_text(layout.cache / VERIFY_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(layout.verify_report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not report["ok"]:
-        raise CacheError(
-            f"The cache at {layout.cache} failed verification; see {layout.cache / VERIFY_FILE}."
-        )
+        raise CacheError(f"The cache at {layout.cache} failed verification; see {layout.verify_report}.")
     return report
 
 
 def is_verified(config: Config) -> bool:
-    path = RunLayout(config.run_dir).cache / VERIFY_FILE
+    path = RunLayout.of(config).verify_report
     if not path.is_file():
         return False
     report = json.loads(path.read_text())
@@ -438,4 +319,4 @@ def is_verified(config: Config) -> bool:
 
 
 def is_cache_complete(config: Config) -> bool:
-    return is_complete(RunLayout(config.run_dir).cache, cache_fingerprint(config))
+    return is_complete(RunLayout.of(config).cache, cache_fingerprint(config))

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from logitcache.pipeline import __version__
-from logitcache.pipeline.errors import LogitcacheError
+from logitcache.pipeline.config import DEVICES, EVAL_SPLITS, STUDENT_MODES, EvalConfig
 
 CONFIG_ARG = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 
@@ -55,13 +55,10 @@ def cli() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace prepared data made from a different config.")
 def prepare_data_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
     """Train the BPE tokenizer and pack the corpus into train/dev/test token windows (RUN/data)."""
-    from logitcache.pipeline.prepare import prepare_data
+    from logitcache.pipeline.prepare import PreparedData, prepare_data
 
-    cfg = _load(config, overrides, run_dir)
-    out = prepare_data(cfg, overwrite=overwrite)
-    manifest = json.loads((out / "manifest.json").read_text())
-    splits = ", ".join(f"{name} {s['windows']} windows" for name, s in manifest["splits"].items())
-    click.echo(f"prepared {out}: vocab {manifest['vocab_size']}, {splits}")
+    out = prepare_data(_load(config, overrides, run_dir), overwrite=overwrite)
+    click.echo(f"prepared {out}: {PreparedData.open(out).describe()}")
 
 
 @cli.command("train-teacher")
@@ -122,10 +119,10 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
     default=None,
     help="Directory of BLiMP .jsonl files (native format): minimal-pair accuracy.",
 )
-@click.option("--split", type=click.Choice(["test", "dev"]), default="test", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--ece-bins", type=click.IntRange(min=1), default=15, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--split", type=click.Choice(EVAL_SPLITS), default=EvalConfig.split, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True)
+@click.option("--ece-bins", type=click.IntRange(min=1), default=EvalConfig.ece_bins, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -151,40 +148,19 @@ def evaluate_cmd(
     out: Path | None,
 ) -> None:
     """Held-out perplexity, BLiMP and calibration of MODEL_DIR... (any Hugging Face causal LM folders)."""
-    import dataclasses
-
-    from logitcache.pipeline.evaluation.evaluate import (
-        EvalOptions,
-        dumps_results,
-        evaluate_models,
-        evaluate_run,
-        write_results,
-    )
+    from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_command
 
     options = EvalOptions(
         data_dir=data_dir,
         blimp_dir=blimp_dir,
-        split=split,  # type: ignore[arg-type]
+        split=split,
         batch_size=batch_size,
         ece_bins=ece_bins,
         device=device,
     )
     log = lambda line: click.echo(line, err=True)  # noqa: E731
-    if run_dir is not None and not model_dirs:
-        path = evaluate_run(run_dir, options=options, out=out, log=log)
-        click.echo(f"results: {path}")
-        return
-    if not model_dirs:
-        raise click.UsageError("Expected MODEL_DIR arguments or --run-dir RUN.")
-    if run_dir is not None and data_dir is None:
-        options = dataclasses.replace(options, data_dir=run_dir / "data")
-    results = evaluate_models(model_dirs, options=options, log=log)
-    if out is None and run_dir is not None:
-        out = run_dir / "eval" / "results.json"
-    if out is None:
-        click.echo(dumps_results(results), nl=False)
-    else:
-        click.echo(f"results: {write_results(results, out)}")
+    result = evaluate_command(model_dirs, options=options, run_dir=run_dir, out=out, log=log)
+    click.echo(f"results: {result}" if isinstance(result, Path) else result, nl=isinstance(result, Path))
 
 
 @cli.command("report")
@@ -213,7 +189,7 @@ def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | N
     Resumable: rerunning after a crash finishes the unfinished shards. Works under torchrun (ranks
     write disjoint shards).
     """
-    from logitcache.pipeline.cache_logits import cache_logits
+    from logitcache.pipeline.cache_logits import cache_logits, describe_cache
     from logitcache.pipeline.distributed import shutdown_distributed
 
     cfg = _load(config, overrides, run_dir)
@@ -221,17 +197,8 @@ def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | N
         out = cache_logits(cfg, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    summary = (
-        json.loads((out / "COMPLETE.json").read_text())["summary"]
-        if (out / "COMPLETE.json").is_file()
-        else {}
-    )
-    if summary:
-        click.echo(
-            f"cache {out}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
-            f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
-            f"{summary['mean_teacher_entropy']:.3f} nats"
-        )
+    if line := describe_cache(out):  # "" on ranks > 0 of torchrun before the summary exists
+        click.echo(line)
 
 
 @cli.command("verify-cache")
@@ -257,22 +224,10 @@ def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: in
 
     Exits 1 when any check fails, naming the shard and the problem.
     """
-    from logitcache.pipeline.cache_logits import verify
+    from logitcache.pipeline.cache_logits import report_lines, verify
 
     report = verify(path, data_dir=data_dir, recompute=recompute, seed=seed)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
-    else:
-        for line in report.get("problems", []):
-            click.echo(f"FAIL {line}")
-        for shard in report.get("shards", []):
-            for problem in shard.get("problems", []):
-                click.echo(f"FAIL shard {shard['shard']}: {problem}")
-        if "recompute" in report:
-            click.echo(
-                f"recompute: {json.dumps(report['recompute'] | {'windows': len(report['recompute']['windows'])})}"
-            )
-        click.echo(f"{'OK' if report['ok'] else 'FAILED'}: {report['store']}")
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else "\n".join(report_lines(report)))
     if not report["ok"]:
         sys.exit(1)
 
@@ -281,7 +236,7 @@ def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: in
 @CONFIG_ARG
 @click.option(
     "--mode",
-    type=click.Choice(["cache", "online", "ce"]),
+    type=click.Choice(STUDENT_MODES),
     default=None,
     help="cache: distil from RUN/cache; online: run the teachers at every step; ce: no teacher "
     "(default: student.mode of the config, 'cache').",
@@ -300,25 +255,27 @@ def train_student_cmd(
     overwrite: bool,
 ) -> None:
     """Train the student (resumes from its last checkpoint). Works under torchrun."""
+    from logitcache.pipeline.config import with_student
     from logitcache.pipeline.distributed import shutdown_distributed
-    from logitcache.pipeline.student import train_student
+    from logitcache.pipeline.student import student_name, train_student
 
-    extra = ([f"student.mode={mode}"] if mode else []) + ([f'student.name="{name}"'] if name else [])
-    cfg = _load(config, (*overrides, *extra), run_dir)
+    cfg = with_student(_load(config, overrides, run_dir), mode=mode, name=name)
     try:
         out = train_student(cfg, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    click.echo(f"student {cfg.student.name or cfg.student.mode}: {out}")
+    click.echo(f"student {student_name(cfg)}: {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback.
+
+    User errors are :class:`~logitcache.pipeline.errors.LogitcacheError` (config, data, cache,
+    stage, teacher) and :class:`~logitcache.kernels.errors.KernelError` (a bad loss input or
+    option). They are imported only when something was raised, so ``pipe --help`` loads no torch.
+    """
     try:
         cli.main(args=argv, prog_name="pipe", standalone_mode=False)
-    except LogitcacheError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -328,6 +285,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:
+        from logitcache.kernels.errors import KernelError
+        from logitcache.pipeline.errors import LogitcacheError
+
+        if not isinstance(exc, LogitcacheError | KernelError):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,22 @@ import json
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from logitcache.pipeline.errors import ConfigError
 
 Family = Literal["llama", "gpt2"]
+# How a student gets its teacher signal: "cache" (RUN/cache), "online" (the teachers run at every
+# step) or "ce" (none: cross-entropy only). The one list of student modes.
+StudentMode = Literal["cache", "online", "ce"]
+STUDENT_MODES: Final = typing.get_args(StudentMode)
+EvalSplit = Literal["test", "dev"]
+EVAL_SPLITS: Final = typing.get_args(EvalSplit)
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: Final = typing.get_args(Device)
 
 
 @dataclass(frozen=True)
@@ -33,10 +42,10 @@ class RunConfig:
 
     dir: str = ""  # "" means runs/<config file stem> under the working directory
     seed: int = 1234
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     # The students `pipe run` trains, one per mode, into RUN/students/<mode>: the distilled student
     # and its CE-only twin by default; add "online" for live-teacher distillation (the baseline).
-    students: list[Literal["cache", "online", "ce"]] = field(default_factory=lambda: ["cache", "ce"])
+    students: list[StudentMode] = field(default_factory=lambda: ["cache", "ce"])
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,7 @@ class StudentConfig:
 
     # "cache": KD from RUN/cache; "online": the teachers run at every step (full vocabulary);
     # "ce": no teacher (cross-entropy only). Output: RUN/students/NAME, NAME = `name` or the mode.
-    mode: Literal["cache", "online", "ce"] = "cache"
+    mode: StudentMode = "cache"
     name: str = ""
     seed: int = 0  # the student's init and data-order seed; 0 = run.seed (vary it for seed spreads)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,10 +181,13 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """`pipe evaluate` as a stage of `pipe run`: held-out perplexity/ECE on RUN/data, BLiMP if given."""
+    """`pipe evaluate` as a stage of `pipe run`: held-out perplexity/ECE on RUN/data, BLiMP if given.
+
+    These defaults are also those of `pipe evaluate` and of ``EvalOptions`` (one place).
+    """
 
     blimp_dir: str = ""  # a directory of BLiMP .jsonl files (native format); "" = no BLiMP
-    split: Literal["test", "dev"] = "test"
+    split: EvalSplit = "test"
     batch_size: int = 32
     ece_bins: int = 15
 
@@ -199,12 +211,84 @@ class Config:
         """SHA-256 of the named sections (all but `run`/`source` if none): what a stage depends on."""
         data = self.to_dict()
         names = sections or tuple(k for k in data if k not in ("run", "source"))
-        blob = json.dumps({name: data[name] for name in names}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return digest({name: data[name] for name in names})
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints: what each stage's output depends on (stored in its COMPLETE.json, see rundir.py).
+# A stage is skipped when its fingerprint is unchanged; each builds on the ones before it.
+
+
+def digest(parts: Mapping[str, Any]) -> str:
+    """SHA-256 of a JSON document with sorted keys: the one way a fingerprint is computed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(config: Config) -> str:
+    """`pipe prepare-data`: the ``[data]`` section."""
+    return config.fingerprint("data")
+
+
+def teacher_fingerprint(config: Config, name: str) -> str:
+    """`pipe train-teacher NAME`: the data, the teacher's own table and the run's seed."""
+    teacher = config.to_dict()["teachers"][name]
+    return digest({"data": data_fingerprint(config), "teacher": teacher, "seed": config.run.seed})
+
+
+def _teachers_fingerprints(config: Config) -> dict[str, str]:
+    return {name: teacher_fingerprint(config, name) for name in config.teachers}
+
+
+def cache_fingerprint(config: Config) -> str:
+    """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed."""
+    parts = {
+        "data": data_fingerprint(config),
+        "teachers": _teachers_fingerprints(config),
+        "cache": config.to_dict()["cache"],
+        "seed": config.run.seed,
+    }
+    return digest(parts)
+
+
+def student_fingerprint(config: Config) -> str:
+    """`pipe train-student`: the data, the ``[student]`` section and, unless mode "ce", the teachers.
+
+    Left out: the student's name (only the folder) and the loader settings that do not change the
+    data order (workers, prefetch); without a teacher (mode "ce") the distillation settings.
+    """
+    student = config.to_dict()["student"]
+    student.pop("name")
+    student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
+    parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
+    if config.student.mode == "ce":
+        parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
+    else:
+        parts["teachers"] = _teachers_fingerprints(config)
+        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
+    return digest(parts)
+
+
+def run_students(config: Config) -> list[Config]:
+    """One config per student mode that `pipe run` trains (``run.students``, into RUN/students/<mode>)."""
+    return [
+        dataclasses.replace(config, student=dataclasses.replace(config.student, mode=mode, name=""))
+        for mode in config.run.students
+    ]
+
+
+def eval_fingerprint(config: Config) -> str:
+    """`pipe run`'s evaluate stage: its settings and every model it evaluates."""
+    parts = {
+        "evaluate": config.to_dict()["evaluate"],
+        "data": data_fingerprint(config),
+        "teachers": _teachers_fingerprints(config),
+        "students": [student_fingerprint(c) for c in run_students(config)],
+    }
+    return digest(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +317,17 @@ def load_config(
     config = dataclasses.replace(config, source=str(path))
     validate(config)
     return config
+
+
+def with_student(config: Config, *, mode: str | None = None, name: str | None = None) -> Config:
+    """``config`` with ``student.mode`` and/or ``student.name`` replaced (`pipe train-student --mode/--name`)."""
+    if mode is not None and mode not in STUDENT_MODES:
+        raise ConfigError(f"Expected student.mode in {', '.join(map(repr, STUDENT_MODES))}. Got {mode!r}.")
+    student = config.student
+    student = dataclasses.replace(
+        student, mode=student.mode if mode is None else mode, name=student.name if name is None else name
+    )
+    return dataclasses.replace(config, student=student)
 
 
 # Keys whose values are filesystem paths written relative to the config file.

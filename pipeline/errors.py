@@ -1,13 +1,16 @@
-"""The one error hierarchy of logitcache.
+"""The one error hierarchy of logitcache, as the pipeline sees it.
 
+The base class and the errors the cache layer raises live at the bottom, in
+:mod:`logitcache.cache.errors` (re-exported here); this module adds the pipeline's own. Kernels
+raise :class:`logitcache.kernels.errors.KernelError` (a ``ValueError``) for bad tensors or options.
 Every error a user can cause (bad config, bad corpus, mismatched cache, ...) is a
-:class:`LogitcacheError`. The CLI prints its message as one line and exits non-zero,
-with no traceback. Messages are shaped "Expected X. Got Y." plus what to do.
+:class:`LogitcacheError` or a ``KernelError``: the CLI prints its message as one line and exits
+with status 2, with no traceback. Messages are shaped "Expected X. Got Y." plus what to do.
 """
 
+from logitcache.cache.errors import CacheError, LogitcacheError, TeacherError
 
-class LogitcacheError(Exception):
-    """Base class for errors caused by user input or by the state of files on disk."""
+__all__ = ["CacheError", "ConfigError", "DataError", "LogitcacheError", "StageError", "TeacherError"]
 
 
 class ConfigError(LogitcacheError):
@@ -20,11 +23,3 @@ class DataError(LogitcacheError):
 
 class StageError(LogitcacheError):
     """A stage cannot run because an earlier stage's output is missing or incompatible."""
-
-
-class CacheError(LogitcacheError):
-    """A logit cache is missing, incomplete, corrupt, incompatible or of an unknown version."""
-
-
-class TeacherError(LogitcacheError):
-    """A teacher model is missing, incompatible with the tokenizer, or produced invalid output."""

@@ -26,7 +26,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from logitcache.cache.hashing import array_sha256, file_sha256
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import Config, data_fingerprint
 from logitcache.pipeline.corpus import SPLITS, Document, read_corpus
 from logitcache.pipeline.errors import DataError, StageError
 from logitcache.pipeline.progress import progress_bar
@@ -42,10 +42,6 @@ from logitcache.pipeline.tokenizer import BOS_ID, EOS_ID, load_hf_tokenizer, tra
 
 MANIFEST_VERSION = 1
 WINDOW_CHUNK_ROWS = 1024
-
-
-def data_fingerprint(config: Config) -> str:
-    return config.fingerprint("data")
 
 
 def window_dtype(vocab_size: int) -> np.dtype:
@@ -191,3 +187,8 @@ class PreparedData:
 
     def windows_sha256(self, split: str) -> str:
         return str(self.manifest["splits"][split]["windows_sha256"])
+
+    def describe(self) -> str:
+        """``vocab 4096, train 1200 windows, dev 60 windows, test 60 windows`` (what `pipe prepare-data` prints)."""
+        splits = ", ".join(f"{name} {s['windows']} windows" for name, s in self.manifest["splits"].items())
+        return f"vocab {self.vocab_size}, {splits}"

@@ -1,16 +1,17 @@
 """The run directory: one folder per config, one subfolder per stage, completion markers.
 
-Layout (``RUN`` = ``run.dir``)::
+Layout (``RUN`` = ``run.dir``); :class:`RunLayout` is the one place that knows these paths::
 
-    RUN/data/              prepared corpus: tokenizer.json, windows.zarr, manifest.json
-    RUN/teachers/NAME/     a trained teacher (HF model + tokenizer), checkpoints/ inside
-    RUN/cache/             the logit cache (Zarr v3)
-    RUN/students/NAME/     a trained student, checkpoints/ inside
-    RUN/eval/              evaluation results and the report
+    RUN/data/                  prepared corpus: tokenizer.json, windows.zarr, manifest.json
+    RUN/teachers/NAME/         a trained teacher (HF model + tokenizer), checkpoints/ inside
+    RUN/cache/logits.zarr      the logit cache (Zarr v3); RUN/cache/verify.json once verified
+    RUN/students/NAME/         a trained student, checkpoints/ inside
+    RUN/eval/results.json      evaluation results; RUN/eval/report.html and figures/ the report
 
 A stage's folder counts as complete only when it holds ``COMPLETE.json`` (written last) with the
-fingerprint of the config it was made from; ``pipe run`` skips complete stages with the same
-fingerprint and refuses to overwrite ones made from a different config.
+fingerprint of the config it was made from (see the fingerprints in :mod:`logitcache.pipeline.config`);
+``pipe run`` skips complete stages with the same fingerprint and refuses to overwrite ones made
+from a different config.
 """
 
 from __future__ import annotations
@@ -31,29 +32,80 @@ from logitcache.pipeline.errors import StageError
 
 COMPLETE_MARKER = "COMPLETE.json"
 PROVENANCE_FILE = "provenance.json"
+CACHE_STORE = "logits.zarr"
+MODEL_GROUPS = ("teachers", "students")  # the folders of RUN that hold model folders
 
 
 @dataclass(frozen=True)
 class RunLayout:
+    """Every path under a run directory."""
+
     root: Path
+
+    @classmethod
+    def of(cls, config: Config) -> RunLayout:
+        return cls(config.run_dir)
 
     @property
     def data(self) -> Path:
         return self.root / "data"
 
+    @property
+    def teachers(self) -> Path:
+        return self.root / "teachers"
+
     def teacher(self, name: str) -> Path:
-        return self.root / "teachers" / name
+        return self.teachers / name
 
     @property
     def cache(self) -> Path:
+        """The cache stage's folder (provenance, markers, verify report) around the store."""
         return self.root / "cache"
 
+    @property
+    def cache_store(self) -> Path:
+        """The Zarr v3 store that `pipe cache-logits` writes."""
+        return self.cache / CACHE_STORE
+
+    @property
+    def verify_report(self) -> Path:
+        return self.cache / "verify.json"
+
+    @property
+    def students(self) -> Path:
+        return self.root / "students"
+
     def student(self, name: str) -> Path:
-        return self.root / "students" / name
+        return self.students / name
 
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.eval / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.eval / "report.html"
+
+    @property
+    def figures(self) -> Path:
+        return self.eval / "figures"
+
+
+def locate_cache_store(path: str | Path) -> Path:
+    """The store of a cache given as its stage folder (``RUN/cache``) or as the store itself.
+
+    A folder that holds no store and is not one gives ``folder/logits.zarr`` (missing), so that
+    errors name where the cache should be; callers check that it exists.
+    """
+    path = Path(path)
+    store = path / CACHE_STORE
+    if store.exists() or (path.is_dir() and not (path / "zarr.json").is_file()):
+        return store
+    return path
 
 
 def read_marker(stage_dir: Path) -> dict[str, Any] | None:
@@ -101,7 +153,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -134,7 +186,7 @@ def write_provenance(
         "stage": stage,
         "config": config.to_dict(),
         "versions": package_versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": sys.argv,
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

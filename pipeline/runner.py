@@ -7,44 +7,22 @@ config (its fingerprint), so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete, is_verified, verify_stage
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import Config, data_fingerprint, eval_fingerprint, run_students
 from logitcache.pipeline.distributed import init_distributed
-from logitcache.pipeline.prepare import data_fingerprint, prepare_data
+from logitcache.pipeline.prepare import prepare_data
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete
-from logitcache.pipeline.student import is_student_complete, student_fingerprint, train_student
-from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, teacher_fingerprint, train_teacher
+from logitcache.pipeline.student import is_student_complete, train_student
+from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, train_teacher
 
 
 @dataclass(frozen=True)
 class StageResult:
     name: str
     skipped: bool
-
-
-def student_configs(config: Config) -> list[Config]:
-    """One config per student mode that `pipe run` trains (RUN/students/<mode>)."""
-    return [
-        dataclasses.replace(config, student=dataclasses.replace(config.student, mode=mode, name=""))
-        for mode in config.run.students
-    ]
-
-
-def eval_fingerprint(config: Config) -> str:
-    """What the evaluation depends on: its settings and every model it evaluates."""
-    parts = {
-        "evaluate": config.to_dict()["evaluate"],
-        "data": data_fingerprint(config),
-        "teachers": {name: teacher_fingerprint(config, name) for name in config.teachers},
-        "students": [student_fingerprint(c) for c in student_configs(config)],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def run_pipeline(
@@ -55,7 +33,7 @@ def run_pipeline(
     from logitcache.pipeline.evaluation.report import build_report
 
     ctx = init_distributed(config.run.device)
-    layout = RunLayout(config.run_dir)
+    layout = RunLayout.of(config)
     results: list[StageResult] = []
 
     def stage(name: str, done: bool, action: Callable[[], object], *, main_only: bool = False) -> None:
@@ -82,7 +60,7 @@ def run_pipeline(
     stage(
         "verify-cache", is_verified(config), lambda: verify_stage(config, progress=progress), main_only=True
     )
-    for student in student_configs(config):
+    for student in run_students(config):
         stage(
             f"train-student {student.student.mode}",
             is_student_complete(student),
@@ -105,6 +83,6 @@ def run_pipeline(
     stage("evaluate", is_complete(layout.eval, fingerprint), evaluate, main_only=True)
     # The report is cheap: rebuilt whenever an earlier stage ran or it is missing.
     anything_ran = any(not r.skipped for r in results)
-    report_done = not anything_ran and (layout.eval / "report.html").is_file()
+    report_done = not anything_ran and layout.report.is_file()
     stage("report", report_done, lambda: build_report(layout.root), main_only=True)
     return results

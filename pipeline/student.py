@@ -32,8 +32,6 @@ Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +41,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from logitcache.cache import CacheReader, ensemble_logprobs, open_cache
 from logitcache.kernels import SparseKDParams, dense_kd_loss, fused_linear_sparse_kd_loss, resolve_backend
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed
-from logitcache.pipeline.errors import ConfigError, StageError
-from logitcache.pipeline.models import build_model, count_parameters, load_model
-from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.errors import ConfigError
+from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import (
     BatchReader,
@@ -57,21 +54,15 @@ from logitcache.pipeline.student_data import (
     default_block,
     make_order_fn,
 )
-from logitcache.pipeline.teachers import (
-    finalize_model_dir,
-    is_teacher_complete,
-    teacher_dir,
-    teacher_fingerprint,
-)
+from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
+from logitcache.pipeline.teachers import finalize_model_dir
 from logitcache.pipeline.training import train_model
 
-MODES = ("cache", "online", "ce")
-CACHE_STORE = "logits.zarr"  # RUN/cache/logits.zarr (pipeline/cache_logits.py)
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
 
 
 # ----------------------------------------------------------------------------------------------
-# Names, folders, fingerprint
+# Names, folders (the fingerprint: pipeline/config.py)
 
 
 def student_seed(config: Config) -> int:
@@ -84,28 +75,7 @@ def student_name(config: Config) -> str:
 
 
 def student_dir(config: Config) -> Path:
-    return RunLayout(config.run_dir).student(student_name(config))
-
-
-def cache_store(config: Config) -> Path:
-    """The cache the student reads: ``RUN/cache/logits.zarr`` (or ``RUN/cache`` if that is the store)."""
-    folder = RunLayout(config.run_dir).cache
-    store = folder / CACHE_STORE
-    return store if store.exists() or not (folder / "zarr.json").is_file() else folder
-
-
-def student_fingerprint(config: Config) -> str:
-    """What the trained student depends on; loader workers/prefetch are left out (no effect)."""
-    student = config.to_dict()["student"]
-    student.pop("name")
-    student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
-    parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
-    if config.student.mode != "ce":
-        parts["teachers"] = {name: teacher_fingerprint(config, name) for name in config.teachers}
-        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
-    if config.student.mode == "ce":
-        parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return RunLayout.of(config).student(student_name(config))
 
 
 def is_student_complete(config: Config) -> bool:
@@ -133,43 +103,6 @@ class LossOptions:
         return cls(mode=config.student.mode, params=params)
 
 
-class OnlineTeachers:
-    """The trained teachers, run live: full-vocabulary ensemble log-probabilities per batch."""
-
-    def __init__(self, config: Config, vocab_size: int, device: torch.device):
-        self.names = list(config.teachers)
-        if not self.names:
-            raise StageError(
-                "Expected at least one teacher ([teachers.NAME]) for student.mode = 'online'. Got none."
-            )
-        self.models: list[PreTrainedModel] = []
-        for name in self.names:
-            if not is_teacher_complete(config, name):
-                raise StageError(
-                    f"Teacher '{name}' is not trained yet. Run `pipe train-teacher CONFIG --teacher {name}`."
-                )
-            model = load_model(teacher_dir(config, name)).to(device).eval()
-            model.requires_grad_(False)
-            self.models.append(model)
-        self.vocab = vocab_size
-        self.cache = config.cache
-
-    @torch.no_grad()
-    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, V) float32 ensemble log-probabilities at ``cache.temperature``."""
-        logits = [
-            model(input_ids=input_ids).logits[..., : self.vocab] for model in self.models
-        ]  # (B, T, V) each
-        return ensemble_logprobs(
-            logits,
-            teacher_names=self.names,
-            window_indices=torch.arange(input_ids.shape[0]),
-            rule=self.cache.ensemble,
-            weights=self.cache.weights or None,
-            temperature=self.cache.temperature,
-        )
-
-
 class StudentObjective(torch.nn.Module):
     """The module the loop trains (``wrap`` hook): the student plus its loss; forward(batch) -> loss.
 
@@ -177,7 +110,7 @@ class StudentObjective(torch.nn.Module):
     synchronises exactly the student's gradients.
     """
 
-    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: OnlineTeachers | None = None):
+    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: TeacherEnsemble | None = None):
         super().__init__()
         self.model = model
         self.options = options
@@ -217,28 +150,6 @@ class StudentObjective(torch.nn.Module):
 def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
     return module(batch)
-
-
-# ----------------------------------------------------------------------------------------------
-# The cache
-
-
-def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
-    """Open ``RUN/cache`` and refuse it unless it was made for this tokenizer, vocabulary and data."""
-    store = cache_store(config)
-    if not store.exists():
-        raise StageError(
-            f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
-        )
-    reader = open_cache(store)
-    reader.check_compatible(
-        tokenizer_sha256=data.manifest["tokenizer_sha256"],
-        dataset_sha256=data.windows_sha256("train"),
-        vocab_size=data.vocab_size,
-        num_windows=int(data.manifest["splits"]["train"]["windows"]),
-        seq_len=data.seq_len,
-    )
-    return reader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,8 +210,8 @@ def train_student(
     ctx: DistContext | None = None,
 ) -> Path:
     """Train the student of ``config`` (mode ``student.mode``), resuming if interrupted; return its folder."""
-    if config.student.mode not in MODES:
-        raise ConfigError(f"Expected student.mode in {MODES}. Got {config.student.mode!r}.")
+    if config.student.mode not in STUDENT_MODES:
+        raise ConfigError(f"Expected student.mode in {STUDENT_MODES}. Got {config.student.mode!r}.")
     _check_loader(config)
     out = student_dir(config)
     fingerprint = student_fingerprint(config)
@@ -311,13 +222,13 @@ def train_student(
         if ctx.is_main:
             shutil.rmtree(out)
         ctx.barrier()
-    data = PreparedData.open(RunLayout(config.run_dir).data)
+    data = PreparedData.open(RunLayout.of(config).data)
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
     seed = student_seed(config) + STUDENT_SEED_OFFSET
     model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
-    teachers = OnlineTeachers(config, data.vocab_size, ctx.device) if options.mode == "online" else None
+    teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
     train = config.student.train
     micro = max(1, train.batch_size // (ctx.world_size * train.grad_accum_steps))
     batches = make_batches(config, data, windows, ctx, micro)

@@ -10,7 +10,6 @@ it from there (its tokenizer must match the prepared data, checked when it is us
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 
 import torch
 
-from logitcache.pipeline.config import Config, TeacherConfig
+from logitcache.pipeline.config import Config, TeacherConfig, teacher_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
-from logitcache.pipeline.prepare import PreparedData, data_fingerprint
+from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, stage_is_done, write_provenance
 from logitcache.pipeline.tokenizer import load_hf_tokenizer
 from logitcache.pipeline.training import causal_lm_loss, train_model
@@ -38,19 +37,7 @@ def teacher_config(config: Config, name: str) -> TeacherConfig:
 def teacher_dir(config: Config, name: str) -> Path:
     """Where teacher ``name`` lives: its configured ``path``, or ``RUN/teachers/NAME``."""
     teacher = teacher_config(config, name)
-    return Path(teacher.path) if teacher.path else RunLayout(config.run_dir).teacher(name)
-
-
-def teacher_fingerprint(config: Config, name: str) -> str:
-    blob = json.dumps(
-        {
-            "data": data_fingerprint(config),
-            "teacher": config.to_dict()["teachers"][name],
-            "seed": config.run.seed,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return Path(teacher.path) if teacher.path else RunLayout.of(config).teacher(name)
 
 
 def is_teacher_complete(config: Config, name: str) -> bool:
@@ -85,7 +72,7 @@ def train_teacher(
         return out
     if overwrite and out.exists():
         shutil.rmtree(out)
-    data = PreparedData.open(RunLayout(config.run_dir).data)
+    data = PreparedData.open(RunLayout.of(config).data)
     ctx = ctx or init_distributed(config.run.device)
     train_windows = torch.from_numpy(data.windows("train").astype("int64"))  # (N, T)
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)

@@ -49,7 +49,7 @@ from logitcache.pipeline.evaluation.compare import (
 )
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import PROVENANCE_FILE, _git_commit, package_versions, read_marker
+from logitcache.pipeline.rundir import PROVENANCE_FILE, RunLayout, git_commit, package_versions, read_marker
 from logitcache.pipeline.runner import run_pipeline
 from logitcache.pipeline.student import train_student
 
@@ -114,7 +114,9 @@ class Experiment:
             f"student.name={variant.name}-s{seed}",
         ]
         model_dir = train_student(self.config(run, overrides), progress=False)
-        result = evaluate_models([model_dir], options=EvalOptions(data_dir=run / "data"), progress=False)
+        result = evaluate_models(
+            [model_dir], options=EvalOptions(data_dir=RunLayout(run).data), progress=False
+        )
         held = result["models"][0]["held_out"]
         row = {
             "variant": variant.name,
@@ -183,7 +185,7 @@ def main() -> None:
         write_markdown(document, config, Path(args.out))
         return
     started = time.perf_counter()
-    commit = _git_commit()[:7]  # the code that runs, read before anything else can change it
+    commit = git_commit()[:7]  # the code that runs, read before anything else can change it
     seeds = [int(s) for s in args.seeds.split(",")]
 
     base_config = load_config(args.config, [*args.set, BASE_STUDENTS], run_dir=args.run_dir)
@@ -252,8 +254,10 @@ def main() -> None:
 
 def write_markdown(document: dict, config: Config, out: Path) -> None:
     run = Path(document["meta"]["run_dir"])
-    base_results = read_results(run / "eval" / "results.json")
-    out.write_text(render(document, base_results, config, PreparedData.open(run / "data")))
+    layout = RunLayout(run)
+    out.write_text(
+        render(document, read_results(layout.eval_results), config, PreparedData.open(layout.data))
+    )
     print(f"wrote {out} from {run / 'experiments' / 'experiments.json'}")
 
 

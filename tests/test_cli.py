@@ -52,3 +52,87 @@ def test_user_errors_are_one_line(args: list[str], message: str, tmp_path: Path)
     assert done.returncode == 2
     assert done.stderr.startswith(message)
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_kernel_errors_are_user_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """A KernelError (bad tensor or loss option) is reported like a LogitcacheError: one line, exit 2."""
+    from logitcache.kernels.errors import KernelError
+    from logitcache.pipeline import cli as cli_module
+    from logitcache.pipeline import prepare
+
+    from .conftest import REPO
+
+    def bad_option(*args: object, **kwargs: object) -> None:
+        raise KernelError("Expected reduction in ('mean', 'sum'). Got 'max'.")
+
+    monkeypatch.setattr(prepare, "prepare_data", bad_option)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["prepare-data", str(REPO / "configs" / "demo.toml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: Expected reduction in ('mean', 'sum'). Got 'max'.\n"
+
+
+def test_other_exceptions_are_not_swallowed(monkeypatch: pytest.MonkeyPatch):
+    from logitcache.pipeline import cli as cli_module
+    from logitcache.pipeline import prepare
+
+    from .conftest import REPO
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(prepare, "prepare_data", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_module.main(["prepare-data", str(REPO / "configs" / "demo.toml")])
+
+
+# ----------------------------------------------------------------------------------------------
+# The library functions behind the thin commands (what they print)
+
+
+def test_printed_summaries_come_from_the_library(tmp_path: Path):
+    from logitcache.pipeline.cache_logits import describe_cache, report_lines
+    from logitcache.pipeline.prepare import PreparedData
+    from logitcache.pipeline.rundir import mark_complete
+
+    splits = {"train": {"windows": 120}, "dev": {"windows": 6}, "test": {"windows": 0}}
+    data = PreparedData(tmp_path, {"vocab_size": 512, "splits": splits})
+    assert data.describe() == "vocab 512, train 120 windows, dev 6 windows, test 0 windows"
+
+    assert describe_cache(tmp_path) == ""  # not complete (a rank > 0 before rank 0 finished)
+    summary = {
+        "positions": 12345,
+        "bytes_per_position": 81.25,
+        "mean_captured_mass": 0.5,
+        "mean_teacher_entropy": 2.0,
+    }
+    mark_complete(tmp_path, "f" * 64, summary)
+    assert describe_cache(tmp_path) == (
+        f"cache {tmp_path}: 12,345 positions, 81.2 bytes/position, mean captured mass 0.5000, "
+        "mean teacher entropy 2.000 nats"
+    )
+
+    report = {
+        "ok": False,
+        "store": "RUN/cache/logits.zarr",
+        "problems": ["metadata: bad"],
+        "shards": [{"shard": 0, "problems": []}, {"shard": 3, "problems": ["checksum", "ids"]}],
+        "recompute": {"windows": [1, 2], "ok": True},
+    }
+    assert report_lines(report) == [
+        "FAIL metadata: bad",
+        "FAIL shard 3: checksum",
+        "FAIL shard 3: ids",
+        'recompute: {"windows": 2, "ok": true}',
+        "FAILED: RUN/cache/logits.zarr",
+    ]
+    assert report_lines({"ok": True, "store": "s"}) == ["OK: s"]
+
+
+def test_evaluate_needs_models_or_a_run():
+    from logitcache.pipeline.errors import ConfigError
+    from logitcache.pipeline.evaluation.evaluate import evaluate_command
+
+    with pytest.raises(ConfigError, match="Expected MODEL_DIR arguments or --run-dir RUN"):
+        evaluate_command([])

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pytest
 
-from logitcache.pipeline.config import Config, load_config
+from logitcache.pipeline.config import (
+    STUDENT_MODES,
+    Config,
+    EvalConfig,
+    StudentConfig,
+    cache_fingerprint,
+    data_fingerprint,
+    digest,
+    eval_fingerprint,
+    load_config,
+    run_students,
+    student_fingerprint,
+    teacher_fingerprint,
+    with_student,
+)
 from logitcache.pipeline.errors import ConfigError
 
 from .conftest import REPO
@@ -144,3 +159,73 @@ def test_fingerprint_tracks_sections():
     assert a.fingerprint("data") == b.fingerprint("data")
     assert a.fingerprint("teachers") != b.fingerprint("teachers")
     assert a.fingerprint("data") == load_config(demo, ["run.dir=/elsewhere"]).fingerprint("data")
+
+
+def test_stage_fingerprints_follow_what_each_stage_depends_on():
+    """The fingerprints of pipeline/config.py: each changes with what its stage depends on, only."""
+    demo = REPO / "configs" / "demo.toml"
+    base = load_config(demo)
+
+    def fingerprints(*overrides: str) -> dict[str, str]:
+        c = load_config(demo, list(overrides))
+        return {
+            "data": data_fingerprint(c),
+            "teacher": teacher_fingerprint(c, "llama"),
+            "cache": cache_fingerprint(c),
+            "student": student_fingerprint(c),
+            "eval": eval_fingerprint(c),
+        }
+
+    def changed(*overrides: str) -> set[str]:
+        a, b = fingerprints(), fingerprints(*overrides)
+        return {stage for stage in a if a[stage] != b[stage]}
+
+    assert changed("run.dir=/elsewhere", "student.name=other", "student.loader.workers=0") == set()
+    assert changed("data.seq_len=32") == {"data", "teacher", "cache", "student", "eval"}
+    assert changed("teachers.llama.train.lr=1e-2") == {"teacher", "cache", "student", "eval"}
+    assert changed("cache.k=8") == {"cache", "student", "eval"}
+    assert changed("student.train.lr=1e-2") == {"student", "eval"}
+    assert changed("evaluate.batch_size=8") == {"eval"}
+    # Without a teacher (mode "ce") neither the teachers nor the distillation settings matter.
+    ce = load_config(demo, ["student.mode=ce"])
+    assert student_fingerprint(ce) == student_fingerprint(
+        load_config(demo, ["student.mode=ce", "student.distill.alpha=0.9", "teachers.llama.train.lr=1e-2"])
+    )
+    assert student_fingerprint(ce) != student_fingerprint(base)
+    assert [c.student.mode for c in run_students(base)] == base.run.students
+    assert data_fingerprint(base) == base.fingerprint("data") == digest({"data": base.to_dict()["data"]})
+
+
+def test_modes_and_eval_defaults_are_defined_once():
+    """The student modes and evaluation defaults of the CLI come from the config's types and defaults."""
+    from logitcache.pipeline.cli import cli
+    from logitcache.pipeline.evaluation.evaluate import EvalOptions
+
+    assert STUDENT_MODES == ("cache", "online", "ce")
+    assert get_args(get_type_hints(StudentConfig)["mode"]) == STUDENT_MODES
+    params = {p.name: p for p in cli.commands["evaluate"].params}
+    defaults = EvalConfig()
+    assert (params["split"].default, params["batch_size"].default, params["ece_bins"].default) == (
+        defaults.split,
+        defaults.batch_size,
+        defaults.ece_bins,
+    )
+    options = EvalOptions()
+    assert (options.split, options.batch_size, options.ece_bins) == (
+        defaults.split,
+        defaults.batch_size,
+        defaults.ece_bins,
+    )
+    mode = next(p for p in cli.commands["train-student"].params if p.name == "mode")
+    assert tuple(mode.type.choices) == STUDENT_MODES
+
+
+def test_with_student_replaces_mode_and_name():
+    """`pipe train-student --mode/--name`: a replaced dataclass, no TOML templating (any name works)."""
+    base = load_config(REPO / "configs" / "demo.toml")
+    assert with_student(base) == base
+    other = with_student(base, mode="online", name='odd "name"')
+    assert (other.student.mode, other.student.name) == ("online", 'odd "name"')
+    assert other.student.model == base.student.model and other.cache == base.cache
+    with pytest.raises(ConfigError, match="Expected student.mode in 'cache', 'online', 'ce'. Got 'teacher'."):
+        with_student(base, mode="teacher")

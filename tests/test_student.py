@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -27,19 +28,18 @@ from logitcache.kernels import sparse_kd_loss_reference
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.distributed import DistContext
-from logitcache.pipeline.errors import CacheError, StageError
+from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import build_model
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.student import (
     LossOptions,
-    OnlineTeachers,
     StudentObjective,
     make_batches,
-    open_student_cache,
     student_dir,
     train_student,
 )
 from logitcache.pipeline.student_data import BatchReader, StudentBatches, block_shuffled_order
+from logitcache.pipeline.teacher_signal import TeacherEnsemble, open_student_cache
 from logitcache.pipeline.teachers import train_teacher
 from logitcache.pipeline.training import TrainState, causal_lm_loss, make_plan
 
@@ -205,8 +205,9 @@ def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkey
     # A sampled cache has no tail: with tail = ghost its weights are read as they are (no tail).
     reader = open_cache(config.run_dir / "cache" / "logits.zarr")
     object.__setattr__(reader.metadata, "mode", "sampled")
-    monkeypatch.setattr("logitcache.pipeline.student.open_cache", lambda store: reader)
-    ghost_config = _config(run, "student.distill.tail=ghost")
+    object.__setattr__(reader.metadata, "num_samples", 16)
+    monkeypatch.setattr("logitcache.pipeline.teacher_signal.open_cache", lambda store: reader)
+    ghost_config = _config(run, "student.distill.tail=ghost", "cache.mode=sampled", "cache.samples=16")
     assert open_student_cache(ghost_config, data) is reader
     batches = make_batches(
         ghost_config, data, data.windows("train"), DistContext(0, 1, torch.device("cpu")), 4
@@ -215,6 +216,46 @@ def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkey
     empty = _config(run, run_dir=tmp_path / "empty")
     with pytest.raises(StageError, match="run `pipe cache-logits CONFIG` first"):
         open_student_cache(empty, data)
+
+
+def test_cache_with_other_settings_is_refused_naming_the_fields(run: Path):
+    """A student whose [cache] settings differ from those the cache was made with does not start."""
+    data = PreparedData.open(_config(run).run_dir / "data")
+    with pytest.raises(CacheError, match="settings") as info:
+        open_student_cache(_config(run, "cache.k=8", "cache.temperature=2.0"), data)
+    message = str(info.value)
+    assert (
+        "cache.k (config 8, cache 16)" in message and "cache.temperature (config 2.0, cache 1.0)" in message
+    )
+    assert "\n" not in message and "cache.ensemble" not in message
+    with pytest.raises(CacheError, match=r"cache.mode \(config 'sampled', cache 'topk'\)"):
+        open_student_cache(_config(run, "cache.mode=sampled"), data)
+    # How the cache was computed or laid out does not change its entries: accepted.
+    open_student_cache(_config(run, "cache.batch_size=7", "cache.windows_per_shard=4"), data)
+
+
+def test_online_teachers_are_checked_like_the_caches(run: Path, tmp_path: Path):
+    """The online student loads its teachers through the same checks as `pipe cache-logits`."""
+    config = _config(run, "student.mode=online")
+    data = PreparedData.open(config.run_dir / "data")
+    teacher = config.run_dir / "teachers" / "gpt"
+    alien = tmp_path / "alien"  # another tokenizer: two token ids swapped
+    shutil.copytree(teacher, alien)
+    vocab = json.loads((alien / "tokenizer.json").read_text())
+    tokens = vocab["model"]["vocab"]
+    a, b = sorted(tokens)[100:102]
+    tokens[a], tokens[b] = tokens[b], tokens[a]
+    (alien / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(TeacherError, match="different tokenizer"):
+        TeacherEnsemble.load(
+            _config(run, "student.mode=online", f"teachers.gpt.path={alien}"), data, torch.device("cpu")
+        )
+    pickled = tmp_path / "pickled"  # pickle weights only
+    shutil.copytree(teacher, pickled)
+    AutoModelForCausalLM.from_pretrained(teacher).save_pretrained(pickled, safe_serialization=False)
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(TeacherError, match="Expected safetensors weights"):
+        TeacherEnsemble.load(_config(run, f"teachers.gpt.path={pickled}"), data, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,9 +315,7 @@ def test_batch_entries_of_t_are_the_teachers_prediction_of_token_t_plus_1(run: P
     rows = torch.tensor([9, 2, 30])
     store = config.run_dir / "cache" / "logits.zarr"
     batch = BatchReader(windows=data.windows("train"), cache_store=store, weights="ghost").read(rows)
-    logp = OnlineTeachers(config, data.vocab_size, torch.device("cpu")).logprobs(
-        batch["input_ids"]
-    )  # (B, T, V)
+    logp = TeacherEnsemble.load(config, data, torch.device("cpu")).logprobs(batch["input_ids"])  # (B, T, V)
     top = torch.topk(logp, 16, dim=-1).indices.sort(-1).values  # (B, T, k)
     ids = batch["teacher_ids"].sort(-1).values  # (B, T-1, k)
     aligned = (top[:, :-1] == ids).all(-1).float().mean().item()
@@ -293,7 +332,7 @@ def test_online_equals_cache_with_k_v_minus_1_exact_values(run: Path, tmp_path: 
     data = PreparedData.open(config.run_dir / "data")
     windows = data.windows("train")[:6]  # (6, T)
     input_ids = torch.from_numpy(windows.astype(np.int64))
-    teachers = OnlineTeachers(config, data.vocab_size, torch.device("cpu"))
+    teachers = TeacherEnsemble.load(config, data, torch.device("cpu"))
     logp = teachers.logprobs(input_ids)  # (6, T, V)
     vocab = data.vocab_size
     metadata = CacheMetadata(

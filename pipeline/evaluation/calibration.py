@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_BINS = 15
+from logitcache.pipeline.config import EvalConfig
+
+DEFAULT_BINS = EvalConfig.ece_bins  # B = 15, the one default (config's [evaluate] section)
 
 
 @dataclass(frozen=True)

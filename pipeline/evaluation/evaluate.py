@@ -24,13 +24,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
-from logitcache.pipeline.evaluation.calibration import DEFAULT_BINS
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
     check_model_matches_data,
@@ -40,23 +39,31 @@ from logitcache.pipeline.evaluation.loading import (
 )
 from logitcache.pipeline.models import count_parameters
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import RunLayout, _git_commit, atomic_write_text, package_versions
+from logitcache.pipeline.rundir import (
+    MODEL_GROUPS,
+    RunLayout,
+    atomic_write_text,
+    git_commit,
+    package_versions,
+)
 
 RESULTS_FORMAT = "logitcache-eval"
 RESULTS_VERSION = 1
-RESULTS_FILE = "results.json"
-MODEL_GROUPS = ("teachers", "students")
+_DEFAULTS = EvalConfig()  # the defaults of `pipe evaluate`, of a run's evaluate stage and of EvalOptions
 
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """What to evaluate on and how (the CLI's options; the library's keyword arguments)."""
+    """What to evaluate on and how (the CLI's options; the library's keyword arguments).
+
+    Defaults: those of the config's ``[evaluate]`` section (:class:`EvalConfig`).
+    """
 
     data_dir: Path | None = None  # a prepared RUN/data folder: held-out perplexity and ECE
     blimp_dir: Path | None = None  # a directory of BLiMP .jsonl files
-    split: Literal["test", "dev"] = "test"
-    batch_size: int = 32
-    ece_bins: int = DEFAULT_BINS
+    split: EvalSplit = _DEFAULTS.split
+    batch_size: int = _DEFAULTS.batch_size
+    ece_bins: int = _DEFAULTS.ece_bins
     device: str = "auto"
 
     @classmethod
@@ -64,7 +71,7 @@ class EvalOptions:
         """The options of a run's evaluate stage: ``[evaluate]`` of the config, on ``RUN/data``."""
         section = config.evaluate
         return cls(
-            data_dir=RunLayout(config.run_dir).data,
+            data_dir=RunLayout.of(config).data,
             blimp_dir=Path(section.blimp_dir) if section.blimp_dir else None,
             split=section.split,
             batch_size=section.batch_size,
@@ -77,8 +84,7 @@ def find_run_models(run_dir: str | Path) -> list[Path]:
     """Finished model folders of a run: ``RUN/teachers/*`` then ``RUN/students/*`` holding config.json."""
     layout = RunLayout(Path(run_dir))
     found: list[Path] = []
-    for group in MODEL_GROUPS:
-        root = layout.root / group
+    for root in (layout.teachers, layout.students):
         if root.is_dir():
             found.extend(sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()))
     return found
@@ -114,8 +120,8 @@ def evaluate_models(
         raise ConfigError(
             f"Expected batch_size >= 1 and ece_bins >= 1. Got {options.batch_size} and {options.ece_bins}."
         )
-    if options.split not in ("test", "dev"):
-        raise ConfigError(f"Expected split 'test' or 'dev'. Got {options.split!r}.")
+    if options.split not in EVAL_SPLITS:
+        raise ConfigError(f"Expected split in {', '.join(map(repr, EVAL_SPLITS))}. Got {options.split!r}.")
     device = resolve_device(options.device)
     # Read the inputs once, and before any model, so a bad input fails fast.
     data = PreparedData.open(options.data_dir) if options.data_dir is not None else None
@@ -169,7 +175,7 @@ def evaluate_models(
         "version": RESULTS_VERSION,
         "provenance": {
             "versions": package_versions(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "command": sys.argv,
             "platform": platform.platform(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -309,4 +315,31 @@ def evaluate_run(
     if options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
-    return write_results(results, out if out is not None else layout.eval / RESULTS_FILE)
+    return write_results(results, out if out is not None else layout.eval_results)
+
+
+def evaluate_command(
+    model_dirs: Sequence[str | Path],
+    *,
+    options: EvalOptions = EvalOptions(),
+    run_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path | str:
+    """`pipe evaluate`: MODEL_DIRs, or every model of ``run_dir`` when none are given.
+
+    With ``run_dir``, held-out data defaults to ``RUN/data`` and the results go to
+    ``RUN/eval/results.json`` unless ``out`` says otherwise. Returns the path written, or the
+    results document as JSON text when there is nowhere to write it (no ``out``, no ``run_dir``).
+    """
+    if run_dir is not None and not model_dirs:
+        return evaluate_run(run_dir, options=options, out=out, log=log)
+    if not model_dirs:
+        raise ConfigError("Expected MODEL_DIR arguments or --run-dir RUN. Got neither.")
+    layout = RunLayout(Path(run_dir)) if run_dir is not None else None
+    if layout is not None and options.data_dir is None:
+        options = dataclasses.replace(options, data_dir=layout.data)
+    results = evaluate_models(model_dirs, options=options, log=log)
+    if out is None and layout is not None:
+        out = layout.eval_results
+    return dumps_results(results) if out is None else write_results(results, out)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from logitcache.pipeline.config import EvalConfig
 from logitcache.pipeline.errors import DataError, TeacherError
 from logitcache.pipeline.evaluation.calibration import (
     DEFAULT_BINS,
@@ -58,7 +59,7 @@ def evaluate_held_out(
     windows: np.ndarray | torch.Tensor,
     *,
     split: str = "",
-    batch_size: int = 32,
+    batch_size: int = EvalConfig.batch_size,
     num_bins: int = DEFAULT_BINS,
     progress: bool | None = None,
 ) -> HeldOutMetrics:

@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.pipeline.errors import DataError, StageError
-from logitcache.pipeline.evaluation.evaluate import MODEL_GROUPS, RESULTS_FILE, model_name, read_results
+from logitcache.pipeline.evaluation.evaluate import model_name, read_results
 from logitcache.pipeline.rundir import RunLayout, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
-REPORT_FILE = "report.html"
-FIGURES_DIR = "figures"
 
 
 @dataclass(frozen=True)
@@ -68,8 +66,8 @@ def read_training_curves(model_dir: Path) -> TrainingCurves:
 
 def find_training_curves(run_dir: Path) -> list[TrainingCurves]:
     curves = []
-    for group in MODEL_GROUPS:
-        root = run_dir / group
+    layout = RunLayout(run_dir)
+    for root in (layout.teachers, layout.students):
         if root.is_dir():
             for model_dir in sorted(p for p in root.iterdir() if (p / METRICS_FILE).is_file()):
                 curves.append(read_training_curves(model_dir))
@@ -236,7 +234,7 @@ def build_report(run_dir: str | Path, *, results_path: str | Path | None = None)
     if not layout.root.is_dir():
         raise StageError(f"Expected a run directory at {layout.root}. Got nothing there.")
     curves = find_training_curves(layout.root)
-    results_file = Path(results_path) if results_path is not None else layout.eval / RESULTS_FILE
+    results_file = Path(results_path) if results_path is not None else layout.eval_results
     results = read_results(results_file) if results_file.is_file() else None
     if results_path is not None and results is None:
         raise DataError(f"Expected evaluation results at {results_file}. Got nothing there.")
@@ -244,11 +242,11 @@ def build_report(run_dir: str | Path, *, results_path: str | Path | None = None)
     if not curves and not evaluated:
         raise StageError(
             f"Expected trained models (RUN/teachers/*, RUN/students/* with {METRICS_FILE}) or "
-            f"{layout.eval / RESULTS_FILE} in {layout.root}. Found neither: run `pipe run CONFIG` first."
+            f"{layout.eval_results} in {layout.root}. Found neither: run `pipe run CONFIG` first."
         )
     names = list(dict.fromkeys([c.name for c in curves] + [m["name"] for m in evaluated]))
     colors = _colors(names)
-    figures_dir = layout.eval / FIGURES_DIR
+    figures_dir = layout.figures
     figures: list[tuple[str, Path | None, str]] = []  # (title, png or None, note)
 
     trained = [c for c in curves if c.steps or c.dev_steps]
@@ -274,7 +272,7 @@ def build_report(run_dir: str | Path, *, results_path: str | Path | None = None)
         else ("Reliability diagrams", None, "No held-out results (run `pipe evaluate ... --data RUN/data`).")
     )
     page = _html(layout.root, results, results_file, curves, figures)
-    out = layout.eval / REPORT_FILE
+    out = layout.report
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     return out
