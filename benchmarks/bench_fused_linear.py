@@ -237,6 +237,9 @@ def add_peers(facts, device, add, record, hidden, weight, targets, floor_ms) -> 
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError:
         record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: liger_kernel not installed"))
+    except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
+        note = f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300]
+        record(dict(facts, mode="CE only", impl="liger FLCE", note=note))
     else:
         if device != "cuda":
             record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: needs CUDA"))
@@ -247,6 +250,9 @@ def add_peers(facts, device, add, record, hidden, weight, targets, floor_ms) -> 
         from cut_cross_entropy import linear_cross_entropy
     except ImportError:
         record(dict(facts, mode="CE only", impl="CCE", note="skipped: cut_cross_entropy not installed"))
+    except Exception as exc:  # noqa: BLE001
+        note = f"error: importing cut_cross_entropy: {type(exc).__name__}: {exc}"[:300]
+        record(dict(facts, mode="CE only", impl="CCE", note=note))
     else:
         if device != "cuda":
             record(dict(facts, mode="CE only", impl="CCE", note="skipped: needs CUDA"))

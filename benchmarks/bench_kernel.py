@@ -216,6 +216,12 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device, *, peers:
             from liger_kernel.transformers import LigerCrossEntropyLoss
         except ImportError:
             skip("liger CE only", "fwd+bwd", "skipped: liger_kernel not installed")
+        except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
+            skip(
+                "liger CE only",
+                "fwd+bwd",
+                f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300],
+            )
         else:
             if device != "cuda":
                 skip("liger CE only", "fwd+bwd", "skipped: needs CUDA")

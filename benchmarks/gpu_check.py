@@ -402,12 +402,17 @@ def _pick(rows: list[dict], **match: object) -> dict | None:
     return None
 
 
+# The benchmark arguments of the GPU run (tests/test_gpu_check.py parses them with each benchmark's parser).
+KERNEL_GPU_ARGS = ["--shapes", "8192x128256x64,16384x16000x64", "--dtypes", "bf16", "--modes", "ghost,topk",
+                   "--compile-modes", "ghost", "--rep-ms", "100"]  # fmt: skip
+KERNEL_DRY_ARGS = ["--smoke", "--modes", "ghost,topk", "--compile-modes", "ghost"]
+FUSED_GPU_ARGS = ["--shapes", "16384x1024x128256x64,16384x2048x128256x64", "--eager-shapes", "1",
+                  "--modes", "ghost", "--rep-ms", "100"]  # fmt: skip
+FUSED_DRY_ARGS = ["--smoke", "--modes", "ghost"]
+
+
 def part_kernel(check: Check, part: PartResult) -> None:
-    if check.dry:
-        args = ["--smoke", "--modes", "ghost,topk", "--compile-modes", "ghost"]
-    else:
-        args = ["--shapes", "8192x128256x64,16384x16000x64", "--dtypes", "bf16", "--modes", "ghost,topk",
-                "--compile-modes", "ghost", "--rep-ms", "100"]  # fmt: skip
+    args = KERNEL_DRY_ARGS if check.dry else KERNEL_GPU_ARGS
     rows = _bench_rows(check, part, "benchmarks.bench_kernel", args)
     headline = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -442,11 +447,7 @@ def part_kernel(check: Check, part: PartResult) -> None:
 
 
 def part_fused_linear(check: Check, part: PartResult) -> None:
-    if check.dry:
-        args = ["--smoke", "--modes", "ghost"]
-    else:
-        args = ["--shapes", "16384x1024x128256x64,16384x2048x128256x64", "--eager-shapes", "1", "--modes", "ghost",
-                "--rep-ms", "100"]  # fmt: skip
+    args = FUSED_DRY_ARGS if check.dry else FUSED_GPU_ARGS
     rows = _bench_rows(check, part, "benchmarks.bench_fused_linear", args)
     headline = []
     for shape in dict.fromkeys(r["shape"] for r in rows):

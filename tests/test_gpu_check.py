@@ -21,12 +21,17 @@ import torch
 import benchmarks
 from benchmarks import PeakMemory, event_ms, host_buffer
 from benchmarks.gpu_check import (
+    FUSED_GPU_ARGS,
+    KERNEL_GPU_ARGS,
     PART_KEYS,
     SCHEMA,
     STATUSES,
+    TEACHERS,
+    TRAIN_GPU,
     CmdResult,
     _stage_times_from_log,
     steady_state,
+    train_config_text,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,3 +252,37 @@ def test_command_error_names_the_error_line():
     )
     assert result.error() == "exit 1: ModuleNotFoundError: No module named 'zarr'"
     assert CmdResult(["x"], None, True, 30.0, []).error() == "timed out after 30 s"
+
+
+# ------------------------------------------------------------------------------------------------
+# what only the GPU run uses: its arguments and config, checked without running them
+# ------------------------------------------------------------------------------------------------
+
+
+def test_gpu_run_benchmark_arguments_parse():
+    from benchmarks import bench_fused_linear, bench_kernel
+
+    kernel = bench_kernel.parse_args(KERNEL_GPU_ARGS + ["--jsonl", "x.jsonl", "--csv", "x.csv"])
+    assert kernel.shapes == "8192x128256x64,16384x16000x64" and kernel.compile_modes == "ghost"
+    assert all(len(shape.split("x")) == 3 for shape in kernel.shapes.split(","))
+    fused = bench_fused_linear.parse_args(FUSED_GPU_ARGS + ["--jsonl", "x.jsonl", "--csv", "x.csv"])
+    assert fused.eager_shapes == 1 and len(fused.shapes.split(",")) == 2
+    assert all(len(shape.split("x")) == 4 for shape in fused.shapes.split(","))
+
+
+def test_gpu_run_training_config_loads(tmp_path):
+    """The GPU shapes of part e make a valid config with every --set the part passes, and a
+    student of about 30M parameters (the issue's shape)."""
+    from logitcache.pipeline.config import load_config
+    from logitcache.pipeline.models import build_model, count_parameters
+
+    path = tmp_path / "config.toml"
+    path.write_text(train_config_text(TRAIN_GPU, tmp_path / "run", "cuda"))
+    sets = [f"teachers.{name}.train.max_steps={TRAIN_GPU['teacher_steps']}" for name in TEACHERS]
+    for compiled in ("true", "false"):
+        config = load_config(path, [*sets, "student.mode=online", f"student.train.compile={compiled}"])
+        assert config.student.train.max_steps == TRAIN_GPU["steps"] > TRAIN_GPU["warmup"] + 100
+        assert config.data.seq_len == 256 and config.data.vocab_size == 16000
+    with torch.device("meta"):
+        student = build_model(config.student.model, vocab_size=16000, seq_len=256, seed=0)
+    assert 25e6 < count_parameters(student) < 40e6
