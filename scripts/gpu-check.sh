@@ -53,7 +53,7 @@ fi
 mkdir -p "$scratch/shim/logitcache"
 for sub in pipeline kernels cache; do ln -s "$repo/$sub" "$scratch/shim/logitcache/$sub"; done
 export PYTHONPATH="$scratch/shim:$repo${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1
 if ! "$python" -c 'import logitcache.kernels, logitcache.pipeline.cli' >>"$log" 2>&1; then
   say "WARNING: logitcache does not import (see the log); the parts will say why"
 fi
