@@ -328,8 +328,9 @@ def part_environment(check: Check, part: PartResult) -> None:
     part.figures.update(facts)
     check.shared["copy_gbs"] = facts.get("copy_gbs")
     check.shared["env"] = facts
+    memory = f" {facts['gpu_memory_gib']} GiB" if "gpu_memory_gib" in facts else ""
     part.headline = (
-        f"{facts.get('gpu')} {facts.get('gpu_memory_gib', '')} GiB, driver {facts.get('driver')}, "
+        f"{facts.get('gpu')}{memory}, driver {facts.get('driver')}, "
         f"torch {facts.get('version_torch')}, triton {facts.get('version_triton')}, "
         f"copy {facts.get('copy_gbs')} GB/s, bf16 mm {facts.get('matmul_bf16_tflops')} TFLOP/s"
     )
@@ -812,14 +813,14 @@ def _stage_times_from_log(log_path: Path, argv: list[str]) -> list[dict]:
     command = f"$ {' '.join(argv)}"
     begin = max((i for i, line in enumerate(lines) if command in line), default=-1)
     events: list[tuple[float, str, str]] = []
-    end_time = None
+    end_time, completed = None, False
     for line in lines[begin + 1 :]:
         match = re.match(r"^\[\s*(?P<t>[\d.]+)s [^\]]*\]\s+(?P<text>.*)$", line)
         if not match:
             continue
         text = match["text"].strip()
         if text.startswith("= "):
-            end_time = float(match["t"])
+            end_time, completed = float(match["t"]), text.startswith("= exit 0")
             break
         stage = re.match(r"^\[(?P<stage>[^\]]+)\] (?P<what>running|complete, skipped)", text)
         if stage:
@@ -832,7 +833,7 @@ def _stage_times_from_log(log_path: Path, argv: list[str]) -> list[dict]:
                 "stage": stage,
                 "what": what,
                 "seconds": None if t_next is None else round(t_next - t, 1),
-                "finished": index + 1 < len(events),
+                "finished": index + 1 < len(events) or completed,  # the last one: if the run ended well
             }
         )
     return rows

@@ -246,6 +246,9 @@ def test_stage_times_from_log(tmp_path):
         ("train-teacher a", 10.0, True),
         ("cache-logits", 7.5, False),
     ]
+    log.write_text(log.read_text().replace("= timed out after 19.0 s", "= exit 0 after 19.0 s"))
+    rows = _stage_times_from_log(log, ["python", "-m", "logitcache.pipeline.cli", "run", "c.toml"])
+    assert rows[-1]["finished"] is True  # the last stage of a run that ended well
 
 
 def test_command_error_names_the_error_line():
