@@ -1,7 +1,14 @@
 """Benchmarks of logitcache (run as modules, e.g. ``python -m benchmarks.bench_kernel``).
 
 Shared helpers: make ``logitcache`` importable from a plain source tree (the GPU machine may not
-have the package installed), environment facts for every row, timing, peak memory, table + CSV.
+have the package installed), environment facts for every row, timing, peak memory, table + CSV,
+and JSON-lines rows (``append_jsonl``) that a driver (``benchmarks.gpu_check``) reads back even when
+it had to stop a benchmark at its time budget.
+
+CUDA-only calls (events, peak-memory statistics, pinned host memory) go through three small helpers,
+:func:`event_ms`, :class:`PeakMemory` and :func:`host_buffer`, each with a CPU fallback, so that the
+CPU dry run and the unit tests (tests/test_gpu_check.py, which also fakes ``torch.cuda``) reach every
+line the GPU run takes.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import datetime as _dt
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import statistics
 import subprocess
 import sys
@@ -45,6 +53,11 @@ def ensure_logitcache_importable() -> None:
 
 
 def git_commit() -> str:
+    """Short commit (+dirty) of the checkout; $LOGITCACHE_COMMIT where the tree travelled without .git."""
+    import os
+
+    if os.environ.get("LOGITCACHE_COMMIT"):
+        return os.environ["LOGITCACHE_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
@@ -78,20 +91,27 @@ def today() -> str:
 
 
 def time_ms(
-    fn: Callable[[], object], *, grad_to_none: Sequence | None = None, rep_ms: int = 200
+    fn: Callable[[], object],
+    *,
+    grad_to_none: Sequence | None = None,
+    rep_ms: int = 200,
+    warmup_ms: int = 25,
+    cpu_reps: int = 3,
 ) -> tuple[float, float, float]:
-    """(p50, p20, p80) milliseconds: triton.testing.do_bench on CUDA, wall clock on CPU (smoke only)."""
+    """(p50, p20, p80) milliseconds: triton.testing.do_bench on CUDA (``warmup_ms``/``rep_ms`` of
+    warm-up and repetitions, events, L2 flushed between calls), ``cpu_reps`` wall-clock calls on CPU
+    (smoke only)."""
     import torch
 
     if torch.cuda.is_available():
         from triton.testing import do_bench
 
         p50, p20, p80 = do_bench(
-            fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]
         )
         return float(p50), float(p20), float(p80)
     samples = []
-    for _ in range(3):
+    for _ in range(max(cpu_reps, 1)):
         if grad_to_none:
             for tensor in grad_to_none:
                 tensor.grad = None
@@ -102,19 +122,100 @@ def time_ms(
     return statistics.median(samples), samples[0], samples[-1]
 
 
-def peak_extra_mb(fn: Callable[[], object]) -> float:
-    """Peak CUDA memory allocated by one call of ``fn`` beyond what was allocated before (MiB)."""
+def event_ms(
+    fn: Callable[[], object], *, iters: int = 10, warmup: int = 2, device: str | None = None
+) -> float:
+    """Mean milliseconds per call of ``fn`` over ``iters`` calls after ``warmup`` calls.
+
+    CUDA: one pair of CUDA events around the ``iters`` calls (no host sync inside the loop);
+    CPU: the host clock around the same loop. ``device`` defaults to CUDA when available.
+    """
     import torch
 
-    if not torch.cuda.is_available():
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    if use_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) / iters
+    begin = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - begin) * 1e3 / iters
+
+
+class PeakMemory:
+    """Peak device memory of a region: ``with PeakMemory() as peak: ...``, then ``peak.extra_mib``
+    (the peak beyond what was allocated on entry) and ``peak.peak_mib`` (the absolute peak).
+
+    CUDA: ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated`` (caching allocator,
+    after ``empty_cache``). CPU: no allocator statistics, both figures are NaN (reported "n/a").
+    """
+
+    def __init__(self, device: str | None = None) -> None:
+        import torch
+
+        self.use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        self.before = 0
+        self.peak_mib = float("nan")
+        self.extra_mib = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.use_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.use_cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.peak_mib = peak / 2**20
+            self.extra_mib = (peak - self.before) / 2**20
+
+
+def host_buffer(numel: int, dtype, *, device: str | None = None):  # noqa: ANN001
+    """A host tensor to copy to ``device``: pinned (page-locked) when CUDA is used, so that
+    ``tensor.to(device, non_blocking=True)`` is an asynchronous DMA; pageable memory on CPU,
+    where pinning needs an accelerator and a non-blocking copy is an ordinary one."""
+    import torch
+
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    return torch.empty(numel, dtype=dtype, pin_memory=use_cuda)
+
+
+def peak_extra_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated by one call of ``fn`` beyond what was allocated before (MiB); NaN on CPU."""
+    with PeakMemory() as peak:
+        fn()
+    return peak.extra_mib
+
+
+def append_jsonl(path: Path | None, row: dict) -> None:
+    """Append one row as a JSON line (flushed at once: a reader sees it even if the writer is killed)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def plain(value: object) -> object:
+        if isinstance(value, float) and value != value:
+            return None  # NaN is not JSON
+        return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+    with path.open("a") as handle:
+        handle.write(json.dumps({key: plain(value) for key, value in row.items()}) + "\n")
 
 
 def print_table(rows: list[dict], columns: Sequence[str]) -> None:

@@ -17,7 +17,12 @@ Rows (all forward + backward, gradients for hidden and weight):
   ``../shared/device/fetch-wheels.sh liger-kernel==0.8.5 cut-cross-entropy==25.1.1``).
 
 ``peak / inputs`` is the peak CUDA memory during the step over (weight + hidden + their gradients);
-the target for ours is <= 1.2. ``--smoke`` runs a tiny shape on CPU (interpreter), numbers mean nothing.
+the target for ours is <= 1.2. ``--smoke`` runs a tiny shape on CPU (interpreter; 2 timed calls per
+row; ``torch.compile`` with the ``eager`` backend), numbers mean nothing.
+
+``--shapes`` takes several NxHxVxk (e.g. H = 1024 and 2048); ``--eager-shapes`` limits the dense
+eager/compile rows (each costs a compilation and N x V logits) to the first N of them. Every row is
+appended to ``--jsonl`` as soon as it is measured; a row that raised keeps its place with a ``note``.
 """
 
 # The timed closures below are called by `add` within the loop iteration that defines them.
@@ -31,7 +36,9 @@ from pathlib import Path
 
 from benchmarks import (
     REPO_ROOT,
+    PeakMemory,
     append_csv,
+    append_jsonl,
     device_name,
     ensure_logitcache_importable,
     git_commit,
@@ -55,13 +62,25 @@ COLUMNS = (
     "x floor",
     "peak MiB",
     "peak / inputs",
+    "note",
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_args(argv=None):  # noqa: ANN001
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="16384x1024x128256x64", help="NxHxVxk")
+    parser.add_argument(
+        "--shapes", "--shape", dest="shapes", default="16384x1024x128256x64", help="NxHxVxk, comma-separated"
+    )
+    parser.add_argument(
+        "--eager-shapes", type=int, default=0, help="eager/compile rows for the first N shapes only (0: all)"
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (smoke: eager)")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per row (ms)")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per row (ms)")
+    parser.add_argument(
+        "--jsonl", type=Path, default=None, help="also append each row here as it is measured"
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--modes", default="topk,ghost")
     parser.add_argument("--temperature", type=float, default=2.0)
@@ -75,24 +94,16 @@ def parse_args(argv=None):  # noqa: ANN001
 
 
 def _peak(fn, params) -> tuple[float, float]:  # noqa: ANN001
-    """(peak MiB during one call, that peak over weight + hidden + their gradients)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return float("nan"), float("nan")
+    """(peak MiB during one call, that peak over weight + hidden + their gradients); NaN on CPU."""
     for p in params:
         p.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    with PeakMemory() as peak:
+        fn()
     inputs = 2 * sum(p.numel() * p.element_size() for p in params)
-    return peak / 2**20, peak / inputs
+    return peak.peak_mib, peak.peak_mib * 2**20 / inputs
 
 
-def gemm_floor_ms(hidden, weight) -> float:  # noqa: ANN001
+def gemm_floor_ms(hidden, weight, timing) -> float:  # noqa: ANN001
     """do_bench ms of the three matmuls with full-size operands (a grad_logits-shaped buffer)."""
     import torch
 
@@ -106,10 +117,18 @@ def gemm_floor_ms(hidden, weight) -> float:  # noqa: ANN001
             torch.mm(logits_buf, weight, out=grad_h)
             torch.mm(logits_buf.t(), hidden, out=grad_w)
 
-        return time_ms(gemms)[0]
+        return time_ms(gemms, **timing)[0]
 
 
 def run(args) -> list[dict]:  # noqa: ANN001
+    rows: list[dict] = []
+    for index, shape in enumerate(args.shapes.split(",")):
+        eager = not args.skip_eager and (args.eager_shapes <= 0 or index < args.eager_shapes)
+        rows.extend(run_shape(args, shape, eager=eager))
+    return rows
+
+
+def run_shape(args, shape: str, *, eager: bool) -> list[dict]:  # noqa: ANN001
     import torch
 
     from benchmarks.bench_kernel import make_inputs
@@ -117,40 +136,48 @@ def run(args) -> list[dict]:  # noqa: ANN001
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, DTYPES[args.dtype])
-    n, hidden_size, vocab, k = (int(x) for x in args.shape.lower().split("x"))
+    timing = dict(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
+    n, hidden_size, vocab, k = (int(x) for x in shape.lower().split("x"))
     flops = 6.0 * n * hidden_size * vocab
-    facts = dict(device=device_name(), date=today(), commit=git_commit(), shape=args.shape, dtype=args.dtype)
+    facts = dict(device=device_name(), date=today(), commit=git_commit(), shape=shape, dtype=args.dtype)
     gen = torch.Generator(device=device).manual_seed(1)
-    hidden = torch.randn(n, hidden_size, generator=gen, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) / hidden_size**0.5).to(dtype)
+    hidden = torch.randn(n, hidden_size, generator=gen, device=device).to(dtype).requires_grad_()  # (N, H)
+    weight = (torch.randn(vocab, hidden_size, generator=gen, device=device) / hidden_size**0.5).to(
+        dtype
+    )  # (V, H)
     weight.requires_grad_()
     params = [hidden, weight]
     rows: list[dict] = []
 
-    def add(mode, impl, fn, floor_ms=None):  # noqa: ANN001
-        try:
-            ms = time_ms(fn, grad_to_none=params)
-            peak_mib, ratio = _peak(fn, params)
-        except torch.OutOfMemoryError:
-            rows.append(dict(facts, mode=mode, impl=impl, ms="OOM"))
-            torch.cuda.empty_cache()
-            return None
-        row = dict(
-            facts,
-            mode=mode,
-            impl=impl,
-            ms=ms[0],
-            ms_p20=ms[1],
-            ms_p80=ms[2],
-            **{"TFLOP/s": flops / ms[0] / 1e9, "peak MiB": peak_mib, "peak / inputs": ratio},
-        )
-        if floor_ms:
-            row["x floor"] = ms[0] / floor_ms
+    def record(row):  # noqa: ANN001
         rows.append(row)
-        return ms[0]
+        append_jsonl(args.jsonl, dict(row, part="fused_linear"))
 
-    floor_ms = gemm_floor_ms(hidden, weight)
-    rows.append(
+    def add(mode, impl, fn, floor_ms=None):  # noqa: ANN001
+        row = dict(facts, mode=mode, impl=impl)
+        try:
+            ms = time_ms(fn, grad_to_none=params, **timing)
+            peak_mib, ratio = _peak(fn, params)
+            row.update(
+                ms=ms[0],
+                ms_p20=ms[1],
+                ms_p80=ms[2],
+                **{"TFLOP/s": flops / ms[0] / 1e9, "peak MiB": peak_mib, "peak / inputs": ratio},
+            )
+            if floor_ms:
+                row["x floor"] = ms[0] / floor_ms
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as exc:  # noqa: BLE001 (one failing row must not stop the others)
+            row["note"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        for p in params:
+            p.grad = None
+        if device == "cuda" and "note" in row:
+            torch.cuda.empty_cache()
+        record(row)
+
+    floor_ms = gemm_floor_ms(hidden, weight, timing)
+    record(
         dict(
             facts,
             mode="-",
@@ -183,47 +210,64 @@ def run(args) -> list[dict]:  # noqa: ANN001
         if args.sweep_chunks:
             for chunk in (128, 256, 512, 1024, 2048):
                 add(mode, f"ours chunk={chunk}", lambda c=chunk: ours(c), floor_ms)
-        if not args.skip_eager:
+        if eager:
 
-            def eager():
+            def eager_step():
                 fused_linear_sparse_kd_loss_reference(
                     hidden, weight, targets, ids, weights, tail, **kw
                 ).backward()
 
-            compiled_loss = torch.compile(fused_linear_sparse_kd_loss_reference, dynamic=False)
+            compiled_loss = torch.compile(
+                fused_linear_sparse_kd_loss_reference, dynamic=False, backend=args.compile_backend
+            )
 
             def compiled():
                 compiled_loss(hidden, weight, targets, ids, weights, tail, **kw).backward()
 
-            add(mode, "eager", eager, floor_ms)
+            add(mode, "eager", eager_step, floor_ms)
             add(mode, "torch.compile", compiled, floor_ms)
-        if mode == args.modes.split(",")[0] and device == "cuda":  # CE-only peers: once
-            try:
-                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-                liger = LigerFusedLinearCrossEntropyLoss()
-                add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)
-            except ImportError:
-                rows.append(dict(facts, mode="CE only", impl="liger FLCE", ms="not installed"))
-            try:
-                from cut_cross_entropy import linear_cross_entropy
-
-                add(
-                    "CE only",
-                    "CCE",
-                    lambda: linear_cross_entropy(hidden, weight, targets).backward(),
-                    floor_ms,
-                )
-            except ImportError:
-                rows.append(dict(facts, mode="CE only", impl="CCE", ms="not installed"))
+        if mode == args.modes.split(",")[0]:  # CE-only peers: once per shape
+            add_peers(facts, device, add, record, hidden, weight, targets, floor_ms)
     return rows
+
+
+def add_peers(facts, device, add, record, hidden, weight, targets, floor_ms) -> None:  # noqa: ANN001
+    """Liger's fused linear CE and Cut Cross-Entropy (CE only), when installed and on CUDA."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: liger_kernel not installed"))
+    except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
+        note = f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300]
+        record(dict(facts, mode="CE only", impl="liger FLCE", note=note))
+    else:
+        if device != "cuda":
+            record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: needs CUDA"))
+        else:
+            liger = LigerFusedLinearCrossEntropyLoss()
+            add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        record(dict(facts, mode="CE only", impl="CCE", note="skipped: cut_cross_entropy not installed"))
+    except Exception as exc:  # noqa: BLE001
+        note = f"error: importing cut_cross_entropy: {type(exc).__name__}: {exc}"[:300]
+        record(dict(facts, mode="CE only", impl="CCE", note=note))
+    else:
+        if device != "cuda":
+            record(dict(facts, mode="CE only", impl="CCE", note="skipped: needs CUDA"))
+        else:
+            add("CE only", "CCE", lambda: linear_cross_entropy(hidden, weight, targets).backward(), floor_ms)
 
 
 def main(argv=None) -> None:  # noqa: ANN001
     args = parse_args(argv)
+    args.cpu_reps = 3
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        args.shape, args.dtype, args.skip_eager = "33x16x300x5", "fp32", True
+        # the interpreter runs one program per row: few rows, one timed call (plus the memory call)
+        args.shapes, args.dtype = "9x16x300x5", "fp32"
+        args.compile_backend, args.cpu_reps = "eager", 1
     ensure_logitcache_importable()
     rows = run(args)
     print_table(rows, COLUMNS)

@@ -23,7 +23,14 @@ What each row measures (``pass`` column):
 the gradient, the teacher ids/weights (and tail, targets); ``% copy`` = that over the copy row's
 GB/s. The in-place rows overwrite their logits with gradients at every repetition (the work does
 not depend on the values). Timings are do_bench p50 (p20-p80 in the CSV). ``--smoke`` runs tiny
-shapes on CPU under the Triton interpreter to check that the script works; its numbers mean nothing.
+shapes on CPU under the Triton interpreter to check that the script works (2 timed calls per row,
+``torch.compile`` with the ``eager`` backend: Dynamo traces, Inductor does not generate code); its
+numbers mean nothing.
+
+Every row is also appended to ``--jsonl`` as soon as it is measured (benchmarks.gpu_check reads it
+back, also after stopping the benchmark at its time budget). A row whose measurement raised (out of
+memory, a missing peer library, an error) keeps its place with a ``note``; the others go on.
+``--compile-modes`` limits the ``torch.compile`` rows (each costs a compilation) to some modes.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from pathlib import Path
 from benchmarks import (
     REPO_ROOT,
     append_csv,
+    append_jsonl,
     device_name,
     ensure_logitcache_importable,
     git_commit,
@@ -60,6 +68,7 @@ COLUMNS = (
     "% copy",
     "peak extra MiB",
     "x vs eager",
+    "note",
 )
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -72,6 +81,15 @@ def parse_args(argv=None):  # noqa: ANN001
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--csv", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "bench_kernel.csv")
     parser.add_argument("--skip-eager", action="store_true", help="skip eager and torch.compile baselines")
+    parser.add_argument(
+        "--compile-modes", default=None, help="modes that get torch.compile rows (default: all of --modes)"
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (smoke: eager)")
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per row (ms)")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up time per row (ms)")
+    parser.add_argument(
+        "--jsonl", type=Path, default=None, help="also append each row here as it is measured"
+    )
     parser.add_argument("--sweep-blocks", action="store_true", help="time BLOCK_V in {1024..32768} too")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter), no CSV")
     return parser.parse_args(argv)
@@ -95,17 +113,20 @@ def make_inputs(n, vocab, k, dtype, mode, device):  # noqa: ANN001
     return logits, targets, ids, probs, tail
 
 
-def copy_bandwidth(n, vocab, dtype, device) -> tuple[tuple[float, float, float], float]:  # noqa: ANN001
+def copy_bandwidth(n, vocab, dtype, device, args=None) -> tuple[tuple[float, float, float], float]:  # noqa: ANN001
     """(do_bench ms of an N x V copy, its GB/s counting one read and one write)."""
     import torch
 
-    src = torch.empty(n, vocab, dtype=dtype, device=device)
+    src = torch.randn(n, vocab, device=device).to(dtype)  # random data, not zeros (METHOD.md)
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src))
+    timing = (
+        {} if args is None else dict(rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps)
+    )
+    ms = time_ms(lambda: dst.copy_(src), **timing)
     return ms, 2 * src.numel() * src.element_size() / ms[0] / 1e6
 
 
-def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[dict]:  # noqa: ANN001
+def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device, *, peers: bool) -> list[dict]:  # noqa: ANN001
     import torch
 
     from logitcache.kernels import sparse_kd_loss, sparse_kd_loss_reference
@@ -124,20 +145,30 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
     rows: list[dict] = []
 
     def add(impl, pass_, fn, grads=None, bytes_moved=None):  # noqa: ANN001
-        ms = time_ms(fn, grad_to_none=grads)
-        row = dict(
-            base,
-            mode=mode,
-            impl=impl,
-            ms=ms[0],
-            ms_p20=ms[1],
-            ms_p80=ms[2],
-            **{"pass": pass_, "peak extra MiB": peak_extra_mb(fn)},
-        )
-        if bytes_moved is not None:
-            row["GB/s"] = bytes_moved / ms[0] / 1e6
-            row["% copy"] = 100.0 * row["GB/s"] / copy_gbs
+        row = dict(base, mode=mode, impl=impl, **{"pass": pass_})
+        try:
+            ms = time_ms(
+                fn, grad_to_none=grads, rep_ms=args.rep_ms, warmup_ms=args.warmup_ms, cpu_reps=args.cpu_reps
+            )
+            row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], **{"peak extra MiB": peak_extra_mb(fn)})
+            if bytes_moved is not None:
+                row["GB/s"] = bytes_moved / ms[0] / 1e6
+                row["% copy"] = 100.0 * row["GB/s"] / copy_gbs
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        except Exception as exc:  # noqa: BLE001 (one failing row must not stop the others)
+            row["note"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        for tensor in grads or []:
+            tensor.grad = None
+        if device == "cuda" and "note" in row:
+            torch.cuda.empty_cache()
         rows.append(row)
+        append_jsonl(args.jsonl, dict(row, part="kernel"))
+
+    def skip(impl, pass_, why):  # noqa: ANN001
+        row = dict(base, mode=mode, impl=impl, note=why, **{"pass": pass_})
+        rows.append(row)
+        append_jsonl(args.jsonl, dict(row, part="kernel"))
 
     def ours_fwd(block_v=None):  # noqa: ANN001
         return sparse_kd_loss(leaf, targets, ids, weights, tail, backend="triton", block_v=block_v, **kw)
@@ -162,7 +193,6 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
             if block_v <= 2 * vocab:
                 add(f"ours BLOCK_V={block_v}", "fwd", lambda b=block_v: ours_fwd(b), bytes_moved=must_move)
     if not args.skip_eager:
-        compiled = torch.compile(sparse_kd_loss_reference, dynamic=False)
         add("eager", "fwd", lambda: sparse_kd_loss_reference(leaf, targets, ids, weights, tail, **kw))
         add(
             "eager",
@@ -170,29 +200,42 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device) -> list[d
             lambda: sparse_kd_loss_reference(leaf, targets, ids, weights, tail, **kw).backward(),
             grads=[leaf],
         )
-        add(
-            "torch.compile",
-            "fwd+bwd",
-            lambda: compiled(leaf, targets, ids, weights, tail, **kw).backward(),
-            grads=[leaf],
-        )
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-    except ImportError:
-        LigerCrossEntropyLoss = None  # noqa: N806
-    if LigerCrossEntropyLoss is not None and device == "cuda":
-        liger = LigerCrossEntropyLoss()
-        add("liger CE only", "fwd", lambda: liger(leaf, targets), bytes_moved=must_move)
-        add(
-            "liger CE only",
-            "fwd+bwd",
-            lambda: liger(leaf, targets).backward(),
-            grads=[leaf],
-            bytes_moved=must_move,
-        )
-    else:
-        rows.append(dict(base, mode=mode, impl="liger CE only", **{"pass": "not installed"}))
-    eager = {r["pass"]: r["ms"] for r in rows if r["impl"] == "eager"}
+        compile_modes = (args.compile_modes or args.modes).split(",")
+        if mode in compile_modes:
+            compiled = torch.compile(sparse_kd_loss_reference, dynamic=False, backend=args.compile_backend)
+            add(
+                "torch.compile",
+                "fwd+bwd",
+                lambda: compiled(leaf, targets, ids, weights, tail, **kw).backward(),
+                grads=[leaf],
+            )
+        else:
+            skip("torch.compile", "fwd+bwd", "skipped: not in --compile-modes")
+    if peers:
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+        except ImportError:
+            skip("liger CE only", "fwd+bwd", "skipped: liger_kernel not installed")
+        except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
+            skip(
+                "liger CE only",
+                "fwd+bwd",
+                f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300],
+            )
+        else:
+            if device != "cuda":
+                skip("liger CE only", "fwd+bwd", "skipped: needs CUDA")
+            else:
+                liger = LigerCrossEntropyLoss()
+                add("liger CE only", "fwd", lambda: liger(leaf, targets), bytes_moved=must_move)
+                add(
+                    "liger CE only",
+                    "fwd+bwd",
+                    lambda: liger(leaf, targets).backward(),
+                    grads=[leaf],
+                    bytes_moved=must_move,
+                )
+    eager = {r["pass"]: r["ms"] for r in rows if r["impl"] == "eager" and "ms" in r}
     for row in rows:
         if row.get("pass") in eager and "ms" in row:
             row["x vs eager"] = eager[row["pass"]] / row["ms"]
@@ -209,21 +252,24 @@ def run(args) -> list[dict]:  # noqa: ANN001
         n, vocab, k = (int(x) for x in shape.lower().split("x"))
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, DTYPES[dtype_name])
-            copy_ms, copy_gbs = copy_bandwidth(n, vocab, dtype, device)
+            copy_ms, copy_gbs = copy_bandwidth(n, vocab, dtype, device, args)
             base = dict(facts, shape=f"{n}x{vocab}x{k}", dtype=dtype_name)
-            rows.append(
-                dict(
-                    base,
-                    mode="-",
-                    impl="copy",
-                    ms=copy_ms[0],
-                    ms_p20=copy_ms[1],
-                    ms_p80=copy_ms[2],
-                    **{"pass": "copy", "GB/s": copy_gbs, "% copy": 100.0},
-                )
+            copy_row = dict(
+                base,
+                mode="-",
+                impl="copy",
+                ms=copy_ms[0],
+                ms_p20=copy_ms[1],
+                ms_p80=copy_ms[2],
+                **{"pass": "copy", "GB/s": copy_gbs, "% copy": 100.0},
             )
-            for mode in args.modes.split(","):
-                rows.extend(bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device))
+            rows.append(copy_row)
+            append_jsonl(args.jsonl, dict(copy_row, part="kernel"))
+            for index, mode in enumerate(args.modes.split(",")):
+                # the CE-only peer does not depend on the cache mode: measured once per shape and dtype
+                rows.extend(
+                    bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device, peers=index == 0)
+                )
                 if device == "cuda":
                     torch.cuda.empty_cache()
     return rows
@@ -231,9 +277,11 @@ def run(args) -> list[dict]:  # noqa: ANN001
 
 def main(argv=None) -> None:  # noqa: ANN001
     args = parse_args(argv)
+    args.cpu_reps = 3
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.shapes, args.dtypes = "7x300x5", "fp32"
+        args.compile_backend, args.cpu_reps = "eager", 2
     ensure_logitcache_importable()
     rows = run(args)
     print_table(rows, COLUMNS)
