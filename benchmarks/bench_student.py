@@ -1,4 +1,4 @@
-"""train-student throughput: `cache` vs `ce` vs `online` students, and the data loader alone.
+"""train-student throughput: `cache` vs `ce` vs `online` students, loader worker counts, the loader alone.
 
 Targets (issue 7): tokens/s of `cache` >= 0.95x `ce` (the cache costs the student almost nothing),
 and `cache` >= 1.6x `online` with two teachers the size of the student (BabyLlama-2's shapes).
@@ -10,12 +10,15 @@ Needs a run directory with prepared data, trained teachers and the cache (`pipe 
 `pipe train-student`) for ``--steps`` optimizer steps in a temporary run directory that links
 RUN/data, RUN/teachers and RUN/cache; tokens/s is the loop's own figure at the last step
 (``metrics.jsonl``: all steps since the loop started, loader start-up included, dev evaluation
-and saving excluded). The modes alternate for ``--repeats`` rounds and the best round of each is
-reported, so that the ratios come from one run on the same (possibly shared) machine.
+and saving excluded). Each round runs every mode (``student.loader.workers`` as configured), then
+the `cache` student with each of ``--workers`` loader worker counts, then the loader alone with
+each count; rounds repeat ``--repeats`` times, every round is printed with the machine's load
+average, and the best round of each is reported, so that the ratios come from one run on the same
+(possibly shared) machine.
 
-The loader alone: the student's batch source (DataLoader workers, block-aligned cache reads) over
-the same plan, without training: windows/s it delivers, against the windows/s the cache-mode
-student consumed.
+The loader alone: the DataLoader the loop builds (pipeline/data_order.py: the student's dataset,
+the micro-batch sampler over the same plan, the configured order) iterated without training:
+windows/s it delivers, against the windows/s the cache-mode student consumed.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import append_csv, device_name, git_commit, print_table
 from logitcache.pipeline.config import load_config
-from logitcache.pipeline.distributed import DistContext, resolve_device
+from logitcache.pipeline.data_order import MicroBatchSampler, make_loader
+from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.student import make_batches, train_student
-from logitcache.pipeline.training import TrainState, make_plan
+from logitcache.pipeline.student import make_dataset, make_order, student_seed, train_student
 
 
 def student_rate(config_path: str, run_dir: Path, mode: str, steps: int, overrides: list[str]) -> float:
@@ -57,24 +61,36 @@ def student_rate(config_path: str, run_dir: Path, mode: str, steps: int, overrid
 
 
 def loader_rate(config_path: str, run_dir: Path, overrides: list[str], windows_limit: int) -> float:
-    """Windows/s the student's batch source delivers on its own (one epoch or ``windows_limit``)."""
+    """Windows/s the student's DataLoader delivers on its own (from epoch 0, up to ``windows_limit``)."""
     config = load_config(config_path, overrides, run_dir=run_dir)
     data = PreparedData.open(run_dir / "data")
     windows = data.windows("train")
-    ctx = DistContext(rank=0, world_size=1, device=resolve_device(config.run.device))
+    device = resolve_device(config.run.device)
     train = config.student.train
-    plan = make_plan(train, windows.shape[0], 1)
-    batches = make_batches(config, data, windows, ctx, plan.micro_batch)
     start = time.perf_counter()
-    batches.start(plan, TrainState())
+    sampler = MicroBatchSampler(
+        windows.shape[0], batch_size=train.batch_size, seed=student_seed(config),
+        order=make_order(config, windows.shape[0], data.seq_len), grad_accum_steps=train.grad_accum_steps,
+    )  # fmt: skip
+    loader = make_loader(
+        make_dataset(config, data, windows),
+        sampler,
+        workers=config.student.loader.workers,
+        prefetch_factor=config.student.loader.prefetch_factor,
+        pin_memory=device.type == "cuda",
+    )
     delivered = 0
-    for batch in batches:
+    for batch in loader:
         delivered += batch["input_ids"].shape[0]
         if delivered >= windows_limit:
             break
     seconds = time.perf_counter() - start
-    batches.close()
+    del loader  # stops the workers
     return delivered / seconds
+
+
+def load() -> str:
+    return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
 
 def main() -> None:
@@ -87,6 +103,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
     parser.add_argument("--modes", default="cache,ce,online")
     parser.add_argument(
+        "--workers", default="0,1,2", help="student.loader.workers values to compare (cache student, loader)"
+    )
+    parser.add_argument(
         "--loader-windows", type=int, default=4096, help="windows read by the loader-alone test"
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -95,18 +114,31 @@ def main() -> None:
 
     config = load_config(args.config, args.overrides, run_dir=args.run_dir)
     resolve_device(config.run.device)  # fail early on an unavailable device
-    modes = args.modes.split(",")
+    modes = [mode for mode in args.modes.split(",") if mode]
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
     rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    loader: dict[int, list[float]] = {}
-    for _ in range(args.repeats):
+    by_workers: dict[int, list[float]] = {w: [] for w in worker_counts}
+    loader: dict[int, list[float]] = {w: [] for w in worker_counts}
+    for round_ in range(1, args.repeats + 1):
+        shift = (round_ - 1) % max(1, len(worker_counts))
+        rotated = worker_counts[shift:] + worker_counts[:shift]  # no worker count always runs first
         for mode in modes:
             rates[mode].append(student_rate(args.config, args.run_dir, mode, args.steps, args.overrides))
-            print(f"{mode}: {rates[mode][-1]:,.0f} tokens/s", flush=True)
-        for workers in sorted({0, config.student.loader.workers}):
+            print(f"round {round_}: {mode}: {rates[mode][-1]:,.0f} tokens/s ({load()})", flush=True)
+        for workers in rotated:
             settings = [*args.overrides, f"student.loader.workers={workers}"]
-            rate = loader_rate(args.config, args.run_dir, settings, args.loader_windows)
-            loader.setdefault(workers, []).append(rate)
-            print(f"loader alone, {workers} workers: {rate:,.0f} windows/s", flush=True)
+            by_workers[workers].append(student_rate(args.config, args.run_dir, "cache", args.steps, settings))
+            print(
+                f"round {round_}: cache, {workers} workers: {by_workers[workers][-1]:,.0f} tokens/s ({load()})",
+                flush=True,
+            )
+        for workers in rotated:
+            settings = [*args.overrides, f"student.loader.workers={workers}"]
+            loader[workers].append(loader_rate(args.config, args.run_dir, settings, args.loader_windows))
+            print(
+                f"round {round_}: loader alone, {workers} workers: {loader[workers][-1]:,.0f} windows/s ({load()})",
+                flush=True,
+            )
     best = {mode: max(values) for mode, values in rates.items()}
     seq_len = PreparedData.open(args.run_dir / "data").seq_len
     row = {
@@ -125,7 +157,9 @@ def main() -> None:
         row["cache_over_ce"] = round(best["cache"] / best["ce"], 3)
     if "cache" in best and "online" in best:
         row["cache_over_online"] = round(best["cache"] / best["online"], 3)
-    for workers, values in sorted(loader.items()):
+    for workers, values in by_workers.items():
+        row[f"cache_{workers}w_tokens_per_s"] = round(max(values))
+    for workers, values in loader.items():
         row[f"loader_{workers}w_windows_per_s"] = round(max(values))
     if "cache" in best:
         row["cache_student_windows_per_s"] = round(best["cache"] / (seq_len - 1))
