@@ -256,3 +256,29 @@ def append_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def steady_state_rate(metrics_path: Path, warmup_steps: int) -> dict:
+    """Steady-state training tokens/s of one run from its ``metrics.jsonl``, warm-up left out.
+
+    The loop logs ``tokens`` (cumulative) and ``train_s`` (seconds spent in training steps since
+    the process started; dev evaluation and checkpoint saving excluded) at every ``log_every``
+    steps. The rate is the tokens between the first record at or after ``warmup_steps`` and the
+    last record, over the ``train_s`` between them.
+    """
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "train_s" in r and r["step"] >= warmup_steps]
+    if len(steps) < 2:
+        return {
+            "steady_tokens_per_s": None,
+            "steady_steps": 0,
+            "last_step": steps[-1]["step"] if steps else None,
+        }
+    first, last = steps[0], steps[-1]
+    seconds = last["train_s"] - first["train_s"]
+    return {
+        "steady_tokens_per_s": (last["tokens"] - first["tokens"]) / seconds if seconds > 0 else None,
+        "steady_steps": last["step"] - first["step"],
+        "last_step": last["step"],
+        "cumulative_tokens_per_s": last.get("tokens_per_s"),
+    }

@@ -1,42 +1,50 @@
-"""train-student throughput: `cache` vs `ce` vs `online` students, and the data loader alone.
+"""train-student throughput in steady state: `cache` vs `ce` (vs `online`), loader worker counts.
 
-Targets (issue 7): tokens/s of `cache` >= 0.95x `ce` (the cache costs the student almost nothing),
-and `cache` >= 1.6x `online` with two teachers the size of the student (BabyLlama-2's shapes).
+Targets (issue 14): tokens/s of `cache` >= 0.95x `ce` (the cache costs the student almost nothing),
+and `cache` >= 1.6x `online` with two teachers the size of the student.
 
-    python -m benchmarks.bench_student configs/demo.toml --run-dir runs/demo --steps 40
+    python -m benchmarks.bench_student configs/demo.toml --run-dir runs/demo            # 5 rounds x 200 steps
 
 Needs a run directory with prepared data, trained teachers and the cache (`pipe run` up to
 `cache-logits`). Each measurement runs the real stage (`train_student`, the same code as
-`pipe train-student`) for ``--steps`` optimizer steps in a temporary run directory that links
-RUN/data, RUN/teachers and RUN/cache; tokens/s is the loop's own figure at the last step
-(``metrics.jsonl``: all steps since the loop started, loader start-up included, dev evaluation
-and saving excluded). The modes alternate for ``--repeats`` rounds and the best round of each is
-reported, so that the ratios come from one run on the same (possibly shared) machine.
+`pipe train-student`, same student, same batch) for ``--warmup + --steps`` optimizer steps in a
+temporary run directory that links RUN/data, RUN/teachers and RUN/cache. Its rate is the steady
+state: the tokens of the last ``--steps`` steps over the loop's own ``train_s`` for them
+(``metrics.jsonl``; model build, loader start-up and the first ``--warmup`` steps left out, dev
+evaluation and checkpoint saving excluded by the loop's clock). The modes alternate within each
+of ``--repeats`` rounds, the order rotating from round to round; every round is printed with the
+machine's load average and its ratios, and the **median of the per-round ratios** is printed last.
 
-The loader alone: the student's batch source (DataLoader workers, block-aligned cache reads) over
-the same plan, without training: windows/s it delivers, against the windows/s the cache-mode
-student consumed.
+``--workers 0,1,2`` adds the `cache` student at each loader worker count to every round, and
+``--loader-windows N`` the loader alone (the DataLoader the loop builds, iterated without
+training: windows/s it delivers).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
+import math
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import append_csv, device_name, git_commit, print_table
+import torch
+
+from benchmarks import append_csv, device_name, git_commit, print_table, steady_state_rate
 from logitcache.pipeline.config import load_config
-from logitcache.pipeline.distributed import DistContext, resolve_device
+from logitcache.pipeline.data_order import MicroBatchSampler, make_loader
+from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.student import make_batches, train_student
-from logitcache.pipeline.training import TrainState, make_plan
+from logitcache.pipeline.student import make_dataset, make_order, student_seed, train_student
 
 
-def student_rate(config_path: str, run_dir: Path, mode: str, steps: int, overrides: list[str]) -> float:
-    """tokens/s of `train_student` in ``mode`` for ``steps`` steps (the loop's figure at the last step)."""
+def student_rate(
+    config_path: str, run_dir: Path, mode: str, warmup: int, steps: int, overrides: list[str]
+) -> float:
+    """Steady-state tokens/s of `train_student` in ``mode``: steps ``warmup .. warmup + steps``."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
@@ -46,35 +54,49 @@ def student_rate(config_path: str, run_dir: Path, mode: str, steps: int, overrid
         settings = [
             *overrides,
             f"student.mode={mode}",
-            f"student.train.max_steps={steps}",
-            f"student.train.log_every={steps}",
+            f"student.train.max_steps={warmup + steps}",
+            f"student.train.log_every={math.gcd(warmup, steps) if warmup else steps}",
             "student.train.checkpoint_every=1000000",
         ]
         config = load_config(config_path, settings, run_dir=run)
         out = train_student(config, progress=False)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return float([r for r in rows if r.get("step") == steps and "tokens_per_s" in r][-1]["tokens_per_s"])
+        rate = steady_state_rate(out / "metrics.jsonl", warmup)["steady_tokens_per_s"]
+        if rate is None:
+            raise SystemExit(f"error: no steady-state rate for {mode}: fewer than {warmup + steps} steps ran")
+        return float(rate)
 
 
 def loader_rate(config_path: str, run_dir: Path, overrides: list[str], windows_limit: int) -> float:
-    """Windows/s the student's batch source delivers on its own (one epoch or ``windows_limit``)."""
+    """Windows/s the student's DataLoader delivers on its own (from epoch 0, up to ``windows_limit``)."""
     config = load_config(config_path, overrides, run_dir=run_dir)
     data = PreparedData.open(run_dir / "data")
     windows = data.windows("train")
-    ctx = DistContext(rank=0, world_size=1, device=resolve_device(config.run.device))
+    device = resolve_device(config.run.device)
     train = config.student.train
-    plan = make_plan(train, windows.shape[0], 1)
-    batches = make_batches(config, data, windows, ctx, plan.micro_batch)
     start = time.perf_counter()
-    batches.start(plan, TrainState())
+    sampler = MicroBatchSampler(
+        windows.shape[0], batch_size=train.batch_size, seed=student_seed(config),
+        order=make_order(config, windows.shape[0], data.seq_len), grad_accum_steps=train.grad_accum_steps,
+    )  # fmt: skip
+    loader = make_loader(
+        make_dataset(config, data, windows),
+        sampler,
+        workers=config.student.loader.workers,
+        prefetch_factor=config.student.loader.prefetch_factor,
+        pin_memory=device.type == "cuda",
+    )
     delivered = 0
-    for batch in batches:
+    for batch in loader:
         delivered += batch["input_ids"].shape[0]
         if delivered >= windows_limit:
             break
     seconds = time.perf_counter() - start
-    batches.close()
+    del loader  # stops the workers
     return delivered / seconds
+
+
+def load() -> str:
+    return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
 
 def main() -> None:
@@ -83,54 +105,80 @@ def main() -> None:
     )
     parser.add_argument("config")
     parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds; the best of each is kept")
-    parser.add_argument("--modes", default="cache,ce,online")
+    parser.add_argument("--steps", type=int, default=200, help="measured optimizer steps per round and mode")
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out at the start of each run")
     parser.add_argument(
-        "--loader-windows", type=int, default=4096, help="windows read by the loader-alone test"
+        "--repeats", type=int, default=5, help="alternating rounds; the median ratio is reported"
     )
+    parser.add_argument("--modes", default="cache,ce", help="e.g. cache,ce,online")
+    parser.add_argument("--workers", default="", help="student.loader.workers values to compare, e.g. 0,1,2")
+    parser.add_argument("--loader-windows", type=int, default=0, help="windows read by the loader-alone test")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--csv", default="benchmarks/results/student.csv")
     args = parser.parse_args()
 
     config = load_config(args.config, args.overrides, run_dir=args.run_dir)
     resolve_device(config.run.device)  # fail early on an unavailable device
-    modes = args.modes.split(",")
-    rates: dict[str, list[float]] = {mode: [] for mode in modes}
-    loader: dict[int, list[float]] = {}
-    for _ in range(args.repeats):
-        for mode in modes:
-            rates[mode].append(student_rate(args.config, args.run_dir, mode, args.steps, args.overrides))
-            print(f"{mode}: {rates[mode][-1]:,.0f} tokens/s", flush=True)
-        for workers in sorted({0, config.student.loader.workers}):
-            settings = [*args.overrides, f"student.loader.workers={workers}"]
-            rate = loader_rate(args.config, args.run_dir, settings, args.loader_windows)
-            loader.setdefault(workers, []).append(rate)
-            print(f"loader alone, {workers} workers: {rate:,.0f} windows/s", flush=True)
-    best = {mode: max(values) for mode, values in rates.items()}
+    modes = [mode for mode in args.modes.split(",") if mode]
+    worker_counts = [int(w) for w in args.workers.split(",") if w]
     seq_len = PreparedData.open(args.run_dir / "data").seq_len
-    row = {
+    base = {
         "date": dt.date.today().isoformat(),
         "commit": git_commit(),
         "device": device_name(),
+        "threads": torch.get_num_threads(),
         "config": args.config,
+        "overrides": " ".join(args.overrides),
+        "warmup": args.warmup,
         "steps": args.steps,
         "batch_windows": config.student.train.batch_size,
         "seq_len": seq_len,
         "k": config.cache.k,
         "teachers": len(config.teachers),
-        **{f"{mode}_tokens_per_s": round(value) for mode, value in best.items()},
     }
-    if "cache" in best and "ce" in best:
-        row["cache_over_ce"] = round(best["cache"] / best["ce"], 3)
-    if "cache" in best and "online" in best:
-        row["cache_over_online"] = round(best["cache"] / best["online"], 3)
-    for workers, values in sorted(loader.items()):
-        row[f"loader_{workers}w_windows_per_s"] = round(max(values))
-    if "cache" in best:
-        row["cache_student_windows_per_s"] = round(best["cache"] / (seq_len - 1))
-    print_table([row], list(row))
-    append_csv(Path(args.csv), [row], list(row))
+    print(f"{base['device']}, {base['threads']} threads, commit {base['commit']}, {load()}", flush=True)
+    rows = []
+    ratios: dict[str, list[float]] = {}
+    for round_ in range(1, args.repeats + 1):
+        shift = (round_ - 1) % len(modes)
+        order = modes[shift:] + modes[:shift]  # no mode always runs first
+        rates = {}
+        loads = []
+        for mode in order:
+            rates[mode] = student_rate(
+                args.config, args.run_dir, mode, args.warmup, args.steps, args.overrides
+            )
+            loads.append(os.getloadavg()[0])
+            print(f"round {round_}: {mode}: {rates[mode]:,.0f} tokens/s ({load()})", flush=True)
+        row = {**base, "round": round_, "order": ",".join(order), "load_1min_max": round(max(loads), 2)}
+        row |= {f"{mode}_tokens_per_s": round(rate) for mode, rate in rates.items()}
+        for other in ("ce", "online"):
+            if "cache" in rates and other in rates:
+                ratio = rates["cache"] / rates[other]
+                ratios.setdefault(f"cache_over_{other}", []).append(ratio)
+                row[f"cache_over_{other}"] = round(ratio, 3)
+                print(f"round {round_}: cache / {other} = {ratio:.3f}", flush=True)
+        turn = shift % len(worker_counts) if worker_counts else 0
+        for workers in worker_counts[turn:] + worker_counts[:turn]:
+            settings = [*args.overrides, f"student.loader.workers={workers}"]
+            rate = student_rate(args.config, args.run_dir, "cache", args.warmup, args.steps, settings)
+            row[f"cache_{workers}w_tokens_per_s"] = round(rate)
+            print(f"round {round_}: cache, {workers} workers: {rate:,.0f} tokens/s ({load()})", flush=True)
+            if args.loader_windows:
+                windows_per_s = loader_rate(args.config, args.run_dir, settings, args.loader_windows)
+                row[f"loader_{workers}w_windows_per_s"] = round(windows_per_s)
+                print(
+                    f"round {round_}: loader alone, {workers} workers: {windows_per_s:,.0f} windows/s",
+                    flush=True,
+                )
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    print_table(rows, [c for c in columns if c not in base or c in ("commit",)])
+    append_csv(Path(args.csv), rows, columns)
+    for name, values in ratios.items():
+        print(
+            f"median {name.replace('_over_', ' / ')} over {len(values)} rounds: {statistics.median(values):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -594,36 +594,9 @@ def train_config_text(shape: dict, run_dir: Path, device: str) -> str:
     )
 
 
-def steady_state(metrics_path: Path, warmup_steps: int) -> dict:
-    """Steady-state tokens/s from a fresh run's metrics.jsonl, the first ``warmup_steps`` left out.
-
-    Each record holds ``tokens`` (cumulative) and ``tokens_per_s`` (cumulative since the loop
-    started), so the loop's elapsed time at a record is tokens / tokens_per_s. The rate is the
-    tokens between the first record at or after the warm-up and the last record over the time
-    between them, leaving out intervals that hold a dev evaluation (an epoch end).
-    """
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    evals = [r["step"] for r in records if "dev_loss" in r]
-    steps = [r for r in records if "tokens_per_s" in r and r["tokens_per_s"] > 0]
-    steps = [r for r in steps if r["step"] >= warmup_steps]
-    tokens = seconds = 0.0
-    counted = 0
-    for before, after in zip(steps, steps[1:], strict=False):
-        if any(before["step"] <= e < after["step"] for e in evals):
-            continue
-        tokens += after["tokens"] - before["tokens"]
-        seconds += after["tokens"] / after["tokens_per_s"] - before["tokens"] / before["tokens_per_s"]
-        counted += after["step"] - before["step"]
-    last = steps[-1] if steps else {}
-    return {
-        "steady_tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "steady_steps": counted,
-        "last_step": last.get("step"),
-        "cumulative_tokens_per_s": last.get("tokens_per_s"),
-    }
-
-
 def part_training(check: Check, part: PartResult) -> None:
+    from benchmarks import steady_state_rate
+
     shape = TRAIN_DRY if check.dry else TRAIN_GPU
     part_deadline = time.monotonic() + part.budget_s
     root = check.work / "train"
@@ -685,7 +658,7 @@ def part_training(check: Check, part: PartResult) -> None:
             row["wall_s"] = round(result.seconds, 1)
             metrics = run_dir / "students" / name / "metrics.jsonl"
             if metrics.is_file():
-                row.update(steady_state(metrics, shape["warmup"]))
+                row.update(steady_state_rate(metrics, shape["warmup"]))
             if result.timed_out:  # the part's budget, not a broken run: noted, not a failure
                 row["note"] = f"cut off at part e's budget after {result.seconds:.0f} s"
                 cut_off.append(name)

@@ -154,10 +154,12 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """How the student's batches are read (pipeline/student_data.py)."""
+    """How the student's micro-batches are ordered and read (pipeline/data_order.py, student_data.py)."""
 
-    workers: int = 2  # DataLoader worker processes; 0 = read in the training process
-    prefetch_factor: int = 2  # work items read ahead per worker
+    # DataLoader worker processes; 0 = read in the training process. 0 is the fastest for the demo
+    # on a 2-core CPU machine (docs/benchmarks.md); with spare cores (a GPU machine) try 2.
+    workers: int = 0
+    prefetch_factor: int = 2  # micro-batches read ahead per worker
     # Shuffle order: windows are permuted in blocks of `shuffle_block` consecutive windows, then
     # within buffers of `shuffle_buffer_blocks` blocks (cheap cache reads). 0 = one cache chunk.
     shuffle_block: int = 0

@@ -43,17 +43,13 @@ from transformers import PreTrainedModel
 
 from logitcache.kernels import SparseKDParams, dense_kd_loss, fused_linear_sparse_kd_loss, resolve_backend
 from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
+from logitcache.pipeline.data_order import OrderFn, make_block_order
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
-from logitcache.pipeline.student_data import (
-    BatchReader,
-    StudentBatches,
-    default_block,
-    make_order_fn,
-)
+from logitcache.pipeline.student_data import StudentDataset, chunks_per_two_buffers, default_block
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
 from logitcache.pipeline.teachers import finalize_model_dir
 from logitcache.pipeline.training import train_model
@@ -170,36 +166,33 @@ def _check_loader(config: Config) -> None:
         )
 
 
-def make_batches(
-    config: Config, data: PreparedData, windows: Any, ctx: DistContext, micro_batch_hint: int
-) -> StudentBatches:
-    """The batch source of the student's loop (also used by benchmarks/bench_student.py)."""
+def make_dataset(config: Config, data: PreparedData, windows: Any) -> StudentDataset:
+    """The student's training data: ``windows`` (N, T) and, in cache mode, their cache rows."""
     student = config.student
-    store = None
-    weights = "renormalized"
-    if student.mode == "cache":
-        reader = open_student_cache(config, data)
-        store = cache_store(config)
-        # A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
-        if student.distill.tail == "ghost" and reader.metadata.mode == "topk":
-            weights = "ghost"
-    cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
-    block = student.loader.shuffle_block or default_block(windows.shape[0], windows.shape[1], cache_k)
-    return StudentBatches(
-        BatchReader(
-            windows=windows,
-            cache_store=store,
-            weights=weights,
-        ),
-        order_fn=make_order_fn(block=block, buffer_blocks=student.loader.shuffle_buffer_blocks),
-        seed=student_seed(config),
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        workers=student.loader.workers,
-        prefetch_factor=student.loader.prefetch_factor,
-        group_windows=max(micro_batch_hint, block * student.loader.shuffle_buffer_blocks // ctx.world_size),
-        pin_memory=ctx.device.type == "cuda",
+    if student.mode != "cache":
+        return StudentDataset(windows, None)
+    reader = open_student_cache(config, data)
+    # A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
+    weights = (
+        "ghost" if student.distill.tail == "ghost" and reader.metadata.mode == "topk" else "renormalized"
     )
+    cached_chunks = chunks_per_two_buffers(
+        block=_shuffle_block(config, windows.shape[0], windows.shape[1]),
+        buffer_blocks=student.loader.shuffle_buffer_blocks,
+        windows_per_chunk=reader.layout.windows_per_chunk,
+    )
+    return StudentDataset(windows, cache_store(config), weights, cached_chunks=cached_chunks)
+
+
+def make_order(config: Config, num_windows: int, seq_len: int) -> OrderFn:
+    """The student's epoch order: block-shuffled by ``student.loader.shuffle_*`` (keeps reads chunk-local)."""
+    block = _shuffle_block(config, num_windows, seq_len)
+    return make_block_order(block=block, buffer_blocks=config.student.loader.shuffle_buffer_blocks)
+
+
+def _shuffle_block(config: Config, num_windows: int, seq_len: int) -> int:
+    cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
+    return config.student.loader.shuffle_block or default_block(num_windows, seq_len, cache_k)
 
 
 def train_student(
@@ -230,8 +223,7 @@ def train_student(
     options = LossOptions.from_config(config)
     teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
     train = config.student.train
-    micro = max(1, train.batch_size // (ctx.world_size * train.grad_accum_steps))
-    batches = make_batches(config, data, windows, ctx, micro)
+    dataset = make_dataset(config, data, windows)
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -239,32 +231,25 @@ def train_student(
             out, config, "train-student",
             {"student": student_name(config), "mode": options.mode, "parameters": count_parameters(model)},
         )  # fmt: skip
-    try:
-        summary = train_model(
-            model,
-            train=train,
-            num_windows=windows.shape[0],
-            seq_len=data.seq_len,
-            get_batch=batches,
-            loss_fn=objective_loss,
-            dev_windows=dev_windows,
-            out_dir=out,
-            seed=student_seed(config),
-            fingerprint=fingerprint,
-            ctx=ctx,
-            progress=progress,
-            desc=f"student {student_name(config)}",
-            order_fn=batches.order_fn,
-            on_start=batches.start,
-            wrap=lambda m: StudentObjective(m, options, teachers),
-        )
-    finally:
-        batches.close()
-    summary |= {
-        "mode": options.mode,
-        "parameters": count_parameters(model),
-        "direct_reads": batches.direct_reads,
-    }
+    summary = train_model(
+        model,
+        train=train,
+        dataset=dataset,
+        seq_len=data.seq_len,
+        loss_fn=objective_loss,
+        dev_windows=dev_windows,
+        out_dir=out,
+        seed=student_seed(config),
+        fingerprint=fingerprint,
+        ctx=ctx,
+        progress=progress,
+        desc=f"student {student_name(config)}",
+        order=make_order(config, windows.shape[0], data.seq_len),
+        workers=config.student.loader.workers,
+        prefetch_factor=config.student.loader.prefetch_factor,
+        wrap=lambda m: StudentObjective(m, options, teachers),
+    )
+    summary |= {"mode": options.mode, "parameters": count_parameters(model)}
     if ctx.is_main:
         finalize_model_dir(out, model, data, summary, fingerprint)
     ctx.barrier()

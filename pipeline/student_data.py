@@ -1,279 +1,158 @@
-"""The student's training batches: prepared windows joined with cache rows, in the loop's order.
+"""The student's training data: prepared windows joined with their cache rows, one micro-batch per read.
 
-Order (a function of the seed and the epoch only, see :func:`block_shuffled_order`): the training
-windows are cut into blocks of ``block`` consecutive windows (by default one inner chunk of the
-cache, so that a block is one decoded chunk); the blocks are permuted, and then the windows are
-permuted inside each buffer of ``buffer_blocks`` consecutive blocks of that permutation. A global
-batch therefore draws from about ``buffer_blocks`` chunks instead of ``batch_size`` scattered ones
-(zarr decodes a whole chunk to read one window), and every window is still visited once per
-epoch. ``block = 1`` and ``buffer_blocks >= N`` give a uniform permutation.
+:class:`StudentDataset` is the dataset the shared loop iterates (see pipeline/data_order.py for
+the order, the sampler and the DataLoader, the same for teachers and students). Its
+``__getitems__`` takes the window indices of one micro-batch and reads them together: tokens from
+the windows array, teacher entries from the cache by whole chunks (one slice read per run of
+consecutive chunks), decoded at once for the whole batch. The student's order,
+:func:`~logitcache.pipeline.data_order.block_shuffled_order` with a block of one cache chunk
+(:func:`default_block`), keeps the micro-batches of a shuffle buffer within ``buffer_blocks``
+chunks; each process keeps the raw chunks of about two buffers in memory, so a chunk is
+decompressed once per buffer and process, not once per micro-batch.
 
-The shared loop (:func:`logitcache.pipeline.training.train_model`) slices this order into global
-batches, ranks and micro-batches exactly as for the teachers, so resume and DDP semantics are
-unchanged. :class:`StudentBatches` is the loop's batch source: when the loop starts (its
-``on_start`` hook) it knows the whole remaining schedule of this rank, and a DataLoader with
-worker processes reads it ahead: one work item is a group of consecutive micro-batches, read
-with one cache call (each chunk the group touches is decoded once), pinned when training on CUDA.
-Every batch handed to the loop is checked against the indices the loop asks for.
+Batch dict (CPU, pinned by the loader when training on CUDA; the loop copies it to the device)::
 
-Batch dict (CPU, then moved to the device by the loop's ``get_batch`` call)::
-
-    window_indices   (B,)           int64  rows of the train split (= rows of the cache)
     input_ids        (B, T)         int64
-    teacher_ids      (B, T - 1, k)  int64  cache entries of positions 0..T-2: the teacher's
+    teacher_ids      (B, T - 1, k)  int32    cache entries of positions 0..T-2: the teacher's
     teacher_weights  (B, T - 1, k)  float32  distribution of tokens 1..T-1 (the targets);
-    teacher_tail     (B, T - 1)     float32  the last position's entries are not needed
-                                             (tail only with tail = "ghost")
+    teacher_tail     (B, T - 1)     float32  the last position's entries are not read
+                                             (tail only with weights = "ghost")
+
+Ids are int32 (exact: ids < vocab_size < 2**31) to halve their transfer; the loss takes any
+integer dtype. Negative ids (padding of a sampled cache) stay negative.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from logitcache.cache import CacheReader, decode_entries, open_cache
 from logitcache.cache.encoding import DecodedEntries
-from logitcache.pipeline.errors import StageError
-from logitcache.pipeline.training import TrainPlan, TrainState, step_micro_batches
-
-OrderFn = Callable[[int, int, int], torch.Tensor]
+from logitcache.pipeline.data_order import Batch, WindowsDataset
 
 
-def block_shuffled_order(
-    num_windows: int, seed: int, epoch: int, *, block: int, buffer_blocks: int
-) -> torch.Tensor:
-    """A permutation of ``range(num_windows)``: blocks permuted, then windows within buffers of blocks.
+class StudentDataset(WindowsDataset):
+    """Item ``i`` = window ``i`` and its cached teacher targets; ``__getitems__`` reads a micro-batch.
 
-    ``perm_blocks = randperm(ceil(N / block))``; ``order = concat(windows of each block in that
-    order)``; then each run of ``block * buffer_blocks`` consecutive entries of ``order`` is permuted
-    by its own ``randperm``. One generator seeded from ``(seed, epoch)`` draws everything, so the
-    result depends on nothing else.
-    """
-    if block < 1 or buffer_blocks < 1:
-        raise StageError(f"Expected block >= 1 and buffer_blocks >= 1. Got {block} and {buffer_blocks}.")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    num_blocks = -(-num_windows // block)
-    block_perm = torch.randperm(num_blocks, generator=generator)  # (blocks,)
-    starts = block_perm * block  # (blocks,)
-    offsets = torch.arange(block)  # (block,)
-    windows = (starts[:, None] + offsets[None, :]).flatten()  # (blocks * block,)
-    windows = windows[windows < num_windows]  # the last block may be short
-    sizes = (torch.clamp(num_windows - starts, max=block)).tolist()  # windows of each block, in order
-    pieces = []
-    position = 0
-    for first in range(0, num_blocks, buffer_blocks):
-        span = sum(sizes[first : first + buffer_blocks])
-        piece = windows[position : position + span]  # whole blocks only
-        pieces.append(piece[torch.randperm(span, generator=generator)])
-        position += span
-    return torch.cat(pieces)
-
-
-def make_order_fn(*, block: int, buffer_blocks: int) -> OrderFn:
-    def order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
-        return block_shuffled_order(num_windows, seed, epoch, block=block, buffer_blocks=buffer_blocks)
-
-    return order
-
-
-def micro_batch_schedule(
-    plan: TrainPlan, state: TrainState, *, order_fn: OrderFn, seed: int, rank: int, world_size: int
-) -> Iterator[torch.Tensor]:
-    """The window indices of every micro-batch this rank will ask for from ``state`` on, in order.
-
-    Mirrors the loop of ``train_model``: epochs from ``state.epoch``, optimizer steps from
-    ``state.step_in_epoch`` (then 0), until ``plan.total_steps``; each step split by
-    :func:`~logitcache.pipeline.training.step_micro_batches`.
-    """
-    epoch, step_in_epoch, global_step = state.epoch, state.step_in_epoch, state.global_step
-    while global_step < plan.total_steps:
-        order = order_fn(plan.num_windows, seed, epoch)
-        while step_in_epoch < plan.steps_per_epoch and global_step < plan.total_steps:
-            yield from step_micro_batches(order, step_in_epoch, plan, rank=rank, world_size=world_size)
-            step_in_epoch += 1
-            global_step += 1
-        if step_in_epoch >= plan.steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-
-
-@dataclass(frozen=True)
-class BatchReader:
-    """Reads batches directly: tokens from the windows array, teacher entries from the cache.
-
-    Picklable (DataLoader workers get a copy); each process opens its own cache reader.
-    """
-
-    windows: np.ndarray  # (N, T) the train split, in its stored integer dtype
-    cache_store: Path | None  # None: no teacher entries (modes "online" and "ce")
-    weights: str = "renormalized"  # or "ghost": raw top-k probabilities + tail
-
-    def _reader(self) -> CacheReader:
-        key = (os.getpid(), str(self.cache_store))
-        reader = _READERS.get(key)
-        if reader is None:
-            reader = _READERS[key] = open_cache(self.cache_store)  # type: ignore[arg-type]
-        return reader
-
-    def read(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One batch for window ``indices`` (B,), as documented in the module docstring."""
-        return self.read_many([indices])[0]
-
-    def read_many(self, parts: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Batches for several index tensors, with one cache read for all of them."""
-        every = torch.cat(parts)  # (sum B,)
-        tokens = torch.from_numpy(self.windows[every.numpy()].astype(np.int64))  # (sum B, T)
-        cache = None
-        if self.cache_store is not None:
-            cache = self._read_cache_rows(every.numpy())
-        batches = []
-        start = 0
-        for part in parts:
-            stop = start + part.numel()
-            batch = {"window_indices": part.clone(), "input_ids": tokens[start:stop]}
-            if cache is not None:
-                batch["teacher_ids"] = torch.from_numpy(cache.ids[start:stop, :-1].copy())  # (B, T-1, k)
-                batch["teacher_weights"] = torch.from_numpy(
-                    cache.weights[start:stop, :-1].copy()
-                )  # (B, T-1, k)
-                if cache.tail is not None:
-                    batch["teacher_tail"] = torch.from_numpy(cache.tail[start:stop, :-1].copy())  # (B, T-1)
-            batches.append(batch)
-            start = stop
-        return batches
-
-    def _read_cache_rows(self, rows: np.ndarray) -> DecodedEntries:
-        """Decoded cache entries of ``rows`` (any order), read as contiguous runs of whole chunks.
-
-        Same result as ``CacheReader.read_windows(rows)``, but zarr reads slices several times
-        faster than integer (orthogonal) selections, and only the wanted rows are decoded.
-        """
-        reader = self._reader()
-        chunk = reader.layout.windows_per_chunk
-        blocks = np.unique(rows // chunk)  # chunks touched, ascending
-        runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)  # consecutive chunks
-        covered, raws = [], []
-        for run in runs:
-            start, stop = int(run[0]) * chunk, min((int(run[-1]) + 1) * chunk, reader.num_windows)
-            covered.append(np.arange(start, stop))
-            raws.append(reader.read_raw(slice(start, stop)))
-        where = np.searchsorted(np.concatenate(covered), rows)  # (R,) row of each wanted window
-        raw = {name: np.concatenate([r[name] for r in raws])[where] for name in raws[0]}
-        return decode_entries(
-            raw["ids"], raw["values"], raw.get("tail"), reader.metadata, weights=self.weights
-        )
-
-
-_READERS: dict[tuple[int, str], CacheReader] = {}
-
-
-class _GroupDataset(Dataset):
-    """Item ``g`` = the batches of micro-batch group ``g`` of the schedule (a list of dicts)."""
-
-    def __init__(self, reader: BatchReader, groups: list[list[torch.Tensor]]):
-        self.reader = reader
-        self.groups = groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, index: int) -> list[dict[str, torch.Tensor]]:
-        return self.reader.read_many(self.groups[index])
-
-
-class StudentBatches:
-    """The batch source of the student's loop (``get_batch`` and ``on_start`` of ``train_model``).
-
-    ``group_windows``: windows per DataLoader work item on this rank (read with one cache call).
-    ``workers = 0`` reads in the training process (no prefetch).
+    ``cache_store`` None: windows only (modes "online" and "ce"). ``weights``: "renormalized" or
+    "ghost" (raw top-k probabilities + tail). ``cached_chunks``: raw chunks kept in memory per
+    process (see :meth:`_read_cache_rows`). Picklable: each process opens its own cache reader.
     """
 
     def __init__(
         self,
-        reader: BatchReader,
+        windows: np.ndarray,
+        cache_store: Path | None,
+        weights: str = "renormalized",
         *,
-        order_fn: OrderFn,
-        seed: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        prefetch_factor: int,
-        group_windows: int,
-        pin_memory: bool,
+        cached_chunks: int = 16,
     ):
-        self.reader = reader
-        self.order_fn = order_fn
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.workers = workers
-        self.prefetch_factor = prefetch_factor
-        self.group_windows = group_windows
-        self.pin_memory = pin_memory
-        self._groups: Iterator[list[dict[str, torch.Tensor]]] | None = None
-        self._pending: deque[dict[str, torch.Tensor]] = deque()
-        self.direct_reads = 0  # batches read outside the schedule (should stay 0 in training)
+        super().__init__(windows)
+        self.cache_store = cache_store
+        self.weights = weights
+        self.cached_chunks = cached_chunks  # raw chunks kept per process (about one shuffle buffer's)
+        self._reader: CacheReader | None = None
+        self._reader_pid = -1
+        self._recent: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # chunk -> raw arrays
 
-    def start(self, plan: TrainPlan, state: TrainState) -> None:
-        """Plan the reads of the rest of training from ``state`` on and start the workers."""
-        self.close()
-        schedule = list(
-            micro_batch_schedule(
-                plan,
-                state,
-                order_fn=self.order_fn,
-                seed=self.seed,
-                rank=self.rank,
-                world_size=self.world_size,
-            )
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "_reader": None,
+            "_reader_pid": -1,
+            "_recent": OrderedDict(),
+            "_chunk_pid": -1,
+        }
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        """The batch of window ``indices`` (B,), as documented in the module docstring."""
+        batch = super().__getitems__(indices)
+        if self.cache_store is None:
+            return batch
+        cache = self._read_cache_rows(np.asarray(indices, dtype=np.int64))
+        # Ids as int32: exact for any vocabulary, half the bytes of int64 to pin and copy.
+        batch["teacher_ids"] = torch.from_numpy(cache.ids.astype(np.int32))  # (B, T-1, k)
+        batch["teacher_weights"] = torch.from_numpy(cache.weights)  # (B, T-1, k) float32
+        if cache.tail is not None:
+            batch["teacher_tail"] = torch.from_numpy(cache.tail)  # (B, T-1) float32
+        return batch
+
+    def read(self, indices: torch.Tensor | Sequence[int]) -> Batch:
+        """The batch of window ``indices`` (tests and tools; the loader calls ``__getitems__``)."""
+        return self.__getitems__(torch.as_tensor(indices).tolist())
+
+    def _cache(self) -> CacheReader:
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = open_cache(self.cache_store)  # type: ignore[arg-type]
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def _read_cache_rows(self, rows: np.ndarray) -> DecodedEntries:
+        """Decoded cache entries of positions 0..T-2 of ``rows`` (any order), read by whole chunks.
+
+        Same values as ``CacheReader.read_windows(rows)[:, :-1]`` (decoding is per position), but
+        zarr reads slices several times faster than integer (orthogonal) selections, and it
+        decompresses a whole chunk to read one row: the chunks a batch touches are read as slices
+        (one per run of consecutive chunks not read yet) and the last ``cached_chunks`` of them are
+        kept, so consecutive micro-batches of one shuffle buffer decompress each chunk once per
+        process. Only the wanted rows are decoded.
+        """
+        reader = self._cache()
+        chunk = reader.layout.windows_per_chunk
+        chunk_of_row = rows // chunk  # (B,)
+        chunks = self._chunks(reader, np.unique(chunk_of_row).tolist())
+        first = next(iter(chunks.values()))
+        raw = {
+            name: np.empty((rows.size, array.shape[1] - 1, *array.shape[2:]), dtype=array.dtype)
+            for name, array in first.items()
+        }  # (B, T-1, k) ids and values, (B, T-1) tail
+        for index, arrays in chunks.items():
+            mine = np.flatnonzero(chunk_of_row == index)  # (b,) positions in the batch
+            offsets = rows[mine] - index * chunk  # (b,) rows within the chunk
+            for name, array in arrays.items():
+                raw[name][mine] = array[offsets, :-1]
+        return decode_entries(
+            raw["ids"], raw["values"], raw.get("tail"), reader.metadata, weights=self.weights
         )
-        per_group = max(1, self.group_windows // max(plan.micro_batch, 1))
-        groups = [schedule[i : i + per_group] for i in range(0, len(schedule), per_group)]
-        if not groups:
-            return
-        loader = DataLoader(
-            _GroupDataset(self.reader, groups),
-            batch_size=None,
-            shuffle=False,
-            num_workers=self.workers,
-            prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
-            pin_memory=self.pin_memory,
-        )
-        self._groups = iter(loader)
 
-    def __call__(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        batch = self._next_planned()
-        if batch is None or not torch.equal(batch["window_indices"], indices):
-            # Not what was planned (used outside train_model, or a schedule bug): read it directly.
-            self.direct_reads += 1
-            self.close()
-            batch = self.reader.read(indices)
-        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    def _chunks(self, reader: CacheReader, wanted: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """The raw (encoded) arrays of each chunk in ``wanted`` (ascending), from memory or read now."""
+        found = {index: self._recent[index] for index in wanted if index in self._recent}
+        missing = [index for index in wanted if index not in found]
+        chunk = reader.layout.windows_per_chunk
+        for run in (
+            np.split(np.asarray(missing), np.flatnonzero(np.diff(missing) != 1) + 1) if missing else []
+        ):
+            start, stop = int(run[0]) * chunk, min((int(run[-1]) + 1) * chunk, reader.num_windows)
+            arrays = reader.read_raw(slice(start, stop))  # one slice read per run of chunks
+            for index in run.tolist():
+                low = index * chunk - start
+                found[index] = {name: array[low : low + chunk] for name, array in arrays.items()}
+        for index in wanted:
+            self._recent[index] = found[index]
+            self._recent.move_to_end(index)
+        while len(self._recent) > self.cached_chunks:
+            self._recent.popitem(last=False)
+        return {index: found[index] for index in wanted}
 
-    def _next_planned(self) -> dict[str, torch.Tensor] | None:
-        if not self._pending and self._groups is not None:
-            group = next(self._groups, None)
-            if group is None:
-                self._groups = None
-            else:
-                self._pending.extend(group)
-        return self._pending.popleft() if self._pending else None
 
-    def close(self) -> None:
-        """Stop the workers (if any) and drop what was read ahead."""
-        self._groups = None  # the DataLoader iterator shuts its workers down when collected
-        self._pending.clear()
+def chunks_per_two_buffers(*, block: int, buffer_blocks: int, windows_per_chunk: int) -> int:
+    """Most cache chunks a micro-batch of the student's block-shuffled order can touch.
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The planned batches in order (CPU; for tests and benchmarks of the loader alone)."""
-        while (batch := self._next_planned()) is not None:
-            yield batch
+    A micro-batch lies within two consecutive buffers of ``buffer_blocks`` blocks each.
+
+    A block starts at a multiple of ``block``, so it spans ``ceil(block / chunk)`` chunks, one
+    more when ``block`` is not a multiple of the chunk size.
+    """
+    span = -(-block // windows_per_chunk) + (1 if block % windows_per_chunk else 0)
+    return 2 * buffer_blocks * span
 
 
 def default_block(num_windows: int, seq_len: int, k: int) -> int:

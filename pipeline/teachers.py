@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from logitcache.pipeline.config import Config, TeacherConfig, teacher_fingerprint
+from logitcache.pipeline.data_order import WindowsDataset
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
@@ -74,13 +75,10 @@ def train_teacher(
         shutil.rmtree(out)
     data = PreparedData.open(RunLayout.of(config).data)
     ctx = ctx or init_distributed(config.run.device)
-    train_windows = torch.from_numpy(data.windows("train").astype("int64"))  # (N, T)
+    train_windows = WindowsDataset(data.windows("train"))  # (N, T) windows, read by micro-batch
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
     seed = config.run.seed + _name_seed(name)
     model = build_model(teacher.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
-
-    def get_batch(indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"input_ids": train_windows[indices].to(device, non_blocking=True)}
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -90,9 +88,8 @@ def train_teacher(
     summary = train_model(
         model,
         train=teacher.train,
-        num_windows=train_windows.shape[0],
+        dataset=train_windows,
         seq_len=data.seq_len,
-        get_batch=get_batch,
         loss_fn=causal_lm_loss,
         dev_windows=dev_windows,
         out_dir=out,

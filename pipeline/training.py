@@ -1,4 +1,4 @@
-"""The training loop shared by teachers and students; only the batch source and the loss vary.
+"""The training loop shared by teachers and students; only the dataset, the order and the loss vary.
 
 What it does, in order: AdamW (no decay on biases and norms), linear warmup then cosine (or
 linear/constant) decay, gradient accumulation, clipping, bf16 autocast on CUDA (fp32 on CPU),
@@ -6,14 +6,17 @@ DDP under torchrun, a dev-loss evaluation at each epoch end, JSONL metrics, and 
 hold everything needed to continue exactly: model (safetensors), optimizer state (safetensors +
 JSON), scheduler, RNG states and the data position.
 
-Data order is a function of (seed, epoch) only: epoch ``e`` visits the training windows in the
-order of ``torch.randperm`` seeded with ``seed`` and ``e`` (students: a block-shuffled order given
-by the ``order_fn`` hook, see pipeline/student_data.py); optimizer step ``s`` of the epoch takes
-windows ``perm[s*B:(s+1)*B]`` (the global batch ``B``), rank ``r`` of ``W`` takes the ``r``-th
-contiguous slice of it, and each rank splits its slice into ``grad_accum_steps`` micro-batches.
-Every window has the same number of target tokens, so the mean of per-micro-batch mean losses,
-averaged over ranks by DDP, equals the mean over the global batch: one rank and many ranks
-compute the same update, and a resumed run the same trajectory as an uninterrupted one.
+The loop owns the data order, a function of (seed, epoch) only: epoch ``e`` visits the training
+windows in ``order(N, seed, e)`` (teachers: :func:`~logitcache.pipeline.data_order.epoch_order`,
+a ``torch.randperm``; students: a block-shuffled order, see pipeline/data_order.py); optimizer
+step ``s`` of the epoch takes windows ``perm[s*B:(s+1)*B]`` (the global batch ``B``), rank ``r``
+of ``W`` takes the ``r``-th contiguous slice of it, and each rank splits its slice into
+``grad_accum_steps`` micro-batches. A :class:`~logitcache.pipeline.data_order.MicroBatchSampler`
+keyed by (seed, epoch, rank) yields exactly these micro-batches from the step the loop is at, and
+a DataLoader over the dataset reads them (one ``__getitems__`` call per micro-batch). Every window
+has the same number of target tokens, so the mean of per-micro-batch mean losses, averaged over
+ranks by DDP, equals the mean over the global batch: one rank and many ranks compute the same
+update, and a resumed run the same trajectory as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
 from logitcache.pipeline.config import TrainConfig
+from logitcache.pipeline.data_order import Batch, MicroBatchSampler, OrderFn, epoch_order, make_loader
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.progress import progress_bar
@@ -41,10 +46,6 @@ from logitcache.pipeline.progress import progress_bar
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
 # loss over the batch's target tokens as a scalar tensor.
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-# A batch source turns window indices (into the training split) into a batch dict on `device`.
-BatchFn = Callable[[torch.Tensor, torch.device], dict[str, torch.Tensor]]
-# The visiting order of epoch `epoch`: a permutation of range(num_windows) from (num_windows, seed, epoch).
-OrderFn = Callable[[int, int, int], torch.Tensor]
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -89,21 +90,6 @@ def make_plan(train: TrainConfig, num_windows: int, world_size: int) -> TrainPla
         total_steps=total,
         micro_batch=train.batch_size // (world_size * train.grad_accum_steps),
     )
-
-
-def epoch_order(num_windows: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_windows, generator=generator)
-
-
-def step_micro_batches(
-    order: torch.Tensor, step_in_epoch: int, plan: TrainPlan, *, rank: int, world_size: int
-) -> list[torch.Tensor]:
-    """Window indices of each micro-batch of ``rank`` at optimizer step ``step_in_epoch`` of an epoch."""
-    start = step_in_epoch * plan.batch_size
-    global_batch = order[start : start + plan.batch_size]  # (B,)
-    local = global_batch.view(world_size, -1)[rank]  # (B / W,)
-    return list(local.split(plan.micro_batch))
 
 
 def lr_factor(step: int, train: TrainConfig, total_steps: int) -> float:
@@ -274,13 +260,44 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
 
+class StepClock:
+    """Wall time spent in training steps: runs between ``start()`` and ``stop()``.
+
+    The loop stops it around dev evaluation and checkpoint saving, so ``tokens_per_s`` measures
+    training alone. On CUDA, ``stop()`` and ``seconds()`` synchronise first, so that queued GPU
+    work is charged to the steps that launched it.
+    """
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._total = 0.0
+        self._since: float | None = None
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = self._now()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self._total += self._now() - self._since
+            self._since = None
+
+    def seconds(self) -> float:
+        running = self._now() - self._since if self._since is not None else 0.0
+        return self._total + running
+
+
 def train_model(
     model: PreTrainedModel,
     *,
     train: TrainConfig,
-    num_windows: int,
+    dataset: Dataset[Batch],
     seq_len: int,
-    get_batch: BatchFn,
     loss_fn: LossFn,
     dev_windows: torch.Tensor,
     out_dir: Path,
@@ -289,18 +306,24 @@ def train_model(
     ctx: DistContext,
     progress: bool | None = None,
     desc: str = "train",
-    order_fn: OrderFn = epoch_order,
-    on_start: Callable[[TrainPlan, TrainState], None] | None = None,
+    order: OrderFn = epoch_order,
+    workers: int = 0,
+    prefetch_factor: int = 2,
     wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place, resuming from the last checkpoint in ``out_dir`` if there is one.
 
-    Returns a summary (steps, tokens, final dev loss). Only rank 0 writes files. Hooks (students):
-    ``order_fn`` gives each epoch's window order (default :func:`epoch_order`); ``on_start(plan,
-    state)`` is called once the starting point is known (after a resume), so a batch source can
-    read ahead; ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to
-    ``loss_fn`` (e.g. the model plus its loss), sharing the model's parameters.
+    ``dataset``: the training windows (``len(dataset)`` of them) with whatever the loss needs;
+    its ``__getitems__(indices)`` returns one micro-batch as a dict of batched CPU tensors
+    (:class:`~logitcache.pipeline.data_order.WindowsDataset` for the teachers). ``order`` gives
+    each epoch's window order (default :func:`~logitcache.pipeline.data_order.epoch_order`);
+    ``workers`` and ``prefetch_factor`` configure the DataLoader (0 workers: read in this
+    process); batches are pinned when training on CUDA and copied without blocking.
+    ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to ``loss_fn``
+    (e.g. the model plus its loss), sharing the model's parameters. Returns a summary (steps,
+    tokens, final dev loss). Only rank 0 writes files.
     """
+    num_windows = len(dataset)  # type: ignore[arg-type]
     plan = make_plan(train, num_windows, ctx.world_size)
     model.to(ctx.device)
     optimizer = make_optimizer(model, train)
@@ -316,8 +339,6 @@ def train_model(
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, state.global_step)
     ctx.barrier()
-    if on_start is not None:
-        on_start(plan, TrainState(**asdict(state)))
 
     use_cuda = ctx.device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
@@ -329,24 +350,36 @@ def train_model(
             train_module, device_ids=[ctx.device.index] if use_cuda else None
         )
     model.train()
+    sampler = MicroBatchSampler(
+        num_windows, batch_size=train.batch_size, seed=seed, order=order,
+        grad_accum_steps=train.grad_accum_steps, rank=ctx.rank, world_size=ctx.world_size,
+    )  # fmt: skip
+    loader = make_loader(
+        dataset, sampler, workers=workers, prefetch_factor=prefetch_factor, pin_memory=use_cuda
+    )
 
     tokens_per_step = plan.batch_size * (seq_len - 1)
     bar = progress_bar(
         total=plan.total_steps, initial=state.global_step, desc=desc, progress=progress, is_main=ctx.is_main
     )
-    start_time, start_step = time.perf_counter(), state.global_step
+    clock = StepClock(ctx.device)  # training steps only: dev evaluation and checkpoints excluded
+    start_step = state.global_step
     dev_loss = math.nan
     metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
     try:
         while state.global_step < plan.total_steps:
-            order = order_fn(plan.num_windows, seed, state.epoch)
-            while state.step_in_epoch < plan.steps_per_epoch and state.global_step < plan.total_steps:
-                micro_batches = step_micro_batches(
-                    order, state.step_in_epoch, plan, rank=ctx.rank, world_size=ctx.world_size
-                )
+            # The rest of this epoch from the step we are at (a resumed run: from its checkpoint).
+            stop = min(plan.steps_per_epoch, state.step_in_epoch + plan.total_steps - state.global_step)
+            sampler.set_epoch(state.epoch, start_step=state.step_in_epoch, stop_step=stop)
+            clock.start()
+            micro_batches = iter(loader)
+            while state.step_in_epoch < stop:
                 step_loss = torch.zeros((), device=ctx.device)
-                for micro, indices in enumerate(micro_batches):
-                    batch = get_batch(indices, ctx.device)
+                for micro in range(train.grad_accum_steps):
+                    batch = {
+                        name: value.to(ctx.device, non_blocking=True)
+                        for name, value in next(micro_batches).items()
+                    }
                     last = micro == train.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last or not ctx.distributed else train_module.no_sync()
                     with sync:
@@ -368,8 +401,8 @@ def train_model(
                 step_loss = ctx.all_reduce_sum(step_loss) / ctx.world_size
                 bar.update(1)
                 if state.global_step % train.log_every == 0 or state.global_step == plan.total_steps:
-                    elapsed = time.perf_counter() - start_time
-                    tps = (state.global_step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                    train_s = clock.seconds()
+                    tps = (state.global_step - start_step) * tokens_per_step / max(train_s, 1e-9)
                     record = {
                         "step": state.global_step,
                         "epoch": state.epoch,
@@ -378,15 +411,19 @@ def train_model(
                         "grad_norm": float(grad_norm),
                         "tokens": state.tokens,
                         "tokens_per_s": tps,
+                        "train_s": train_s,
                     }
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                 if state.global_step % train.checkpoint_every == 0 and state.global_step < plan.total_steps:
+                    clock.stop()
                     if ctx.is_main:
                         save_checkpoint(out_dir, model, optimizer, state, train.keep_checkpoints, fingerprint)
                     ctx.barrier()
+                    clock.start()
+            clock.stop()
             epoch_done = state.step_in_epoch >= plan.steps_per_epoch
             dev_loss = evaluate_loss(model, dev_windows, train.eval_batch_size, ctx, autocast)
             if metrics is not None:
@@ -406,9 +443,14 @@ def train_model(
             metrics.close()
     if math.isnan(dev_loss):  # resumed after the last step: evaluate once for the summary
         dev_loss = evaluate_loss(model, dev_windows, train.eval_batch_size, ctx, autocast)
+    train_s = clock.seconds()
     return {
         "steps": state.global_step,
         "tokens": state.tokens,
+        # this process's training throughput (steps since it started or resumed; evaluation and
+        # checkpoints excluded), the figure `pipe run` reports per model
+        "tokens_per_s": (state.global_step - start_step) * tokens_per_step / train_s if train_s > 0 else None,
+        "train_s": train_s,
         "dev_loss": dev_loss,
         "dev_perplexity": math.exp(dev_loss) if dev_loss < 700 else math.inf,
         "plan": asdict(plan),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import benchmarks
-from benchmarks import PeakMemory, event_ms, host_buffer
+from benchmarks import PeakMemory, event_ms, host_buffer, steady_state_rate
 from benchmarks.gpu_check import (
     FUSED_GPU_ARGS,
     KERNEL_GPU_ARGS,
@@ -30,7 +30,6 @@ from benchmarks.gpu_check import (
     TRAIN_GPU,
     CmdResult,
     _stage_times_from_log,
-    steady_state,
     train_config_text,
 )
 
@@ -212,21 +211,21 @@ def test_timing_and_memory_helpers_cuda_branch(monkeypatch):
     assert seen["pin_memory"] is True
 
 
-def test_steady_state_leaves_out_warmup_and_evaluations(tmp_path):
-    """Records every 10 steps of 1000 tokens; steps 0-30 cost 1 s each, later ones 0.1 s, and an
-    evaluation of 5 s falls between steps 60 and 70: the steady rate is 10,000 tokens/s."""
-    lines, elapsed = [], 0.0
+def test_steady_state_leaves_out_warmup(tmp_path):
+    """Records every 10 steps of 1000 tokens; steps 1-30 take 1 s of training each, later ones
+    0.1 s (the loop's train_s leaves evaluations out): from step 30 on, 10,000 tokens/s."""
+    lines, train_s = [], 0.0
     for step in range(10, 101, 10):
-        elapsed += 10 * (1.0 if step <= 30 else 0.1) + (5.0 if step == 70 else 0.0)
+        train_s += 10 * (1.0 if step <= 30 else 0.1)
         tokens = step * 1000
-        lines.append({"step": step, "tokens": tokens, "tokens_per_s": tokens / elapsed})
+        lines.append({"step": step, "tokens": tokens, "tokens_per_s": tokens / train_s, "train_s": train_s})
         if step == 60:
             lines.append({"step": 60, "epoch": 0, "dev_loss": 3.0})
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    result = steady_state(path, warmup_steps=30)
+    result = steady_state_rate(path, warmup_steps=30)
     assert result["steady_tokens_per_s"] == pytest.approx(10_000)
-    assert result["steady_steps"] == 60  # 30 -> 100 without the interval 60 -> 70
+    assert result["steady_steps"] == 70
     assert result["last_step"] == 100
 
 

@@ -24,24 +24,25 @@ from logitcache.cache import (
     open_cache,
     select_topk,
 )
-from logitcache.kernels import sparse_kd_loss_reference
+from logitcache.kernels import fused_linear_sparse_kd_loss, sparse_kd_loss, sparse_kd_loss_reference
+from logitcache.kernels._common import triton_available
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import load_config
-from logitcache.pipeline.distributed import DistContext
+from logitcache.pipeline.data_order import MicroBatchSampler, make_block_order, make_loader
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import build_model
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.student import (
     LossOptions,
     StudentObjective,
-    make_batches,
+    make_dataset,
     student_dir,
     train_student,
 )
-from logitcache.pipeline.student_data import BatchReader, StudentBatches, block_shuffled_order
+from logitcache.pipeline.student_data import StudentDataset
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, open_student_cache
 from logitcache.pipeline.teachers import train_teacher
-from logitcache.pipeline.training import TrainState, causal_lm_loss, make_plan
+from logitcache.pipeline.training import causal_lm_loss, make_plan
 
 from .conftest import kill_when
 
@@ -110,27 +111,6 @@ def _losses(metrics: Path) -> list[tuple[int, float]]:
 # Data path
 
 
-def test_block_shuffled_order_is_a_local_permutation():
-    n, block, buffer = 203, 8, 3
-    order = block_shuffled_order(n, 5, 2, block=block, buffer_blocks=buffer)
-    assert sorted(order.tolist()) == list(range(n))  # every window once per epoch
-    assert torch.equal(order, block_shuffled_order(n, 5, 2, block=block, buffer_blocks=buffer))
-    assert not torch.equal(order, block_shuffled_order(n, 5, 3, block=block, buffer_blocks=buffer))
-    # the order is a sequence of buffers, each the union of `buffer` whole blocks (the short last
-    # block included): consecutive entries come from at most `buffer` blocks until a buffer ends
-    position, seen = 0, 0
-    while position < n:
-        blocks: set[int] = set()
-        while position < n and (len(blocks) < buffer or int(order[position]) // block in blocks):
-            blocks.add(int(order[position]) // block)
-            position += 1
-        covered = sum(min(block, n - b * block) for b in blocks)
-        assert covered == position - seen  # whole blocks
-        seen = position
-    # block 1 with one buffer over everything: a plain permutation of all windows
-    assert sorted(block_shuffled_order(10, 1, 0, block=1, buffer_blocks=10).tolist()) == list(range(10))
-
-
 @pytest.mark.parametrize(("world_size", "rank", "weights"), [(1, 0, "renormalized"), (2, 1, "ghost")])
 def test_loader_batches_equal_direct_reads_in_loop_order(run: Path, world_size: int, rank: int, weights: str):
     config = _config(run)
@@ -140,19 +120,20 @@ def test_loader_batches_equal_direct_reads_in_loop_order(run: Path, world_size: 
     reader = open_cache(store)
     train = replace(config.student.train, batch_size=8, grad_accum_steps=2, epochs=2)
     plan = make_plan(train, windows.shape[0], world_size)
-
-    def order_fn(num, seed, epoch):
-        return block_shuffled_order(num, seed, epoch, block=16, buffer_blocks=4)
-
-    batches = StudentBatches(
-        BatchReader(windows=windows, cache_store=store, weights=weights),
-        order_fn=order_fn, seed=3, rank=rank, world_size=world_size, workers=1, prefetch_factor=2,
-        group_windows=24, pin_memory=False,
+    order_fn = make_block_order(block=16, buffer_blocks=4)
+    sampler = MicroBatchSampler(
+        windows.shape[0], batch_size=8, seed=3, order=order_fn, grad_accum_steps=2, rank=rank,
+        world_size=world_size,
     )  # fmt: skip
-    start = TrainState(epoch=0, step_in_epoch=plan.steps_per_epoch - 2, global_step=plan.steps_per_epoch - 2)
-    batches.start(plan, start)
-    got = list(batches)
-    # Independent replica of the loop: the last two steps of epoch 0, then all of epoch 1.
+    loader = make_loader(
+        StudentDataset(windows, store, weights), sampler, workers=1, prefetch_factor=2, pin_memory=False
+    )
+    # As the loop asks after a resume: the last two steps of epoch 0, then all of epoch 1.
+    got = []
+    for epoch, start in ((0, plan.steps_per_epoch - 2), (1, 0)):
+        sampler.set_epoch(epoch, start_step=start)
+        got += list(loader)
+    # Independent replica of the loop's slicing.
     expected = []
     for epoch, steps in (
         (0, range(plan.steps_per_epoch - 2, plan.steps_per_epoch)),
@@ -164,18 +145,95 @@ def test_loader_batches_equal_direct_reads_in_loop_order(run: Path, world_size: 
             expected += [mine[: plan.micro_batch], mine[plan.micro_batch :]]
     assert len(got) == len(expected) == 2 * (plan.steps_per_epoch + 2)
     for batch, indices in zip(got, expected, strict=True):
-        assert torch.equal(batch["window_indices"], indices)
         assert torch.equal(batch["input_ids"], torch.from_numpy(windows[indices.numpy()].astype(np.int64)))
         direct = reader.read_windows(indices.tolist(), weights=weights)
-        assert torch.equal(batch["teacher_ids"], direct.ids[:, :-1])
+        assert batch["teacher_ids"].dtype == torch.int32
+        assert torch.equal(batch["teacher_ids"].long(), direct.ids[:, :-1])
         assert torch.equal(batch["teacher_weights"], direct.weights[:, :-1])
         if weights == "ghost":
             assert torch.equal(batch["teacher_tail"], direct.tail[:, :-1])
         else:
             assert "teacher_tail" not in batch
-    # Asked for something else than planned: it reads directly and says so.
-    out = batches(torch.tensor([5, 1]), torch.device("cpu"))
-    assert out["window_indices"].tolist() == [5, 1] and batches.direct_reads == 1
+
+
+@pytest.mark.parametrize("weights", ["renormalized", "ghost"])
+def test_dataset_read_equals_cache_reader_rows(tmp_path: Path, weights: str, monkeypatch: pytest.MonkeyPatch):
+    """One batch read (rows of several chunks and shards, any order) = ``CacheReader.read_windows``."""
+    n, t, vocab, k = 37, 9, 50, 6  # 37 windows in chunks of 4 (the last one short), shards of 8
+    generator = torch.Generator().manual_seed(4)
+    windows = torch.randint(0, vocab, (n, t), generator=generator).numpy().astype(np.uint16)  # (N, T)
+    metadata = CacheMetadata(
+        vocab_size=vocab, tokenizer_sha256="0" * 64, dataset_sha256="0" * 64,
+        teachers=(TeacherInfo(name="t", path="t", weights_sha256="0" * 64, dtype="float32"),),
+        k=k, package_version="test",
+    )  # fmt: skip
+    store = tmp_path / "small.zarr"
+    writer = create_cache(store, metadata, num_windows=n, seq_len=t, windows_per_chunk=4, windows_per_shard=8)
+    for shard in range(writer.num_shards):
+        start, stop = writer.shard_rows(shard)
+        logits = 3 * torch.randn(stop - start, t, vocab, generator=generator)  # (R, T, V)
+        writer.write_shard(shard, select_topk(torch.log_softmax(logits, -1), k=k))
+    writer.finalize()
+    reader = open_cache(store)
+    rows = [36, 0, 13, 5, 17, 12, 35, 2, 9, 30]  # chunks 9, 0, 3, 1, 4, 3, 8, 0, 2, 7: three runs, unsorted
+    dataset = StudentDataset(windows, store, weights)
+    batch = dataset.read(rows)
+    direct = reader.read_windows(rows, weights=weights)
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (10, t)
+    assert torch.equal(batch["input_ids"], torch.from_numpy(windows[rows].astype(np.int64)))
+    assert batch["teacher_ids"].dtype == torch.int32 and batch["teacher_ids"].shape == (10, t - 1, k)
+    assert torch.equal(batch["teacher_ids"].long(), direct.ids[:, :-1])
+    assert batch["teacher_weights"].dtype == torch.float32
+    assert torch.equal(batch["teacher_weights"], direct.weights[:, :-1])
+    if weights == "ghost":
+        assert batch["teacher_tail"].dtype == torch.float32
+        assert torch.equal(batch["teacher_tail"], direct.tail[:, :-1])
+    else:
+        assert set(batch) == {"input_ids", "teacher_ids", "teacher_weights"}
+    assert len(dataset) == n
+    item = dataset[rows[2]]  # one item: the same row without the batch dimension
+    assert torch.equal(item["teacher_ids"], batch["teacher_ids"][2])
+    assert torch.equal(item["input_ids"], batch["input_ids"][2])
+    windows_only = StudentDataset(windows, None).read(rows)  # modes "online" and "ce"
+    assert set(windows_only) == {"input_ids"} and torch.equal(windows_only["input_ids"], batch["input_ids"])
+
+    # Chunks read for one micro-batch serve the next ones (the last `cached_chunks` of them).
+    few = StudentDataset(windows, store, weights, cached_chunks=3)
+    slices: list[slice] = []
+    read_raw = few._cache().read_raw
+    monkeypatch.setattr(few._cache(), "read_raw", lambda where: slices.append(where) or read_raw(where))
+    for part in ([0, 5, 2], [6, 1, 3], [13, 36, 0]):  # chunks {0, 1}, then {0, 1}, then {3, 9, 0}
+        got = few.read(part)
+        want = reader.read_windows(part, weights=weights)
+        assert torch.equal(got["teacher_ids"].long(), want.ids[:, :-1])
+        assert torch.equal(got["teacher_weights"], want.weights[:, :-1])
+    assert slices == [slice(0, 8), slice(12, 16), slice(36, 37)]  # runs of chunks not in memory
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_losses_take_int32_teacher_ids(backend: str, monkeypatch: pytest.MonkeyPatch):
+    """The loader hands ids over as int32: both losses give the same value as with int64 ids."""
+    if backend == "triton":
+        if not triton_available():
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = torch.device("cuda" if torch.cuda.is_available() and backend == "triton" else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    rows, hidden_size, vocab, k = 7, 8, 37, 5  # odd sizes: no block divides them
+    hidden = torch.randn(rows, hidden_size, generator=generator).to(device)  # (N, H)
+    weight = torch.randn(vocab, hidden_size, generator=generator).to(device)  # (V, H)
+    targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)  # (N,)
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:k] for _ in range(rows)])  # (N, k)
+    ids = ids.to(device)
+    weights = torch.rand(rows, k, generator=generator).to(device) / k  # (N, k) sums < 1
+    tail = 1 - weights.sum(-1)  # (N,)
+    kwargs = dict(temperature=2.0, ce_weight=0.3, kl_weight=0.7, backend=backend)
+    for loss in (
+        lambda i: fused_linear_sparse_kd_loss(hidden, weight, targets, i, weights, tail, **kwargs),
+        lambda i: sparse_kd_loss(hidden @ weight.T, targets, i, weights, tail, **kwargs),
+    ):
+        assert loss(ids.int()).item() == loss(ids.long()).item()
 
 
 def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -209,10 +267,7 @@ def test_cache_mismatch_is_refused_in_one_line(run: Path, tmp_path: Path, monkey
     monkeypatch.setattr("logitcache.pipeline.teacher_signal.open_cache", lambda store: reader)
     ghost_config = _config(run, "student.distill.tail=ghost", "cache.mode=sampled", "cache.samples=16")
     assert open_student_cache(ghost_config, data) is reader
-    batches = make_batches(
-        ghost_config, data, data.windows("train"), DistContext(0, 1, torch.device("cpu")), 4
-    )
-    assert batches.reader.weights == "renormalized"
+    assert make_dataset(ghost_config, data, data.windows("train")).weights == "renormalized"
     empty = _config(run, run_dir=tmp_path / "empty")
     with pytest.raises(StageError, match="run `pipe cache-logits CONFIG` first"):
         open_student_cache(empty, data)
@@ -294,7 +349,7 @@ def test_cache_mode_loss_pairs_entries_of_t_with_token_t_plus_1(run: Path, tail:
     windows = data.windows("train")
     store = config.run_dir / "cache" / "logits.zarr"
     weights = "ghost" if tail == "ghost" else "renormalized"
-    batch = BatchReader(windows=windows, cache_store=store, weights=weights).read(torch.tensor(rows))
+    batch = StudentDataset(windows, store, weights).read(rows)
     loss = StudentObjective(model, LossOptions.from_config(config))(batch)
 
     input_ids = torch.from_numpy(windows[rows].astype(np.int64))
@@ -314,7 +369,7 @@ def test_batch_entries_of_t_are_the_teachers_prediction_of_token_t_plus_1(run: P
     data = PreparedData.open(config.run_dir / "data")
     rows = torch.tensor([9, 2, 30])
     store = config.run_dir / "cache" / "logits.zarr"
-    batch = BatchReader(windows=data.windows("train"), cache_store=store, weights="ghost").read(rows)
+    batch = StudentDataset(data.windows("train"), store, "ghost").read(rows)
     logp = TeacherEnsemble.load(config, data, torch.device("cpu")).logprobs(batch["input_ids"])  # (B, T, V)
     top = torch.topk(logp, 16, dim=-1).indices.sort(-1).values  # (B, T, k)
     ids = batch["teacher_ids"].sort(-1).values  # (B, T-1, k)
@@ -348,13 +403,13 @@ def test_online_equals_cache_with_k_v_minus_1_exact_values(run: Path, tmp_path: 
     rows = torch.arange(6)
     model = _student(config, vocab, data.seq_len)
     options = LossOptions.from_config(config)
-    ghost = BatchReader(windows=windows, cache_store=tmp_path / "full.zarr", weights="ghost").read(rows)
+    ghost = StudentDataset(windows, tmp_path / "full.zarr", "ghost").read(rows)
     online = StudentObjective(model, replace(options, mode="online"), teachers)(
         {"input_ids": input_ids, "window_indices": rows}
     )
     cached = StudentObjective(model, options)(ghost)
     assert cached.item() == pytest.approx(online.item(), rel=1e-5)
-    renorm = BatchReader(windows=windows, cache_store=tmp_path / "full.zarr").read(rows)
+    renorm = StudentDataset(windows, tmp_path / "full.zarr").read(rows)
     close = StudentObjective(model, options)(renorm)  # same loss; the weights come renormalised
     assert close.item() == pytest.approx(online.item(), rel=2e-3)  # one token of tiny mass dropped
 
@@ -371,7 +426,7 @@ def test_train_student_modes_output_hf_folders(run: Path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("Mr. Darcy")["input_ids"][0] == tokenizer.bos_token_id
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["mode"] == "cache" and summary["steps"] == 12 and summary["direct_reads"] == 0
+    assert summary["mode"] == "cache" and summary["steps"] == 12
     dev = torch.from_numpy(PreparedData.open(config.run_dir / "data").windows("dev").astype(np.int64))
     with torch.no_grad():
         logits = model(input_ids=dev).logits
