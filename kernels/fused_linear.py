@@ -60,8 +60,8 @@ def fused_linear_sparse_kd_loss_reference(
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab: int, backend: str = "triton") -> int:
     """Rows per chunk: Liger's rule (the (C, V) buffer about the size of ``hidden``) on the GPU; on
-    the torch backend at least enough rows for a chunk of ~2**18 logits, so that the per-chunk op
-    overhead stays small next to the matmuls (the buffer then stays in the CPU caches)."""
+    the torch backend at least enough rows for a chunk of ~2**21 logits, so that the per-chunk op
+    overhead stays small next to the matmuls."""
     growth = max(math.ceil(vocab / max(hidden_size, 1)), 1)
     rows = next_power_of_2(math.ceil(n_rows / growth))
     if backend == "torch":
