@@ -73,14 +73,14 @@ def train_teacher_cmd(
 ) -> None:
     """Train one teacher LM on the prepared data (resumes from its last checkpoint). Works under torchrun."""
     from logitcache.pipeline.distributed import shutdown_distributed
-    from logitcache.pipeline.teachers import train_teacher
+    from logitcache.pipeline.teachers import describe_training, train_teacher
 
     cfg = _load(config, overrides, run_dir)
     try:
         out = train_teacher(cfg, name, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    click.echo(f"teacher {name}: {out}")
+    click.echo(f"teacher {name}: {out} ({describe_training(out)})")
 
 
 @cli.command("run")
@@ -258,13 +258,14 @@ def train_student_cmd(
     from logitcache.pipeline.config import with_student
     from logitcache.pipeline.distributed import shutdown_distributed
     from logitcache.pipeline.student import student_name, train_student
+    from logitcache.pipeline.teachers import describe_training
 
     cfg = with_student(_load(config, overrides, run_dir), mode=mode, name=name)
     try:
         out = train_student(cfg, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    click.echo(f"student {student_name(cfg)}: {out}")
+    click.echo(f"student {student_name(cfg)}: {out} ({describe_training(out)})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete, is_verified, verify_stage
 from logitcache.pipeline.config import Config, data_fingerprint, eval_fingerprint, run_students
@@ -16,7 +17,7 @@ from logitcache.pipeline.distributed import init_distributed
 from logitcache.pipeline.prepare import prepare_data
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete
 from logitcache.pipeline.student import is_student_complete, train_student
-from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir, train_teacher
+from logitcache.pipeline.teachers import describe_training, is_teacher_complete, teacher_dir, train_teacher
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ def run_pipeline(
         lambda: prepare_data(config, progress=progress),
         main_only=True,
     )
+
+    def trained(out: Path) -> None:
+        if ctx.is_main and (line := describe_training(out)):
+            log(f"{out.parent.name}/{out.name}: {line}")
+
     for name in config.teachers:
         stage(
             f"train-teacher {name}",
             is_teacher_complete(config, name),
-            lambda name=name: train_teacher(config, name, progress=progress, ctx=ctx),
+            lambda name=name: trained(train_teacher(config, name, progress=progress, ctx=ctx)),
         )
     stage("cache-logits", is_cache_complete(config), lambda: cache_logits(config, progress=progress, ctx=ctx))
     stage(
@@ -64,7 +70,7 @@ def run_pipeline(
         stage(
             f"train-student {student.student.mode}",
             is_student_complete(student),
-            lambda student=student: train_student(student, progress=progress, ctx=ctx),
+            lambda student=student: trained(train_student(student, progress=progress, ctx=ctx)),
         )
 
     fingerprint = eval_fingerprint(config)

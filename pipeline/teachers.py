@@ -105,6 +105,19 @@ def train_teacher(
     return out
 
 
+def describe_training(out: Path) -> str:
+    """What a finished model folder's ``train_summary.json`` says, for the log ("" when absent):
+    steps, dev loss and the training throughput the loop measured (tokens/s; evaluation and
+    checkpoints excluded), e.g. ``166 steps, dev loss 5.860, 14,012 tokens/s``."""
+    path = out / "train_summary.json"
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text())
+    rate = summary.get("tokens_per_s")
+    speed = f", {rate:,.0f} tokens/s" if rate else ""
+    return f"{summary['steps']} steps, dev loss {summary['dev_loss']:.3f}{speed}"
+
+
 def finalize_model_dir(
     out: Path, model: torch.nn.Module, data: PreparedData, summary: dict[str, Any], fingerprint: str
 ) -> None:
