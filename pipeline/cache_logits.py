@@ -211,8 +211,14 @@ def verify(
     seed: int = 0,
     device: str = "auto",
     progress: bool | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``."""
+    """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``.
+
+    ``quick``: metadata, file sizes and shard indexes only (docs/cache-format.md, "Verifying").
+    """
+    if quick and recompute:
+        raise StageError("Expected --quick or --recompute. Got both: --recompute needs the full pass.")
     store = resolve_cache_store(path)
     run_data = RunLayout(store.parent.parent).data  # RUN/cache/logits.zarr -> RUN/data
     if data_dir is None and (run_data / COMPLETE_MARKER).is_file():
@@ -222,7 +228,10 @@ def verify(
         store,
         dataset_sha256=data.windows_sha256("train") if data else None,
         tokenizer_sha256=data.manifest["tokenizer_sha256"] if data else None,
+        quick=quick,
     ).to_dict()
+    report["problems"] += _marker_problems(store, report.get("summary"))
+    report["ok"] = not report["problems"] and not report["bad_shards"]
     report["store"] = str(store)
     report["aligned_with"] = str(data.root) if data else None
     if recompute and report["ok"]:
@@ -233,11 +242,38 @@ def verify(
     return report
 
 
+def _marker_problems(store: Path, summary: dict[str, Any] | None) -> list[str]:
+    """The stage folder's COMPLETE.json (when the store is RUN/cache/logits.zarr) must parse, carry a
+    fingerprint, and repeat the store's summary: it is what `pipe run` trusts to skip the stage."""
+    stage = store.parent
+    marker_path = stage / COMPLETE_MARKER
+    if store.name != RunLayout(stage.parent).cache_store.name or not marker_path.exists():
+        return []
+    marker = read_marker(stage)
+    where = f"{marker_path}"
+    if not isinstance(marker, dict) or not isinstance(marker.get("summary"), dict):
+        return [f"{where}: not valid JSON with a 'summary' object: the stage marker is damaged"]
+    fingerprint = marker.get("fingerprint")
+    if (
+        not isinstance(fingerprint, str)
+        or len(fingerprint) != 64
+        or set(fingerprint) - set("0123456789abcdef")
+    ):
+        return [f"{where}: fingerprint {fingerprint!r} is not a SHA-256: the stage marker is damaged"]
+    if summary is None:
+        return []  # the store's own problem is reported already
+    differing = sorted(key for key, value in summary.items() if marker["summary"].get(key) != value)
+    if differing:
+        return [f"{where}: summary differs from the cache's in {', '.join(differing)}"]
+    return []
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The report of :func:`verify` as `pipe verify-cache` prints it: failures, recompute, verdict last."""
     lines = [f"FAIL {line}" for line in report.get("problems", [])]
     for shard in report.get("shards", []):
         lines += [f"FAIL shard {shard['shard']}: {problem}" for problem in shard.get("problems", [])]
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     if "recompute" in report:
         recompute = report["recompute"] | {"windows": len(report["recompute"]["windows"])}
         lines.append(f"recompute: {json.dumps(recompute)}")
