@@ -39,6 +39,7 @@ from logitcache.cache import (
     open_cache_writer,
     verify_cache,
 )
+from logitcache.cache.encoding import weight_error_bound
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
@@ -281,13 +282,25 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Absolute slack on top of the encoding's bound: the cache used the fused top-k path
+# (`TeacherEnsemble.select`), the check recomputes full float32 log-softmaxes, so the same
+# probability may differ in its last float32 bits (|dp| ~ 1e-7 at p ~ 1); 1e-5 is 100x that, and
+# still 30x below the smallest step of the default code's bound at p_max ~ 0.3.
+FLOAT_SLACK = 1e-5
+# bf16 teachers on a GPU (autocast) round logits to 8 bits of mantissa: recomputing on other
+# hardware or in another batch order moves probabilities by up to ~2e-3.
+HARDWARE_SLACK = 2e-3
+
+
 def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, device: str) -> dict[str, Any]:
     """Rerun the teachers on ``count`` random windows and compare with the stored entries.
 
-    Tolerance: stored probabilities may differ from recomputed ones by the encoding's quantisation
-    error (ratio_qB: half a step of p_max / (2^B - 1)) plus 2e-3 absolute for bf16 teachers on a
-    GPU or other hardware (float32 on the same CPU recomputes exactly); top-k sets may differ only
-    where the k-th and (k+1)-th probabilities are within that tolerance (ties).
+    Tolerance per stored weight (topk mode, weights as the loss gets them, ``w = u / sum(u) * (1 - tail)``):
+    :func:`~logitcache.cache.encoding.weight_error_bound` of the recomputed probabilities, i.e. the
+    encoding's per-entry bound carried through the renormalisation (every entry's rounding error
+    enters ``sum(u)`` and so moves every weight), plus :data:`FLOAT_SLACK`, plus
+    :data:`HARDWARE_SLACK` when the teachers ran in bf16. Top-k sets may differ only where the k-th
+    and (k+1)-th probabilities are within the float slack (ties).
     """
     reader = open_cache(store)
     meta = reader.metadata
@@ -306,22 +319,21 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     windows = torch.from_numpy(data.windows("train")[rows].astype(np.int64))  # (n, T)
     stored = reader.read_windows(rows, weights="ghost" if meta.mode == "topk" else "renormalized")
     logp = teachers.logprobs(windows, torch.from_numpy(rows)).cpu()  # (n, T, V)
-    probs = logp.exp()
-    # The stored weights of the default code are p / p_max rounded to B bits and rescaled by the
-    # reader, so each may be off by half a step of p_max; other codes get 1 % of p_max.
-    code = meta.encoding.value_code
-    step = 1.0 / (2 ** int(code.removeprefix("ratio_q")) - 1) if code.startswith("ratio_q") else 0.02
-    hardware_slack = 0.0 if teachers.dtype == "float32" else 2e-3  # bf16 teachers on a GPU
-    p_max = probs.amax(-1, keepdim=True)  # (n, T, 1)
-    tolerance = p_max * step + 1e-5 + hardware_slack  # (n, T, 1): half a step each way, doubled
+    probs = logp.double().exp()  # (n, T, V) float64: the bound's arithmetic must not add error
     recomputed = probs.gather(-1, stored.ids)  # (n, T, k) exact probabilities of the stored ids
     if meta.mode == "sampled":
         # count/n estimates p without bias; its error is statistical, so only a loose mean check.
-        error = float((stored.weights - recomputed).abs().mean())
+        error = float((stored.weights.double() - recomputed).abs().mean())
         return {"windows": rows.tolist(), "mean_abs_error": error, "tolerance": 0.05, "ok": error < 0.05}
-    error = (stored.weights - recomputed).abs()  # (n, T, k)
+    slack = FLOAT_SLACK + (0.0 if teachers.dtype == "float32" else HARDWARE_SLACK)
+    if stored.tail is None:  # ghost mode of a topk cache always returns the tail
+        raise CacheError(f"Expected a tail in the topk cache at {store}. Got none: the cache is damaged.")
+    kept = 1.0 - stored.tail.double()  # (n, T): what the reader scaled the entries to
+    bound = weight_error_bound(recomputed.numpy(), kept.numpy(), meta)  # (n, T, k)
+    tolerance = torch.from_numpy(bound) + slack  # (n, T, k)
+    error = (stored.weights.double() - recomputed).abs()  # (n, T, k)
     kth = torch.topk(probs, meta.k + 1, dim=-1).values  # (n, T, k+1)
-    near_tie = (kth[..., meta.k - 1] - kth[..., meta.k]) <= tolerance[..., 0]  # (n, T)
+    near_tie = (kth[..., meta.k - 1] - kth[..., meta.k]) <= slack  # (n, T)
     top_ids = torch.topk(probs, meta.k, dim=-1).indices.sort(-1).values
     same_set = (top_ids == stored.ids.sort(-1).values).all(-1)  # (n, T)
     set_ok = bool((same_set | near_tie).all())
