@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore
 
 from logitcache.cache import storage
 from logitcache.cache.encoding import encode_entries
@@ -120,6 +122,17 @@ def array_document_digests(store: Store, metadata: CacheMetadata) -> dict[str, s
         if raw is not None:
             found[f"{spec.name}/zarr.json"] = hashlib.sha256(raw).hexdigest()
     return found
+
+
+def existing_cache(store: storage.StoreLike) -> bool:
+    """Whether ``store`` holds a logitcache cache (False: empty or missing). Touches nothing.
+
+    Raises :class:`CacheError` for a file or for foreign content, which no command may replace.
+    """
+    zstore = storage.resolve_store(store, read_only=True, must_exist=False)
+    if isinstance(zstore, LocalStore) and not Path(zstore.root).exists():
+        return False
+    return _probe(zstore) is not None
 
 
 def _probe(store: Store) -> zarr.Group | None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,6 +43,7 @@ from logitcache.cache import (
 )
 from logitcache.cache.encoding import weight_error_bound
 from logitcache.cache.metadata import SAMPLED_ENCODING
+from logitcache.cache.writer import existing_cache
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
@@ -115,33 +118,66 @@ def _chunking(config: Config, shape: tuple[int, ...], k: int) -> dict[str, int |
     return {"windows_per_chunk": math.gcd(default, shard), "windows_per_shard": shard}
 
 
+def _move_aside(out: Path, aside: Path) -> None:
+    """`--overwrite`: move the stage folder ``out`` to ``aside``; the old output is deleted only once
+    the new one is complete (see :func:`cache_logits`), so the user never has neither.
+
+    If ``aside`` already exists, an earlier `--overwrite` was interrupted: when ``out`` is complete
+    the replacement finished and ``aside`` is obsolete; otherwise ``out`` is the unfinished
+    replacement (the complete old output is still aside) and is discarded instead.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if aside.exists():
+        if read_marker(out) is None:
+            shutil.rmtree(out)
+            return
+        shutil.rmtree(aside)
+    os.replace(out, aside)
+
+
 def cache_logits(
     config: Config, *, overwrite: bool = False, progress: bool | None = None, ctx: DistContext | None = None
 ) -> Path:
-    """Build ``RUN/cache`` from the trained teachers; return its folder. Resumes an interrupted run."""
+    """Build ``RUN/cache`` from the trained teachers; return its folder. Resumes an interrupted run.
+
+    Everything is checked before anything is created, moved or deleted: the config (at load), the
+    prepared data, the teachers, the cache metadata and layout, and that the store holds nothing
+    but a logitcache cache. ``overwrite`` moves an existing ``RUN/cache`` to ``RUN/cache.replaced``
+    and deletes that only after the new cache is complete; after an interruption ``RUN/cache``
+    holds the unfinished new cache (rerun to resume it) and ``RUN/cache.replaced`` the old one.
+    """
     layout = RunLayout.of(config)
-    out = layout.cache
+    out, aside = layout.cache, layout.cache_replaced
     fingerprint = cache_fingerprint(config)
     if is_complete(out, fingerprint) and not overwrite:
+        # An earlier --overwrite finished its cache but not its cleanup (every rank may get here).
+        shutil.rmtree(aside, ignore_errors=True)
         return out
     ctx = ctx or init_distributed(config.run.device)
     data = PreparedData.open(layout.data)
-    if out.exists() and not out.is_dir():
-        raise CacheError(
-            f"Expected a folder for the cache at {out}. Got a file; move it away or use another --run-dir."
-        )
-    teachers = TeacherEnsemble.load(config, data, ctx.device)
-    metadata = build_metadata(config, data, teachers)
-    windows = data.windows("train")  # (N, T)
+    for folder in (out, aside):
+        if folder.exists() and not folder.is_dir():
+            raise CacheError(
+                f"Expected a folder for the cache at {folder}. Got a file; move it away or use another --run-dir."
+            )
     store = layout.cache_store
+    existing_cache(store)  # refuses foreign content at the store's path, even with --overwrite
+    teachers = TeacherEnsemble.load(config, data, ctx.device)
+    metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
+    windows = data.windows("train")  # (N, T)
+    chunking = _chunking(config, windows.shape, metadata.k)
+    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.k, **chunking)
     if ctx.is_main:
+        if overwrite:
+            _move_aside(out, aside)
         out.mkdir(parents=True, exist_ok=True)
         writer = create_cache(  # refuses (changing nothing) a complete or different cache unless overwrite
             store,
             metadata,
             num_windows=windows.shape[0],
             seq_len=windows.shape[1],
-            **_chunking(config, windows.shape, metadata.k),
+            **chunking,
             overwrite=overwrite,
         )
         for stale in (out / COMPLETE_MARKER, layout.verify_report):  # of an earlier cache being replaced
@@ -176,6 +212,8 @@ def cache_logits(
             "tokens_per_s_this_run": total / max(elapsed, 1e-9),
         }
         mark_complete(out, fingerprint, summary)
+        if aside.exists():
+            shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
     ctx.barrier()
     return out
 

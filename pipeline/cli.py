@@ -182,7 +182,12 @@ def report_cmd(run_dir: Path, results_path: Path | None) -> None:
 @cli.command("cache-logits")
 @CONFIG_ARG
 @_common_options
-@click.option("--overwrite", is_flag=True, help="Replace a complete cache, or one made with other settings.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a complete cache, or one made with other settings. The old one waits in "
+    "RUN/cache.replaced and is deleted only once the new one is complete.",
+)
 def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
     """Run the teachers once over the training windows and write their ensemble's top-k (RUN/cache).
 

@@ -265,3 +265,43 @@ def test_recompute_fails_on_consistently_rewritten_values(base_run, tmp_path: Pa
     report = verify(run / "cache", recompute=4)
     assert report["ok"] is False and report["recompute"]["ok"] is False
     assert report["recompute"]["worst_error_over_tolerance"] > 1
+
+
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(base_run, tmp_path: Path, monkeypatch):
+    """Issue 17: --overwrite never leaves the user with neither cache. Refusals touch nothing; a
+    failure mid-way leaves the old cache aside and the new one resumable."""
+    from logitcache.cache.writer import CacheWriter
+
+    run = _fresh_run(base_run, tmp_path)
+    cache_logits(load_config(base_run[0], CACHE_SETTINGS, run_dir=run), progress=False)
+    before = _tree(run / "cache")
+
+    # Refused before anything is touched: an impossible k (found when the teachers' vocabulary is known).
+    vocab_size = PreparedData.open(run / "data").vocab_size
+    with pytest.raises(CacheError, match="k < vocab"):
+        cache_logits(
+            load_config(base_run[0], [f"cache.k={vocab_size}"], run_dir=run), overwrite=True, progress=False
+        )
+    assert _tree(run / "cache") == before and not (run / "cache.replaced").exists()
+
+    # A failure in the middle of the replacement (here: the second shard's write).
+    other = load_config(
+        base_run[0], [*CACHE_SETTINGS, "cache.k=8", "cache.windows_per_shard=32"], run_dir=run
+    )
+    real_write = CacheWriter.write_shard
+
+    def failing_write(self, shard, selection):  # noqa: ANN001, ANN202
+        if shard == 1:
+            raise CacheError("Expected to write shard 1. Got an error: the disk is full.")
+        return real_write(self, shard, selection)
+
+    monkeypatch.setattr(CacheWriter, "write_shard", failing_write)
+    with pytest.raises(CacheError, match="disk is full"):
+        cache_logits(other, overwrite=True, progress=False)
+    assert _tree(run / "cache.replaced") == before  # the complete old cache, untouched
+    assert not (run / "cache" / "COMPLETE.json").exists()
+
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    cache_logits(other, progress=False)  # resumes the new cache; only then the old one goes
+    assert open_cache(run / "cache" / "logits.zarr").k == 8 and is_cache_complete(other)
+    assert not (run / "cache.replaced").exists()
