@@ -284,10 +284,11 @@ def _verify_shard(ctx: _Context, shard: int) -> tuple[ShardReport, np.ndarray | 
         if stats.shape != (3,) or not np.isfinite(stats).all():
             report.problems.append(f"{stats_where}: not 3 finite numbers ({stats.tolist()})")
             stats = None
-        elif stats[0] != positions or not 0 <= stats[1] <= positions or stats[2] < 0:
+        # entropy: float32 rounding can leave a near-deterministic position a hair below 0
+        elif stats[0] != positions or not 0 <= stats[1] <= positions or stats[2] < -1e-4 * positions:
             report.problems.append(
                 f"{stats_where}: positions {stats[0]:g}, captured mass {stats[1]:g}, entropy {stats[2]:g}; "
-                f"expected {positions} positions, 0 <= captured mass <= positions, entropy >= 0"
+                f"expected {positions} positions, 0 <= captured mass <= positions, entropy >= ~0"
             )
     recorded = _read_row(ctx, DIGESTS_ARRAY, shard, report) if ctx.digests else None
     chunks_per_shard = layout.windows_per_shard // layout.windows_per_chunk
