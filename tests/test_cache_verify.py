@@ -294,3 +294,16 @@ def test_v1_fixture_without_integrity_records_verifies_with_a_note(name: str) ->
     report = verify_cache(FIXTURES / name)
     assert report.ok, report.to_dict()
     assert any("before integrity records" in note for note in report.notes)
+
+
+def test_unfinished_cache_of_an_older_writer_resumes_and_gets_digests(tmp_path: Path) -> None:
+    """An unfinished cache written before shard digests existed (no shard_digests array): resuming
+    it creates the array, finalize records the digests of the shards already done, and it verifies."""
+    md = make_metadata()
+    write_all(tmp_path / "c", md, finalize=False)
+    shutil.rmtree(tmp_path / "c" / DIGESTS_ARRAY)
+    writer = write_all(tmp_path / "c", md, finalize=False)  # create_cache resumes: nothing pending
+    assert writer.pending_shards() == []
+    writer.finalize()
+    report = verify_cache(tmp_path / "c")
+    assert report.ok and not report.notes, report.to_dict()
