@@ -180,6 +180,67 @@ def mass_tolerance(metadata: CacheMetadata) -> float | None:
     return 1.1 * k * unit / np.e + slack
 
 
+# float32 rounding inside the encoder, in units of the decoded u (ratio codes: exp of (logp - max)
+# in float32 is within a few ulp, so ``scaled`` is off by <= L * 2^-22 levels, i.e. 2^-22 in u) and
+# in log-probability (logp codes: the affine map to levels and back in float32/float64).
+_ENCODE_ROUNDING_U = 2.0**-22
+_ENCODE_ROUNDING_LOGP = 2.0**-20
+# |d logp| <= relative * |logp| + absolute for the float codes (absolute: float16 subnormals, 2^-24).
+_FLOAT_LOGP_ERROR = {
+    "logp_fp16": (2.0**-11, 2.0**-24),
+    "logp_bf16": (2.0**-8, 2.0**-133),
+    "logp_fp32": (2.0**-24, 2.0**-149),
+}
+
+
+def decoded_interval(probs: np.ndarray, metadata: CacheMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds ``lo <= u <= hi`` on the decoded ``u`` of entries whose exact probabilities are ``probs``.
+
+    ``probs``: (..., k) the exact probabilities of the stored entries of each position (topk mode).
+    From the per-entry error bounds in the module docstring: ``ratio_qB``:
+    ``u = p / p_max +- (1/2 + eps) / (2^B - 1)``; ``logp_qB``: ``u = max(p, e^f) * e^(+-h)`` with
+    ``h = -f / (2 (2^B - 1))`` (below the floor ``u = e^f``); float codes:
+    ``u = p * e^(+-d)`` with ``d = rel * |log p| + abs``. ``eps`` covers float32 rounding in the encoder.
+    """
+    p = np.asarray(probs, dtype=np.float64)  # (..., k)
+    code, enc = metadata.encoding.value_code, metadata.encoding
+    if code.startswith("ratio_q"):
+        levels = (1 << value_bits(code)) - 1
+        ratio = p / np.maximum(p.max(axis=-1, keepdims=True), np.finfo(np.float64).tiny)
+        error = 0.5 / levels + _ENCODE_ROUNDING_U
+        return np.clip(ratio - error, 0.0, None), ratio + error
+    if code.startswith("logp_q"):
+        half_step = -enc.logp_floor / (2 * ((1 << value_bits(code)) - 1)) + _ENCODE_ROUNDING_LOGP
+        floored = np.maximum(p, np.exp(enc.logp_floor))
+        return floored * np.exp(-half_step), floored * np.exp(half_step)
+    if code in _FLOAT_LOGP_ERROR:
+        relative, absolute = _FLOAT_LOGP_ERROR[code]
+        logp = np.log(np.maximum(p, np.finfo(np.float64).tiny))
+        spread = relative * np.abs(logp) + absolute + _ENCODE_ROUNDING_LOGP
+        return p * np.exp(-spread), p * np.exp(spread)
+    raise CacheError(f"Expected a probability value code (topk mode). Got {code!r}.")
+
+
+def weight_error_bound(probs: np.ndarray, kept: np.ndarray, metadata: CacheMetadata) -> np.ndarray:
+    """Bound on ``|w - p|`` for the weights the reader returns, including renormalisation.
+
+    ``w_i = u_i / sum_j u_j * kept`` (``kept = 1 - tail``: ghost mode; ``kept = 1``: renormalised
+    against ``p / sum p``, pass ``probs`` normalised then). ``w_i`` grows with ``u_i`` and shrinks
+    with every other ``u_j``, so over the intervals of :func:`decoded_interval` its extremes are
+    ``kept * lo_i / (lo_i + sum_{j != i} hi_j)`` and ``kept * hi_i / (hi_i + sum_{j != i} lo_j)``;
+    the bound is the larger distance from ``p_i`` to either. For ``ratio_qB`` this is about
+    ``p_max (kept + k p_i) / (2 (2^B - 1) kept)``: the k rounding errors in ``sum u`` move every weight,
+    up to k / 2 times the error of the entry itself. Returns (..., k) float64.
+    """
+    p = np.asarray(probs, dtype=np.float64)  # (..., k)
+    lo, hi = decoded_interval(p, metadata)
+    kept = np.asarray(kept, dtype=np.float64)[..., None]  # (..., 1)
+    tiny = np.finfo(np.float64).tiny
+    w_low = kept * lo / np.maximum(lo + hi.sum(-1, keepdims=True) - hi, tiny)
+    w_high = kept * hi / np.maximum(hi + lo.sum(-1, keepdims=True) - lo, tiny)
+    return np.maximum(p - w_low, w_high - p)
+
+
 def _to_numpy(x: object) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()  # type: ignore[no-any-return, union-attr]

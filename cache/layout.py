@@ -8,6 +8,7 @@ Group layout (see docs/cache-format.md)::
     values/         (N, T, k)  see encoding     sharded
     tail/           (N, T)     float32          sharded, topk mode only
     shard_stats/    (S, 3)     float64          chunk (1, 3): positions, sum captured mass, sum entropy
+    shard_digests/  (S, A, 32) uint8            chunk (1, A, 32): SHA-256 of each file of shard s
     done/           (S,)       uint8            chunk (1,): 1 once shard s is fully written
 
 Shard ``s`` holds windows ``[s * windows_per_shard, min((s + 1) * windows_per_shard, N))`` of
@@ -34,6 +35,7 @@ COMPLETE_KEY: Final = "logitcache_complete"
 SHARDED_ARRAYS: Final = ("ids", "values", "tail")
 DONE_ARRAY: Final = "done"
 STATS_ARRAY: Final = "shard_stats"
+DIGESTS_ARRAY: Final = "shard_digests"
 STATS_COLUMNS: Final = ("positions", "sum_captured_mass", "sum_entropy")
 
 # Chosen by benchmarks/bench_cache_size.py (see docs/cache-format.md, "Chunk and shard sizes"):
@@ -140,12 +142,31 @@ def array_specs(metadata: CacheMetadata, layout: Layout) -> list[ArraySpec]:
     if metadata.mode == "topk":
         specs.append(ArraySpec("tail", (n, t), np.dtype("float32"), (c, t), (s, t), True))
     specs.append(ArraySpec(STATS_ARRAY, (layout.num_shards, 3), np.dtype("float64"), (1, 3), None, False))
+    width = len(digested_names(metadata))
+    digests = ArraySpec(
+        DIGESTS_ARRAY, (layout.num_shards, width, 32), np.dtype("uint8"), (1, width, 32), None, False
+    )
+    specs.append(digests)
     specs.append(ArraySpec(DONE_ARRAY, (layout.num_shards,), np.dtype("uint8"), (1,), None, False))
     return specs
 
 
 def sharded_names(metadata: CacheMetadata) -> tuple[str, ...]:
     return ("ids", "values", "tail") if metadata.mode == "topk" else ("ids", "values")
+
+
+def digested_names(metadata: CacheMetadata) -> tuple[str, ...]:
+    """The arrays whose shard-``s`` file ``shard_digests[s]`` records, in column order."""
+    return (*sharded_names(metadata), STATS_ARRAY)
+
+
+def array_ndim(name: str) -> int:
+    return {"ids": 3, "values": 3, "tail": 2, STATS_ARRAY: 2, DIGESTS_ARRAY: 3, DONE_ARRAY: 1}[name]
+
+
+def chunk_key(name: str, shard: int) -> str:
+    """Store key of the file holding shard ``shard``'s rows of array ``name`` (any array of the cache)."""
+    return shard_key(name, shard, array_ndim(name))
 
 
 def shard_key(name: str, shard: int, ndim: int) -> str:

@@ -22,18 +22,23 @@ shards whose flag is 0 and produces the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import errno
-from typing import Any
+import hashlib
+from pathlib import Path
+from typing import Any, Final
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore
 
 from logitcache.cache import storage
 from logitcache.cache.encoding import encode_entries
 from logitcache.cache.errors import CacheError
+from logitcache.cache.hashing import document_sha256, shard_file_sha256
 from logitcache.cache.layout import (
     COMPLETE_KEY,
+    DIGESTS_ARRAY,
     DONE_ARRAY,
     LAYOUT_KEY,
     METADATA_KEY,
@@ -41,7 +46,9 @@ from logitcache.cache.layout import (
     ArraySpec,
     Layout,
     array_specs,
+    chunk_key,
     default_layout,
+    digested_names,
     sharded_names,
 )
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
@@ -91,6 +98,43 @@ def read_attrs(group: zarr.Group) -> tuple[CacheMetadata, Layout, dict[str, Any]
     return metadata, layout, complete
 
 
+INTEGRITY_KEY: Final = "integrity"
+"""Key of the summary's integrity record: digests of every metadata document (docs/cache-format.md)."""
+_PLACEHOLDER: Final = "0" * 64
+
+
+def shard_digests(store: Store, metadata: CacheMetadata, shard: int) -> np.ndarray:
+    """(A, 32) uint8: :func:`shard_file_sha256` of shard ``shard``'s file of each digested array."""
+    rows = []
+    for name in digested_names(metadata):
+        blob = storage.read_bytes(store, chunk_key(name, shard))
+        if blob is None:
+            raise CacheError(f"Expected the file {chunk_key(name, shard)} after writing it. Got none.")
+        rows.append(np.frombuffer(shard_file_sha256(name, shard, blob), dtype=np.uint8))
+    return np.stack(rows)
+
+
+def array_document_digests(store: Store, metadata: CacheMetadata) -> dict[str, str]:
+    """SHA-256 of the bytes of every array's ``zarr.json`` (missing documents are absent)."""
+    found = {}
+    for spec in array_specs(metadata, Layout(1, 1, 1, 1, 1)):  # names only
+        raw = storage.read_bytes(store, f"{spec.name}/zarr.json")
+        if raw is not None:
+            found[f"{spec.name}/zarr.json"] = hashlib.sha256(raw).hexdigest()
+    return found
+
+
+def existing_cache(store: storage.StoreLike) -> bool:
+    """Whether ``store`` holds a logitcache cache (False: empty or missing). Touches nothing.
+
+    Raises :class:`CacheError` for a file or for foreign content, which no command may replace.
+    """
+    zstore = storage.resolve_store(store, read_only=True, must_exist=False)
+    if isinstance(zstore, LocalStore) and not Path(zstore.root).exists():
+        return False
+    return _probe(zstore) is not None
+
+
 def _probe(store: Store) -> zarr.Group | None:
     """The existing cache group, None for an empty location; refuses foreign content."""
     if storage.is_empty(store):
@@ -119,7 +163,7 @@ class CacheWriter:
         self.layout = layout
         self._group = group
         self._arrays: dict[str, zarr.Array] = {}
-        for name in (*sharded_names(metadata), STATS_ARRAY, DONE_ARRAY):
+        for name in (*sharded_names(metadata), STATS_ARRAY, DIGESTS_ARRAY, DONE_ARRAY):
             node = group[name]
             if not isinstance(node, zarr.Array):
                 raise CacheError(f"Expected '{name}' to be an array. Got a group: the cache is damaged.")
@@ -187,6 +231,10 @@ class CacheWriter:
             if encoded.tail is not None:
                 self._arrays["tail"][start:stop] = encoded.tail
             self._arrays[STATS_ARRAY][shard : shard + 1] = stats
+            # Read back what was stored: the digests bind these exact bytes to (array, shard).
+            self._arrays[DIGESTS_ARRAY][shard : shard + 1] = shard_digests(self.store, self.metadata, shard)[
+                None
+            ]
             self._arrays[DONE_ARRAY][shard : shard + 1] = np.ones(1, dtype=np.uint8)
         except OSError as exc:
             reason = "the disk is full" if exc.errno == errno.ENOSPC else f"{type(exc).__name__}: {exc}"
@@ -205,6 +253,10 @@ class CacheWriter:
                 f"Expected every shard to be done before finalize. Got {len(missing)} pending: {shown}. "
                 "Write them (all ranks) first."
             )
+        digests = self._arrays[DIGESTS_ARRAY]
+        for shard in np.flatnonzero(~np.asarray(digests[:]).any(axis=(1, 2))):
+            # shards written before this writer recorded digests (an older version's unfinished cache)
+            digests[int(shard) : int(shard) + 1] = shard_digests(self.store, self.metadata, int(shard))[None]
         stats = np.asarray(self._arrays[STATS_ARRAY][:], dtype=np.float64)  # (S, 3)
         positions = int(stats[:, 0].sum())
         stored = 0
@@ -219,12 +271,27 @@ class CacheWriter:
             "mean_captured_mass": float(stats[:, 1].sum() / max(positions, 1)),
             "mean_teacher_entropy": float(stats[:, 2].sum() / max(positions, 1)),
         }
+        summary[INTEGRITY_KEY] = {
+            "array_metadata_sha256": array_document_digests(self.store, self.metadata),
+            "zarr_json_sha256": _PLACEHOLDER,
+        }
         try:
+            # The root zarr.json records its own digest: hash it with a placeholder, then write the
+            # digest in the placeholder's place (same length, so every other byte stays put).
+            self._group.update_attributes({COMPLETE_KEY: summary})
+            raw = storage.read_bytes(self.store, "zarr.json") or b""
+            summary[INTEGRITY_KEY]["zarr_json_sha256"] = digest = hashlib.sha256(raw).hexdigest()
             self._group.update_attributes({COMPLETE_KEY: summary})
         except OSError as exc:
             raise CacheError(
                 f"Expected to write the cache summary. Got {type(exc).__name__}: {exc}."
             ) from exc
+        raw = storage.read_bytes(self.store, "zarr.json") or b""
+        if document_sha256(raw, digest) != digest:
+            raise CacheError(
+                "Expected the cache's zarr.json to hold its own digest after finalize. Got other bytes: "
+                "the store rewrote the document differently; report this with your zarr version."
+            )
         return summary
 
 
@@ -284,6 +351,9 @@ def create_cache(
         if DONE_ARRAY not in group:  # crashed during creation: nothing can be done yet
             for spec in array_specs(metadata, layout):
                 _create_array(group, spec, metadata)
+        elif DIGESTS_ARRAY not in group:  # unfinished by a version that recorded no digests
+            spec = next(s for s in array_specs(metadata, layout) if s.name == DIGESTS_ARRAY)
+            _create_array(group, spec, metadata)
         return CacheWriter(zstore, group, metadata, layout)
     if existing is not None:
         storage.delete_all(zstore)

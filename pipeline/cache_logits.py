@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +41,9 @@ from logitcache.cache import (
     open_cache_writer,
     verify_cache,
 )
+from logitcache.cache.encoding import weight_error_bound
 from logitcache.cache.metadata import SAMPLED_ENCODING
+from logitcache.cache.writer import existing_cache
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
@@ -114,33 +118,66 @@ def _chunking(config: Config, shape: tuple[int, ...], k: int) -> dict[str, int |
     return {"windows_per_chunk": math.gcd(default, shard), "windows_per_shard": shard}
 
 
+def _move_aside(out: Path, aside: Path) -> None:
+    """`--overwrite`: move the stage folder ``out`` to ``aside``; the old output is deleted only once
+    the new one is complete (see :func:`cache_logits`), so the user never has neither.
+
+    If ``aside`` already exists, an earlier `--overwrite` was interrupted: when ``out`` is complete
+    the replacement finished and ``aside`` is obsolete; otherwise ``out`` is the unfinished
+    replacement (the complete old output is still aside) and is discarded instead.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if aside.exists():
+        if read_marker(out) is None:
+            shutil.rmtree(out)
+            return
+        shutil.rmtree(aside)
+    os.replace(out, aside)
+
+
 def cache_logits(
     config: Config, *, overwrite: bool = False, progress: bool | None = None, ctx: DistContext | None = None
 ) -> Path:
-    """Build ``RUN/cache`` from the trained teachers; return its folder. Resumes an interrupted run."""
+    """Build ``RUN/cache`` from the trained teachers; return its folder. Resumes an interrupted run.
+
+    Everything is checked before anything is created, moved or deleted: the config (at load), the
+    prepared data, the teachers, the cache metadata and layout, and that the store holds nothing
+    but a logitcache cache. ``overwrite`` moves an existing ``RUN/cache`` to ``RUN/cache.replaced``
+    and deletes that only after the new cache is complete; after an interruption ``RUN/cache``
+    holds the unfinished new cache (rerun to resume it) and ``RUN/cache.replaced`` the old one.
+    """
     layout = RunLayout.of(config)
-    out = layout.cache
+    out, aside = layout.cache, layout.cache_replaced
     fingerprint = cache_fingerprint(config)
     if is_complete(out, fingerprint) and not overwrite:
+        # An earlier --overwrite finished its cache but not its cleanup (every rank may get here).
+        shutil.rmtree(aside, ignore_errors=True)
         return out
     ctx = ctx or init_distributed(config.run.device)
     data = PreparedData.open(layout.data)
-    if out.exists() and not out.is_dir():
-        raise CacheError(
-            f"Expected a folder for the cache at {out}. Got a file; move it away or use another --run-dir."
-        )
-    teachers = TeacherEnsemble.load(config, data, ctx.device)
-    metadata = build_metadata(config, data, teachers)
-    windows = data.windows("train")  # (N, T)
+    for folder in (out, aside):
+        if folder.exists() and not folder.is_dir():
+            raise CacheError(
+                f"Expected a folder for the cache at {folder}. Got a file; move it away or use another --run-dir."
+            )
     store = layout.cache_store
+    existing_cache(store)  # refuses foreign content at the store's path, even with --overwrite
+    teachers = TeacherEnsemble.load(config, data, ctx.device)
+    metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
+    windows = data.windows("train")  # (N, T)
+    chunking = _chunking(config, windows.shape, metadata.k)
+    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.k, **chunking)
     if ctx.is_main:
+        if overwrite:
+            _move_aside(out, aside)
         out.mkdir(parents=True, exist_ok=True)
         writer = create_cache(  # refuses (changing nothing) a complete or different cache unless overwrite
             store,
             metadata,
             num_windows=windows.shape[0],
             seq_len=windows.shape[1],
-            **_chunking(config, windows.shape, metadata.k),
+            **chunking,
             overwrite=overwrite,
         )
         for stale in (out / COMPLETE_MARKER, layout.verify_report):  # of an earlier cache being replaced
@@ -175,6 +212,8 @@ def cache_logits(
             "tokens_per_s_this_run": total / max(elapsed, 1e-9),
         }
         mark_complete(out, fingerprint, summary)
+        if aside.exists():
+            shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
     ctx.barrier()
     return out
 
@@ -211,8 +250,14 @@ def verify(
     seed: int = 0,
     device: str = "auto",
     progress: bool | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``."""
+    """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``.
+
+    ``quick``: metadata, file sizes and shard indexes only (docs/cache-format.md, "Verifying").
+    """
+    if quick and recompute:
+        raise StageError("Expected --quick or --recompute. Got both: --recompute needs the full pass.")
     store = resolve_cache_store(path)
     run_data = RunLayout(store.parent.parent).data  # RUN/cache/logits.zarr -> RUN/data
     if data_dir is None and (run_data / COMPLETE_MARKER).is_file():
@@ -222,7 +267,10 @@ def verify(
         store,
         dataset_sha256=data.windows_sha256("train") if data else None,
         tokenizer_sha256=data.manifest["tokenizer_sha256"] if data else None,
+        quick=quick,
     ).to_dict()
+    report["problems"] += _marker_problems(store, report.get("summary"))
+    report["ok"] = not report["problems"] and not report["bad_shards"]
     report["store"] = str(store)
     report["aligned_with"] = str(data.root) if data else None
     if recompute and report["ok"]:
@@ -233,11 +281,38 @@ def verify(
     return report
 
 
+def _marker_problems(store: Path, summary: dict[str, Any] | None) -> list[str]:
+    """The stage folder's COMPLETE.json (when the store is RUN/cache/logits.zarr) must parse, carry a
+    fingerprint, and repeat the store's summary: it is what `pipe run` trusts to skip the stage."""
+    stage = store.parent
+    marker_path = stage / COMPLETE_MARKER
+    if store.name != RunLayout(stage.parent).cache_store.name or not marker_path.exists():
+        return []
+    marker = read_marker(stage)
+    where = f"{marker_path}"
+    if not isinstance(marker, dict) or not isinstance(marker.get("summary"), dict):
+        return [f"{where}: not valid JSON with a 'summary' object: the stage marker is damaged"]
+    fingerprint = marker.get("fingerprint")
+    if (
+        not isinstance(fingerprint, str)
+        or len(fingerprint) != 64
+        or set(fingerprint) - set("0123456789abcdef")
+    ):
+        return [f"{where}: fingerprint {fingerprint!r} is not a SHA-256: the stage marker is damaged"]
+    if summary is None:
+        return []  # the store's own problem is reported already
+    differing = sorted(key for key, value in summary.items() if marker["summary"].get(key) != value)
+    if differing:
+        return [f"{where}: summary differs from the cache's in {', '.join(differing)}"]
+    return []
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The report of :func:`verify` as `pipe verify-cache` prints it: failures, recompute, verdict last."""
     lines = [f"FAIL {line}" for line in report.get("problems", [])]
     for shard in report.get("shards", []):
         lines += [f"FAIL shard {shard['shard']}: {problem}" for problem in shard.get("problems", [])]
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     if "recompute" in report:
         recompute = report["recompute"] | {"windows": len(report["recompute"]["windows"])}
         lines.append(f"recompute: {json.dumps(recompute)}")
@@ -245,13 +320,25 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Absolute slack on top of the encoding's bound: the cache used the fused top-k path
+# (`TeacherEnsemble.select`), the check recomputes full float32 log-softmaxes, so the same
+# probability may differ in its last float32 bits (|dp| ~ 1e-7 at p ~ 1); 1e-5 is 100x that, and
+# still 30x below the smallest step of the default code's bound at p_max ~ 0.3.
+FLOAT_SLACK = 1e-5
+# bf16 teachers on a GPU (autocast) round logits to 8 bits of mantissa: recomputing on other
+# hardware or in another batch order moves probabilities by up to ~2e-3.
+HARDWARE_SLACK = 2e-3
+
+
 def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, device: str) -> dict[str, Any]:
     """Rerun the teachers on ``count`` random windows and compare with the stored entries.
 
-    Tolerance: stored probabilities may differ from recomputed ones by the encoding's quantisation
-    error (ratio_qB: half a step of p_max / (2^B - 1)) plus 2e-3 absolute for bf16 teachers on a
-    GPU or other hardware (float32 on the same CPU recomputes exactly); top-k sets may differ only
-    where the k-th and (k+1)-th probabilities are within that tolerance (ties).
+    Tolerance per stored weight (topk mode, weights as the loss gets them, ``w = u / sum(u) * (1 - tail)``):
+    :func:`~logitcache.cache.encoding.weight_error_bound` of the recomputed probabilities, i.e. the
+    encoding's per-entry bound carried through the renormalisation (every entry's rounding error
+    enters ``sum(u)`` and so moves every weight), plus :data:`FLOAT_SLACK`, plus
+    :data:`HARDWARE_SLACK` when the teachers ran in bf16. Top-k sets may differ only where the k-th
+    and (k+1)-th probabilities are within the float slack (ties).
     """
     reader = open_cache(store)
     meta = reader.metadata
@@ -270,22 +357,21 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     windows = torch.from_numpy(data.windows("train")[rows].astype(np.int64))  # (n, T)
     stored = reader.read_windows(rows, weights="ghost" if meta.mode == "topk" else "renormalized")
     logp = teachers.logprobs(windows, torch.from_numpy(rows)).cpu()  # (n, T, V)
-    probs = logp.exp()
-    # The stored weights of the default code are p / p_max rounded to B bits and rescaled by the
-    # reader, so each may be off by half a step of p_max; other codes get 1 % of p_max.
-    code = meta.encoding.value_code
-    step = 1.0 / (2 ** int(code.removeprefix("ratio_q")) - 1) if code.startswith("ratio_q") else 0.02
-    hardware_slack = 0.0 if teachers.dtype == "float32" else 2e-3  # bf16 teachers on a GPU
-    p_max = probs.amax(-1, keepdim=True)  # (n, T, 1)
-    tolerance = p_max * step + 1e-5 + hardware_slack  # (n, T, 1): half a step each way, doubled
+    probs = logp.double().exp()  # (n, T, V) float64: the bound's arithmetic must not add error
     recomputed = probs.gather(-1, stored.ids)  # (n, T, k) exact probabilities of the stored ids
     if meta.mode == "sampled":
         # count/n estimates p without bias; its error is statistical, so only a loose mean check.
-        error = float((stored.weights - recomputed).abs().mean())
+        error = float((stored.weights.double() - recomputed).abs().mean())
         return {"windows": rows.tolist(), "mean_abs_error": error, "tolerance": 0.05, "ok": error < 0.05}
-    error = (stored.weights - recomputed).abs()  # (n, T, k)
+    slack = FLOAT_SLACK + (0.0 if teachers.dtype == "float32" else HARDWARE_SLACK)
+    if stored.tail is None:  # ghost mode of a topk cache always returns the tail
+        raise CacheError(f"Expected a tail in the topk cache at {store}. Got none: the cache is damaged.")
+    kept = 1.0 - stored.tail.double()  # (n, T): what the reader scaled the entries to
+    bound = weight_error_bound(recomputed.numpy(), kept.numpy(), meta)  # (n, T, k)
+    tolerance = torch.from_numpy(bound) + slack  # (n, T, k)
+    error = (stored.weights.double() - recomputed).abs()  # (n, T, k)
     kth = torch.topk(probs, meta.k + 1, dim=-1).values  # (n, T, k+1)
-    near_tie = (kth[..., meta.k - 1] - kth[..., meta.k]) <= tolerance[..., 0]  # (n, T)
+    near_tie = (kth[..., meta.k - 1] - kth[..., meta.k]) <= slack  # (n, T)
     top_ids = torch.topk(probs, meta.k, dim=-1).indices.sort(-1).values
     same_set = (top_ids == stored.ids.sort(-1).values).all(-1)  # (n, T)
     set_ok = bool((same_set | near_tie).all())

@@ -182,7 +182,12 @@ def report_cmd(run_dir: Path, results_path: Path | None) -> None:
 @cli.command("cache-logits")
 @CONFIG_ARG
 @_common_options
-@click.option("--overwrite", is_flag=True, help="Replace a complete cache, or one made with other settings.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a complete cache, or one made with other settings. The old one waits in "
+    "RUN/cache.replaced and is deleted only once the new one is complete.",
+)
 def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
     """Run the teachers once over the training windows and write their ensemble's top-k (RUN/cache).
 
@@ -218,15 +223,21 @@ def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | N
     help="Also rerun the teachers on N random windows and compare with the stored entries.",
 )
 @click.option("--seed", type=int, default=0, help="Seed choosing the --recompute windows.")
+@click.option(
+    "--quick", is_flag=True, help="Only metadata, file sizes and shard indexes (no shard data is read)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def verify_cache_cmd(path: Path, data_dir: Path | None, recompute: int, seed: int, as_json: bool) -> None:
-    """Check a cache: metadata, every shard present and complete, checksums, ids, values, tail, hashes.
+def verify_cache_cmd(
+    path: Path, data_dir: Path | None, recompute: int, seed: int, quick: bool, as_json: bool
+) -> None:
+    """Check every byte of a cache: metadata documents and their digests, the set of files, every
+    shard's index, checksums and digest (bound to its position), ids, values, tail, hashes.
 
-    Exits 1 when any check fails, naming the shard and the problem.
+    Exits 1 when any check fails, naming the file, array and windows.
     """
     from logitcache.pipeline.cache_logits import report_lines, verify
 
-    report = verify(path, data_dir=data_dir, recompute=recompute, seed=seed)
+    report = verify(path, data_dir=data_dir, recompute=recompute, seed=seed, quick=quick)
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else "\n".join(report_lines(report)))
     if not report["ok"]:
         sys.exit(1)

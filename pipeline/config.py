@@ -465,8 +465,27 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
+def _require(ok: bool, dotted: str, expected: str, got: object) -> None:
+    """Refuse ``dotted`` unless ``ok``: "Expected <dotted> <expected>. Got <got>." (one line)."""
+    if not ok:
+        raise ConfigError(f"Expected {dotted} {expected}. Got {got!r}. Fix it in the config or with --set.")
+
+
+def _at_least(value: float, minimum: float, dotted: str, note: str = "") -> None:
+    _require(value >= minimum, dotted, f">= {minimum:g}{note}", value)
+
+
+def _positive(value: float, dotted: str) -> None:
+    _require(value > 0, dotted, "> 0", value)
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that a single type cannot express."""
+    """Every range and cross-field rule a single type cannot express, for the whole config.
+
+    Every command loads configs through here, so a value that would crash (a zero divisor, an
+    empty range) or silently misbehave later is refused before any command touches anything.
+    """
+    _at_least(config.run.seed, 0, "run.seed")
     data = config.data
     if data.seq_len < 2:
         raise ConfigError(f"Expected data.seq_len >= 2. Got {data.seq_len}.")
@@ -477,21 +496,52 @@ def validate(config: Config) -> None:
             "Expected 0 < data.dev_fraction, 0 <= data.test_fraction and their sum < 1. "
             f"Got {data.dev_fraction} and {data.test_fraction}."
         )
+    _at_least(data.max_chars_per_file, 0, "data.max_chars_per_file", " (0 = whole files)")
+    _at_least(data.document_words, 1, "data.document_words")
+    _at_least(data.min_frequency, 0, "data.min_frequency")
     for name, teacher in config.teachers.items():
-        _validate_model(teacher.model, f"teachers.{name}.model")
+        _validate_model(teacher.model, f"teachers.{name}.model", data.seq_len)
         _validate_train(teacher.train, f"teachers.{name}.train")
-    _validate_model(config.student.model, "student.model")
-    _validate_train(config.student.train, "student.train")
-    if not 0.0 <= config.student.distill.alpha <= 1.0:
-        raise ConfigError(f"Expected student.distill.alpha in [0, 1]. Got {config.student.distill.alpha}.")
-    if config.cache.weights and len(config.cache.weights) != len(config.teachers):
+    _validate_cache(config.cache, len(config.teachers))
+    student = config.student
+    _at_least(student.seed, 0, "student.seed", " (0 = run.seed)")
+    _validate_model(student.model, "student.model", data.seq_len)
+    _validate_train(student.train, "student.train")
+    if not 0.0 <= student.distill.alpha <= 1.0:
+        raise ConfigError(f"Expected student.distill.alpha in [0, 1]. Got {student.distill.alpha}.")
+    _positive(student.distill.temperature, "student.distill.temperature")
+    loader = student.loader
+    _at_least(loader.workers, 0, "student.loader.workers", " (0 = read in the training process)")
+    _at_least(loader.prefetch_factor, 1, "student.loader.prefetch_factor")
+    _at_least(loader.shuffle_block, 0, "student.loader.shuffle_block", " (0 = one cache chunk)")
+    _at_least(loader.shuffle_buffer_blocks, 1, "student.loader.shuffle_buffer_blocks")
+    _at_least(config.evaluate.batch_size, 1, "evaluate.batch_size")
+    _at_least(config.evaluate.ece_bins, 1, "evaluate.ece_bins")
+
+
+def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
+    _at_least(cache.k, 1, "cache.k")
+    _require(
+        1 <= cache.samples <= 65535,
+        "cache.samples",
+        "in [1, 65535] (counts are stored as uint16)",
+        cache.samples,
+    )
+    _positive(cache.temperature, "cache.temperature")
+    _at_least(cache.batch_size, 1, "cache.batch_size")
+    _at_least(cache.windows_per_shard, 0, "cache.windows_per_shard", " (0 = sized by the cache library)")
+    for i, weight in enumerate(cache.weights):
+        _positive(weight, f"cache.weights[{i}]")
+    if cache.weights and len(cache.weights) != num_teachers:
         raise ConfigError(
-            f"Expected cache.weights to have one weight per teacher ({len(config.teachers)}). "
-            f"Got {len(config.cache.weights)}."
+            f"Expected cache.weights to have one weight per teacher ({num_teachers}). Got {len(cache.weights)}."
         )
 
 
-def _validate_model(model: ModelConfig, where: str) -> None:
+def _validate_model(model: ModelConfig, where: str, seq_len: int) -> None:
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _at_least(getattr(model, name), 1, f"{where}.{name}")
+    _at_least(model.num_kv_heads, 0, f"{where}.num_kv_heads", " (0 = num_heads)")
     if model.hidden_size % model.num_heads:
         raise ConfigError(
             f"Expected {where}.hidden_size ({model.hidden_size}) divisible by num_heads ({model.num_heads})."
@@ -501,6 +551,20 @@ def _validate_model(model: ModelConfig, where: str) -> None:
         raise ConfigError(f"Expected {where}.num_heads ({model.num_heads}) divisible by num_kv_heads ({kv}).")
     if model.family == "gpt2" and model.num_kv_heads not in (0, model.num_heads):
         raise ConfigError(f"{where}: GPT-2 has no grouped-query attention; leave num_kv_heads at 0.")
+    head_dim = model.hidden_size // model.num_heads
+    if model.family == "llama" and head_dim % 2:
+        raise ConfigError(
+            f"Expected {where}.hidden_size / num_heads (the head size) to be even for rotary embeddings. "
+            f"Got {model.hidden_size} / {model.num_heads} = {head_dim}."
+        )
+    _require(
+        model.max_position_embeddings == 0 or model.max_position_embeddings >= seq_len,
+        f"{where}.max_position_embeddings",
+        f"0 (= data.seq_len) or >= data.seq_len ({seq_len})",
+        model.max_position_embeddings,
+    )
+    _positive(model.rope_theta, f"{where}.rope_theta")
+    _require(0.0 <= model.dropout < 1.0, f"{where}.dropout", "in [0, 1)", model.dropout)
 
 
 def _validate_train(train: TrainConfig, where: str) -> None:
@@ -509,5 +573,19 @@ def _validate_train(train: TrainConfig, where: str) -> None:
             f"Expected {where}.batch_size ({train.batch_size}) to be a positive multiple of "
             f"grad_accum_steps ({train.grad_accum_steps})."
         )
-    if train.lr <= 0 or train.epochs < 1 and train.max_steps < 1:
-        raise ConfigError(f"Expected {where}.lr > 0 and epochs >= 1 (or max_steps >= 1).")
+    _positive(train.lr, f"{where}.lr")
+    _require(0.0 <= train.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio", "in [0, 1]", train.min_lr_ratio)
+    _at_least(train.weight_decay, 0, f"{where}.weight_decay")
+    for name in ("adam_beta1", "adam_beta2"):
+        _require(0.0 <= getattr(train, name) < 1.0, f"{where}.{name}", "in [0, 1)", getattr(train, name))
+    _positive(train.adam_eps, f"{where}.adam_eps")
+    _at_least(train.epochs, 0, f"{where}.epochs")
+    _at_least(train.max_steps, 0, f"{where}.max_steps", " (0 = the epochs decide)")
+    if train.epochs < 1 and train.max_steps < 1:
+        raise ConfigError(
+            f"Expected {where}.epochs >= 1 or max_steps >= 1. Got {train.epochs} and {train.max_steps}."
+        )
+    _at_least(train.warmup_steps, 0, f"{where}.warmup_steps")
+    _positive(train.max_grad_norm, f"{where}.max_grad_norm")
+    for name in ("eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        _at_least(getattr(train, name), 1, f"{where}.{name}")

@@ -68,6 +68,11 @@ class RunLayout:
         return self.cache / CACHE_STORE
 
     @property
+    def cache_replaced(self) -> Path:
+        """Where `pipe cache-logits --overwrite` keeps the old cache stage until the new one is complete."""
+        return self.root / "cache.replaced"
+
+    @property
     def verify_report(self) -> Path:
         return self.cache / "verify.json"
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from zarr.storage import LocalStore
 
 from logitcache.cache import SAMPLED_ENCODING, Encoding, open_cache, verify_cache
-from logitcache.cache.layout import shard_key
+from logitcache.cache.layout import DIGESTS_ARRAY, shard_key
+from logitcache.cache.writer import CacheWriter, read_attrs, shard_digests
 from logitcache.pipeline.errors import CacheError
 from tests.test_cache_format import SHA_A, SHA_B, make_metadata, write_all
 
@@ -92,7 +94,7 @@ def test_truncated_and_deleted_shards_are_found(cache_copy: Path, name: str) -> 
     report = verify_cache(cache_copy)
     assert report.bad_shards == [0]
     assert report.shards[0].problems == [
-        f"array '{name}': shard file {shard_key(name, 0, 3 if name != 'tail' else 2)} missing"
+        f"array '{name}', file {shard_key(name, 0, 3 if name != 'tail' else 2)}, windows 0..3: missing"
     ]
     with pytest.raises(CacheError, match="missing"):
         open_cache(cache_copy)  # a missing shard would read back as zeros: the reader refuses
@@ -113,15 +115,27 @@ def test_corrupt_done_flag_is_found(cache_copy: Path) -> None:
     data[0] ^= 0xFF
     path.write_bytes(bytes(data))
     report = verify_cache(cache_copy)
-    assert not report.ok
-    assert any("done flags unreadable" in p for p in report.problems)
+    assert report.bad_shards == [1]
+    assert report.shards[1].problems[0].startswith("array 'done', file done/c/1, windows 4..7: unreadable")
 
 
-def _rewrite(root: Path, name: str, rows: slice, update) -> None:  # noqa: ANN001
-    """Rewrite valid-checksum data through zarr (simulates a logic bug, not bit rot)."""
+def rewrite_consistently(root: Path, name: str, rows: slice, update) -> dict:  # noqa: ANN001
+    """Rewrite data through zarr, re-record the shard digests and re-finalize: valid checksums,
+    digests and summary, wrong numbers (a logic bug in a writer, not bit rot). Only the semantic
+    checks and --recompute can see it. Returns the new summary."""
     array = zarr.open_array(root / name, mode="r+")
     data = np.asarray(array[rows])
     array[rows] = update(data)
+    store = LocalStore(root)
+    group = zarr.open_group(store, mode="r+")
+    metadata, layout, _ = read_attrs(group)
+    digests = zarr.open_array(store, path=DIGESTS_ARRAY, mode="r+")
+    for shard in range(layout.num_shards):
+        digests[shard] = shard_digests(store, metadata, shard)
+    return CacheWriter(store, group, metadata, layout).finalize()
+
+
+_rewrite = rewrite_consistently
 
 
 def test_semantic_damage_is_found(cache_copy: Path) -> None:
@@ -176,3 +190,120 @@ def test_not_a_cache_and_unfinished(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(CacheError, match="existing file"):
         verify_cache(tmp_path / "f")
+
+
+# ------------------------------------------------------------------- every byte of every file
+
+
+def _damages(path: Path, rng: np.random.Generator):  # noqa: ANN202
+    """(what, apply) for every damage tried on one file: delete, truncations, single-bit flips."""
+    original = path.read_bytes()
+    yield "deleted", lambda: path.unlink()
+    for size in sorted({0, len(original) // 2, len(original) - 1}):
+        yield f"truncated to {size} bytes", lambda size=size: path.write_bytes(original[:size])
+    offsets = {0, len(original) - 1, len(original) // 2, *rng.choice(len(original), size=3).tolist()}
+    for offset in sorted(offsets):
+        bit = int(rng.integers(8))
+
+        def flip(offset: int = offset, bit: int = bit) -> None:
+            damaged = bytearray(original)
+            damaged[offset] ^= 1 << bit
+            path.write_bytes(bytes(damaged))
+
+        yield f"bit {bit} of byte {offset} flipped", flip
+
+
+@pytest.mark.parametrize("mode", ["topk", "sampled"])
+def test_every_file_deleted_truncated_or_flipped_is_reported(tmp_path: Path, mode: str) -> None:
+    """The done-when of issue 17: for EVERY file of the store, deleting it, truncating it or flipping
+    one bit in it is reported (metadata documents included), and the report names that file."""
+    md = (
+        make_metadata()
+        if mode == "topk"
+        else make_metadata(mode="sampled", num_samples=8, encoding=SAMPLED_ENCODING)
+    )
+    root = tmp_path / "c"
+    write_all(root, md)
+    assert verify_cache(root).ok
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    assert len(files) == 1 + (6 if mode == "topk" else 5) * 4  # root; per array its zarr.json, 3 chunk files
+    rng = np.random.default_rng(17)
+    missed = []
+    for path in files:
+        key = path.relative_to(root).as_posix()
+        original = path.read_bytes()
+        for what, damage in _damages(path, rng):
+            damage()
+            report = verify_cache(root)
+            lines = report.problems + [p for s in report.shards for p in s.problems]
+            if report.ok or not any(key in line for line in lines):
+                missed.append(f"{key} {what}: {lines}")
+            path.write_bytes(original)
+    assert not missed, "\n".join(missed)
+    assert verify_cache(root).ok
+
+
+def test_swapped_shard_files_with_valid_checksums_are_found(cache_copy: Path) -> None:
+    """Files with valid checksums in the wrong place: caught by the shard digests, no --recompute needed."""
+    a, b = _shard_file(cache_copy, "values", 0), _shard_file(cache_copy, "values", 1)
+    blob_a, blob_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(blob_b)
+    b.write_bytes(blob_a)
+    report = verify_cache(cache_copy)
+    assert report.bad_shards == [0, 1]
+    assert "digest" in report.shards[0].problems[0] and "windows 0..3" in report.shards[0].problems[0]
+    a.write_bytes(blob_a)
+    b.write_bytes(blob_b)
+    stats = cache_copy / "shard_stats" / "c"
+    (stats / "0" / "0").rename(cache_copy / "moved")
+    (stats / "1" / "0").rename(stats / "0" / "0")
+    (cache_copy / "moved").rename(stats / "1" / "0")
+    assert verify_cache(cache_copy).bad_shards == [0, 1]
+
+
+def test_extra_file_is_found(cache_copy: Path) -> None:
+    (cache_copy / "ids" / "c" / "7").mkdir()
+    (cache_copy / "ids" / "c" / "7" / "stray").write_bytes(b"x")
+    report = verify_cache(cache_copy)
+    assert not report.ok
+    assert any("not part of the cache: ids/c/7/stray" in p for p in report.problems)
+
+
+def test_quick_pass_reads_metadata_sizes_and_indexes_only(cache_copy: Path) -> None:
+    assert verify_cache(cache_copy, quick=True).ok
+    path = _shard_file(cache_copy, "ids", 2)
+    original = path.read_bytes()
+    path.write_bytes(original[:-1])  # truncation: the index no longer ends the file
+    assert verify_cache(cache_copy, quick=True).bad_shards == [2]
+    damaged = bytearray(original)
+    damaged[3] ^= 1  # inside the data: only the full pass reads it
+    path.write_bytes(bytes(damaged))
+    assert verify_cache(cache_copy, quick=True).ok
+    assert verify_cache(cache_copy).bad_shards == [2]
+    path.write_bytes(original)
+    doc = cache_copy / "values" / "zarr.json"
+    doc.write_bytes(doc.read_bytes().replace(b'"fill_value": 0', b'"fill_value": 1'))
+    report = verify_cache(cache_copy, quick=True)
+    assert any("values/zarr.json" in p and "digest" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("name", ["topk", "sampled"])
+def test_v1_fixture_without_integrity_records_verifies_with_a_note(name: str) -> None:
+    from tests.test_cache_format import FIXTURES
+
+    report = verify_cache(FIXTURES / name)
+    assert report.ok, report.to_dict()
+    assert any("before integrity records" in note for note in report.notes)
+
+
+def test_unfinished_cache_of_an_older_writer_resumes_and_gets_digests(tmp_path: Path) -> None:
+    """An unfinished cache written before shard digests existed (no shard_digests array): resuming
+    it creates the array, finalize records the digests of the shards already done, and it verifies."""
+    md = make_metadata()
+    write_all(tmp_path / "c", md, finalize=False)
+    shutil.rmtree(tmp_path / "c" / DIGESTS_ARRAY)
+    writer = write_all(tmp_path / "c", md, finalize=False)  # create_cache resumes: nothing pending
+    assert writer.pending_shards() == []
+    writer.finalize()
+    report = verify_cache(tmp_path / "c")
+    assert report.ok and not report.notes, report.to_dict()

@@ -229,3 +229,113 @@ def test_with_student_replaces_mode_and_name():
     assert other.student.model == base.student.model and other.cache == base.cache
     with pytest.raises(ConfigError, match="Expected student.mode in 'cache', 'online', 'ce'. Got 'teacher'."):
         with_student(base, mode="teacher")
+
+
+# One case per range rule (issue 17): each refused at load time with one line naming the key,
+# before any command can touch anything. Valid edge values (0 = unset/auto) load.
+RANGE_RULES = [
+    ("run.seed=-1", "run.seed >= 0"),
+    ("data.max_chars_per_file=-1", "data.max_chars_per_file >= 0"),
+    ("data.document_words=0", "data.document_words >= 1"),
+    ("data.min_frequency=-2", "data.min_frequency >= 0"),
+    ("student.model.num_heads=0", "student.model.num_heads >= 1"),
+    ("student.model.hidden_size=0", "student.model.hidden_size >= 1"),
+    ("student.model.num_layers=0", "student.model.num_layers >= 1"),
+    ("student.model.intermediate_size=0", "student.model.intermediate_size >= 1"),
+    ("student.model.num_kv_heads=-1", "student.model.num_kv_heads >= 0"),
+    ("teachers.gpt2.model.num_heads=3", r"hidden_size \(128\) divisible by num_heads \(3\)"),
+    ("teachers.llama.model.num_kv_heads=3", r"num_heads \(4\) divisible by num_kv_heads \(3\)"),
+    ("teachers.gpt2.model.num_kv_heads=2", "GPT-2 has no grouped-query attention"),
+    ("teachers.llama.model.hidden_size=12", r"head size\) to be even"),
+    (
+        "student.model.max_position_embeddings=8",
+        r"max_position_embeddings 0 \(= data.seq_len\) or >= data.seq_len",
+    ),
+    ("student.model.rope_theta=0", "rope_theta > 0"),
+    ("student.model.dropout=1.0", r"dropout in \[0, 1\)"),
+    ("student.train.lr=0", "student.train.lr > 0"),
+    ("student.train.min_lr_ratio=2", r"min_lr_ratio in \[0, 1\]"),
+    ("student.train.weight_decay=-0.1", "weight_decay >= 0"),
+    ("student.train.adam_beta1=1", r"adam_beta1 in \[0, 1\)"),
+    ("student.train.adam_beta2=-0.5", r"adam_beta2 in \[0, 1\)"),
+    ("student.train.adam_eps=0", "adam_eps > 0"),
+    ("student.train.epochs=-1", "student.train.epochs >= 0"),
+    ("student.train.max_steps=-5", r"student.train.max_steps >= 0 \(0 = the epochs decide\)"),
+    ("student.train.batch_size=0", "positive multiple of grad_accum_steps"),
+    ("student.train.warmup_steps=-1", "warmup_steps >= 0"),
+    ("student.train.max_grad_norm=0", "max_grad_norm > 0"),
+    ("student.train.eval_batch_size=0", "eval_batch_size >= 1"),
+    ("student.train.checkpoint_every=0", "student.train.checkpoint_every >= 1"),
+    ("teachers.llama.train.log_every=0", "teachers.llama.train.log_every >= 1"),
+    ("student.train.keep_checkpoints=0", "keep_checkpoints >= 1"),
+    ("cache.k=0", "cache.k >= 1"),
+    ("cache.samples=70000", r"cache.samples in \[1, 65535\]"),
+    ("cache.temperature=0", "cache.temperature > 0"),
+    ("cache.batch_size=0", "cache.batch_size >= 1"),
+    ("cache.windows_per_shard=-4", "cache.windows_per_shard >= 0"),
+    ("cache.weights=[1.0, -1.0]", r"cache.weights\[1\] > 0"),
+    ("student.seed=-3", "student.seed >= 0"),
+    ("student.distill.temperature=0", "student.distill.temperature > 0"),
+    ("student.loader.workers=-1", "student.loader.workers >= 0"),
+    ("student.loader.prefetch_factor=0", "prefetch_factor >= 1"),
+    ("student.loader.shuffle_block=-1", "shuffle_block >= 0"),
+    ("student.loader.shuffle_buffer_blocks=0", "shuffle_buffer_blocks >= 1"),
+    ("evaluate.batch_size=0", "evaluate.batch_size >= 1"),
+    ("evaluate.ece_bins=0", "evaluate.ece_bins >= 1"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), RANGE_RULES, ids=[case[0] for case in RANGE_RULES])
+def test_range_rules_refuse_with_one_line(override: str, message: str):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(REPO / "configs" / "demo.toml", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_epochs_zero_needs_max_steps():
+    with pytest.raises(ConfigError, match="epochs >= 1 or max_steps >= 1"):
+        load_config(REPO / "configs" / "demo.toml", ["student.train.epochs=0"])
+    config = load_config(
+        REPO / "configs" / "demo.toml", ["student.train.epochs=0", "student.train.max_steps=5"]
+    )
+    assert config.student.train.max_steps == 5
+
+
+def test_zero_means_unset_where_documented():
+    config = load_config(
+        REPO / "configs" / "demo.toml",
+        [
+            "student.train.max_steps=0",
+            "cache.windows_per_shard=0",
+            "student.model.max_position_embeddings=0",
+            "student.loader.workers=0",
+            "student.seed=0",
+            "data.max_chars_per_file=0",
+        ],
+    )
+    assert config.student.train.max_steps == 0
+
+
+def test_bad_cache_option_with_overwrite_is_refused_by_the_cli_touching_nothing(tmp_path: Path):
+    """`pipe cache-logits --overwrite --set cache.batch_size=0` (issue 17): one line, exit 2, no
+    traceback, and the run directory unchanged (the config is refused before the command runs)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    (run / "cache").mkdir(parents=True)
+    (run / "cache" / "COMPLETE.json").write_text('{"fingerprint": "x", "summary": {}}')
+    before = sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file())
+    args = [
+        sys.executable,
+        "-m",
+        "logitcache.pipeline.cli",
+        "cache-logits",
+        str(REPO / "configs" / "demo.toml"),
+    ]
+    args += ["--run-dir", str(run), "--overwrite", "--set", "cache.batch_size=0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "cache.batch_size >= 1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted((p.relative_to(run), p.read_bytes()) for p in run.rglob("*") if p.is_file()) == before
