@@ -282,3 +282,11 @@ def steady_state_rate(metrics_path: Path, warmup_steps: int) -> dict:
         "last_step": last["step"],
         "cumulative_tokens_per_s": last.get("tokens_per_s"),
     }
+
+
+def report_rows(rows: list[dict], columns: Sequence[str], csv_path: Path, *, smoke: bool) -> None:
+    """Print the markdown table; append the rows to ``csv_path`` unless this was a smoke run."""
+    print_table(rows, columns)
+    if not smoke:
+        append_csv(csv_path, rows, columns)
+        print(f"\nappended {len(rows)} rows to {csv_path}")

@@ -41,13 +41,12 @@ from pathlib import Path
 
 from benchmarks import (
     REPO_ROOT,
-    append_csv,
     append_jsonl,
     device_name,
     ensure_logitcache_importable,
     git_commit,
     peak_extra_mb,
-    print_table,
+    report_rows,
     time_ms,
     today,
 )
@@ -283,11 +282,7 @@ def main(argv=None) -> None:  # noqa: ANN001
         args.shapes, args.dtypes = "7x300x5", "fp32"
         args.compile_backend, args.cpu_reps = "eager", 2
     ensure_logitcache_importable()
-    rows = run(args)
-    print_table(rows, COLUMNS)
-    if not args.smoke:
-        append_csv(args.csv, rows, COLUMNS)
-        print(f"\nappended {len(rows)} rows to {args.csv}")
+    report_rows(run(args), COLUMNS, args.csv, smoke=args.smoke)
 
 
 if __name__ == "__main__":
