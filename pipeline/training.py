@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
@@ -171,17 +174,81 @@ def save_checkpoint(
     save_file(rng, str(tmp / "rng.safetensors"))
     trainer_state = {"train_state": asdict(state), "optimizer": meta, "fingerprint": fingerprint}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    _fsync_tree(tmp)  # the files are on disk before the rename makes the checkpoint visible
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _fsync_dir(root)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def checkpoints_newest_first(out_dir: Path) -> list[Path]:
     root = out_dir / CHECKPOINT_DIR
-    steps = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
-    return steps[-1] if steps else None
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    steps = [p for p in checkpoints_newest_first(out_dir) if (p / "trainer_state.json").is_file()]
+    return steps[0] if steps else None
+
+
+def resume_from_checkpoints(
+    out_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    *,
+    warn: Callable[[str], None],
+) -> TrainState:
+    """Load the newest intact checkpoint of ``out_dir`` (a fresh state when there is none).
+
+    A damaged checkpoint (a file missing, truncated or unreadable: what a crash or a full disk
+    can leave) is skipped with a warning naming it, and the next older one is tried. A checkpoint
+    of another config is an error, as is having only damaged ones (with what to do).
+    """
+    damaged = []
+    for path in checkpoints_newest_first(out_dir):
+        try:
+            state = load_checkpoint(path, model, optimizer, fingerprint)
+        except StageError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+            damaged.append(path)
+            warn(
+                f"warning: checkpoint {path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); trying an older one"
+            )
+            continue
+        if damaged:
+            warn(f"resuming from {path.name}, the newest intact checkpoint")
+        return state
+    if damaged:
+        raise StageError(
+            f"Every checkpoint in {out_dir / CHECKPOINT_DIR} is damaged. Remove that folder to start this "
+            "model over."
+        )
+    return TrainState()
 
 
 def load_checkpoint(
@@ -215,10 +282,18 @@ def load_checkpoint(
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    """Drop metric lines written after the checkpoint we resume from (they will be redone), and a
+    torn line that a crash mid-write can leave (it does not parse)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= global_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= global_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -327,10 +402,13 @@ def train_model(
     plan = make_plan(train, num_windows, ctx.world_size)
     model.to(ctx.device)
     optimizer = make_optimizer(model, train)
-    state = TrainState()
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, fingerprint)
+    state = resume_from_checkpoints(
+        out_dir,
+        model,
+        optimizer,
+        fingerprint,
+        warn=lambda line: print(line, file=sys.stderr, flush=True) if ctx.is_main else None,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, train, plan.total_steps), last_epoch=state.global_step - 1
     )
