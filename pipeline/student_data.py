@@ -35,6 +35,7 @@ import torch
 
 from logitcache.cache import CacheReader, decode_entries, open_cache
 from logitcache.cache.encoding import DecodedEntries
+from logitcache.cache.errors import CacheError, LogitcacheError
 from logitcache.pipeline.data_order import Batch, WindowsDataset
 
 
@@ -131,7 +132,15 @@ class StudentDataset(WindowsDataset):
             np.split(np.asarray(missing), np.flatnonzero(np.diff(missing) != 1) + 1) if missing else []
         ):
             start, stop = int(run[0]) * chunk, min((int(run[-1]) + 1) * chunk, reader.num_windows)
-            arrays = reader.read_raw(slice(start, stop))  # one slice read per run of chunks
+            try:
+                arrays = reader.read_raw(slice(start, stop))  # one slice read per run of chunks
+            except Exception as exc:  # a chunk that fails its checksum or does not decode
+                detail = str(exc) if isinstance(exc, LogitcacheError) else f"{type(exc).__name__}: {exc}"
+                raise CacheError(
+                    f"Cache windows {start}-{stop - 1} of {self.cache_store} could not be read. "
+                    f"{detail[:300].rstrip('.')}. The cache is damaged: `pipe verify-cache` names the shard, "
+                    "`pipe cache-logits CONFIG --overwrite` rebuilds it."
+                ) from None
             for index in run.tolist():
                 low = index * chunk - start
                 found[index] = {name: array[low : low + chunk] for name, array in arrays.items()}

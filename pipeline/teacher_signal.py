@@ -35,6 +35,7 @@ from logitcache.cache import (
     ensemble_topk,
     open_cache,
     select_sampled,
+    verify_cache,
 )
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
@@ -249,13 +250,23 @@ def cache_store(config: Config) -> Path:
 def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
     """Open ``RUN/cache`` and refuse it unless it was made for this data and these ``[cache]`` settings.
 
-    Checked: tokenizer, vocabulary, training windows (:meth:`CacheReader.check_compatible`), then
+    Checked: the cache's integrity (``verify_cache(quick=True)``: metadata, file set, chunk
+    indexes and digests, so an emptied or truncated shard is refused before training), tokenizer,
+    vocabulary, training windows (:meth:`CacheReader.check_compatible`), then
     the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
     """
     store = cache_store(config)
     if not store.exists():
         raise StageError(
             f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
+        )
+    report = verify_cache(store, quick=True)  # metadata, files, indexes, digests: ~0.02 s on the demo
+    if not report.ok:
+        first = ([p for shard in report.shards for p in shard.problems] or report.problems)[0]  # names a file
+        raise CacheError(
+            f"Expected an intact cache at {store}. Got: {first}"
+            + (f" (damaged shards {report.bad_shards})" if report.bad_shards else "")
+            + ". Run `pipe verify-cache` on it for the full list; rebuild with `pipe cache-logits CONFIG --overwrite`."
         )
     reader = open_cache(store)
     reader.check_compatible(

@@ -508,3 +508,44 @@ def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
     assert math.isfinite(
         json.loads((run_b / "students" / "ddp" / "train_summary.json").read_text())["dev_loss"]
     )
+
+
+def _run_with_cache_copy(config, tmp_path: Path) -> Path:
+    """A run dir sharing the data and teachers of ``config``'s run, with its own copy of the cache."""
+    other = tmp_path / "copy"
+    other.mkdir()
+    for name in ("data", "teachers"):
+        (other / name).symlink_to(config.run_dir / name)
+    shutil.copytree(config.run_dir / "cache", other / "cache")
+    return other
+
+
+def test_damaged_cache_is_refused_before_training(run: Path, tmp_path: Path):
+    """An ids shard emptied to 0 bytes (what a crash can leave) used to train on the fill value."""
+    copy = _run_with_cache_copy(_config(run), tmp_path)
+    shard = sorted(p for p in (copy / "cache" / "logits.zarr" / "ids" / "c").rglob("*") if p.is_file())[0]
+    shard.write_bytes(b"")
+    config = _config(run, run_dir=copy)
+    with pytest.raises(CacheError, match=r"Expected an intact cache at .*ids.*damaged shards \[0\]") as info:
+        train_student(config, progress=False)
+    assert "\n" not in str(info.value)
+    assert not (copy / "students").exists()  # refused before anything was created
+
+
+def test_chunk_failing_its_checksum_mid_epoch_is_one_line_naming_the_windows(run: Path, tmp_path: Path):
+    """A flipped byte inside a chunk (the index and metadata intact, so the quick check passes):
+    the read that reaches it stops with a one-line error naming the windows and what to do."""
+    base = _config(run)
+    copy = _run_with_cache_copy(base, tmp_path)
+    shard = sorted(p for p in (copy / "cache" / "logits.zarr" / "values" / "c").rglob("*") if p.is_file())[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 4] ^= 0x10  # inside the first chunks' compressed data, far from the index
+    shard.write_bytes(bytes(raw))
+    config = _config(run, run_dir=copy)
+    data = PreparedData.open(copy / "data")
+    open_student_cache(config, data)  # the quick check does not read chunk data
+    dataset = make_dataset(config, data, data.windows("train"))
+    with pytest.raises(CacheError, match=r"Cache windows \d+-\d+ of .* could not be read") as info:
+        for start in range(0, len(dataset), 64):
+            dataset.read(list(range(start, min(start + 64, len(dataset)))))
+    assert "\n" not in str(info.value) and "pipe verify-cache" in str(info.value)
