@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -290,3 +291,19 @@ def report_rows(rows: list[dict], columns: Sequence[str], csv_path: Path, *, smo
     if not smoke:
         append_csv(csv_path, rows, columns)
         print(f"\nappended {len(rows)} rows to {csv_path}")
+
+
+def import_peer(module: str, name: str, *, device: str) -> tuple[object | None, str | None]:
+    """A peer library's entry point for a comparison row, or why there is none: ``(obj, None)``, or
+    ``(None, note)`` with "skipped: ... not installed", "error: importing ..." (installed but
+    broken: an error row, the others go on) or "skipped: needs CUDA"."""
+    package = module.split(".")[0]
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except ImportError:
+        return None, f"skipped: {package} not installed"
+    except Exception as exc:  # noqa: BLE001
+        return None, f"error: importing {package}: {type(exc).__name__}: {exc}"[:300]
+    if device != "cuda":
+        return None, "skipped: needs CUDA"
+    return obj, None

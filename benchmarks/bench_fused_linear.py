@@ -41,6 +41,7 @@ from benchmarks import (
     device_name,
     ensure_logitcache_importable,
     git_commit,
+    import_peer,
     report_rows,
     time_ms,
     today,
@@ -232,31 +233,17 @@ def run_shape(args, shape: str, *, eager: bool) -> list[dict]:  # noqa: ANN001
 
 def add_peers(facts, device, add, record, hidden, weight, targets, floor_ms) -> None:  # noqa: ANN001
     """Liger's fused linear CE and Cut Cross-Entropy (CE only), when installed and on CUDA."""
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: liger_kernel not installed"))
-    except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
-        note = f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300]
+    flce, note = import_peer("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss", device=device)
+    if note:
         record(dict(facts, mode="CE only", impl="liger FLCE", note=note))
     else:
-        if device != "cuda":
-            record(dict(facts, mode="CE only", impl="liger FLCE", note="skipped: needs CUDA"))
-        else:
-            liger = LigerFusedLinearCrossEntropyLoss()
-            add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError:
-        record(dict(facts, mode="CE only", impl="CCE", note="skipped: cut_cross_entropy not installed"))
-    except Exception as exc:  # noqa: BLE001
-        note = f"error: importing cut_cross_entropy: {type(exc).__name__}: {exc}"[:300]
+        liger = flce()
+        add("CE only", "liger FLCE", lambda: liger(weight, hidden, targets).backward(), floor_ms)
+    linear_cross_entropy, note = import_peer("cut_cross_entropy", "linear_cross_entropy", device=device)
+    if note:
         record(dict(facts, mode="CE only", impl="CCE", note=note))
     else:
-        if device != "cuda":
-            record(dict(facts, mode="CE only", impl="CCE", note="skipped: needs CUDA"))
-        else:
-            add("CE only", "CCE", lambda: linear_cross_entropy(hidden, weight, targets).backward(), floor_ms)
+        add("CE only", "CCE", lambda: linear_cross_entropy(hidden, weight, targets).backward(), floor_ms)
 
 
 def main(argv=None) -> None:  # noqa: ANN001

@@ -45,6 +45,7 @@ from benchmarks import (
     device_name,
     ensure_logitcache_importable,
     git_commit,
+    import_peer,
     peak_extra_mb,
     report_rows,
     time_ms,
@@ -211,29 +212,19 @@ def bench_mode(args, base, n, vocab, k, dtype, mode, copy_gbs, device, *, peers:
         else:
             skip("torch.compile", "fwd+bwd", "skipped: not in --compile-modes")
     if peers:
-        try:
-            from liger_kernel.transformers import LigerCrossEntropyLoss
-        except ImportError:
-            skip("liger CE only", "fwd+bwd", "skipped: liger_kernel not installed")
-        except Exception as exc:  # noqa: BLE001 (installed but broken: an error row, the others go on)
-            skip(
+        liger_ce, note = import_peer("liger_kernel.transformers", "LigerCrossEntropyLoss", device=device)
+        if note:
+            skip("liger CE only", "fwd+bwd", note)
+        else:
+            liger = liger_ce()
+            add("liger CE only", "fwd", lambda: liger(leaf, targets), bytes_moved=must_move)
+            add(
                 "liger CE only",
                 "fwd+bwd",
-                f"error: importing liger_kernel: {type(exc).__name__}: {exc}"[:300],
+                lambda: liger(leaf, targets).backward(),
+                grads=[leaf],
+                bytes_moved=must_move,
             )
-        else:
-            if device != "cuda":
-                skip("liger CE only", "fwd+bwd", "skipped: needs CUDA")
-            else:
-                liger = LigerCrossEntropyLoss()
-                add("liger CE only", "fwd", lambda: liger(leaf, targets), bytes_moved=must_move)
-                add(
-                    "liger CE only",
-                    "fwd+bwd",
-                    lambda: liger(leaf, targets).backward(),
-                    grads=[leaf],
-                    bytes_moved=must_move,
-                )
     eager = {r["pass"]: r["ms"] for r in rows if r["impl"] == "eager" and "ms" in r}
     for row in rows:
         if row.get("pass") in eager and "ms" in row:
