@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -48,6 +47,7 @@ from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
 from logitcache.pipeline.errors import CacheError, StageError
+from logitcache.pipeline.preflight import StageLock, check_writable, finish_replacement, move_aside
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
@@ -118,24 +118,6 @@ def _chunking(config: Config, shape: tuple[int, ...], k: int) -> dict[str, int |
     return {"windows_per_chunk": math.gcd(default, shard), "windows_per_shard": shard}
 
 
-def _move_aside(out: Path, aside: Path) -> None:
-    """`--overwrite`: move the stage folder ``out`` to ``aside``; the old output is deleted only once
-    the new one is complete (see :func:`cache_logits`), so the user never has neither.
-
-    If ``aside`` already exists, an earlier `--overwrite` was interrupted: when ``out`` is complete
-    the replacement finished and ``aside`` is obsolete; otherwise ``out`` is the unfinished
-    replacement (the complete old output is still aside) and is discarded instead.
-    """
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if aside.exists():
-        if read_marker(out) is None:
-            shutil.rmtree(out)
-            return
-        shutil.rmtree(aside)
-    os.replace(out, aside)
-
-
 def cache_logits(
     config: Config, *, overwrite: bool = False, progress: bool | None = None, ctx: DistContext | None = None
 ) -> Path:
@@ -154,13 +136,14 @@ def cache_logits(
         # An earlier --overwrite finished its cache but not its cleanup (every rank may get here).
         shutil.rmtree(aside, ignore_errors=True)
         return out
-    ctx = ctx or init_distributed(config.run.device)
-    data = PreparedData.open(layout.data)
     for folder in (out, aside):
         if folder.exists() and not folder.is_dir():
             raise CacheError(
                 f"Expected a folder for the cache at {folder}. Got a file; move it away or use another --run-dir."
             )
+    check_writable(out, "the cache")
+    ctx = ctx or init_distributed(config.run.device)
+    data = PreparedData.open(layout.data)
     store = layout.cache_store
     existing_cache(store)  # refuses foreign content at the store's path, even with --overwrite
     teachers = TeacherEnsemble.load(config, data, ctx.device)
@@ -168,9 +151,28 @@ def cache_logits(
     windows = data.windows("train")  # (N, T)
     chunking = _chunking(config, windows.shape, metadata.k)
     default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.k, **chunking)
+    with StageLock(out, "the cache", enabled=ctx.is_main):  # one cache-logits per run directory
+        return _write_cache(config, ctx, data, teachers, metadata, windows, chunking, overwrite, progress)
+
+
+def _write_cache(
+    config: Config,
+    ctx: DistContext,
+    data: PreparedData,
+    teachers: TeacherEnsemble,
+    metadata: CacheMetadata,
+    windows: np.ndarray,
+    chunking: dict[str, int | None],
+    overwrite: bool,
+    progress: bool | None,
+) -> Path:
+    """The writing half of :func:`cache_logits`, once everything is checked and the lock is held."""
+    layout = RunLayout.of(config)
+    out, aside, store = layout.cache, layout.cache_replaced, layout.cache_store
+    fingerprint = cache_fingerprint(config)
     if ctx.is_main:
         if overwrite:
-            _move_aside(out, aside)
+            move_aside(out, aside, is_complete=read_marker(out) is not None)
         out.mkdir(parents=True, exist_ok=True)
         writer = create_cache(  # refuses (changing nothing) a complete or different cache unless overwrite
             store,
@@ -212,8 +214,7 @@ def cache_logits(
             "tokens_per_s_this_run": total / max(elapsed, 1e-9),
         }
         mark_complete(out, fingerprint, summary)
-        if aside.exists():
-            shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
+        finish_replacement(aside)  # the new cache is complete: only now the old one goes
     ctx.barrier()
     return out
 

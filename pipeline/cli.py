@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -297,14 +298,38 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # the machine refused a read or write: disk full, permissions, ...
+        click.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(2)
     except Exception as exc:
         from logitcache.kernels.errors import KernelError
-        from logitcache.pipeline.errors import LogitcacheError
+        from logitcache.pipeline.errors import LogitcacheError, error_line
 
         if not isinstance(exc, LogitcacheError | KernelError):
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {error_line(str(exc))}", err=True)
         sys.exit(2)
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "Free disk space, then rerun the same command: finished work (completed checkpoints, "
+    "shards, stages) is kept and the stage resumes.",
+    errno.EDQUOT: "Free space within your quota, then rerun the same command: finished work is kept and "
+    "the stage resumes.",
+    errno.EACCES: "Make it readable/writable for you, or use another --run-dir.",
+    errno.EPERM: "Make it readable/writable for you, or use another --run-dir.",
+    errno.EROFS: "The file system is read-only: use another --run-dir.",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``No space left on device (/run/x). Free disk space, then rerun ...`` for any OSError."""
+    from logitcache.pipeline.errors import error_line
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ADVICE.get(exc.errno or 0, "Check the path and rerun the same command.")
+    return error_line(f"{reason}{where}. {advice}")
 
 
 if __name__ == "__main__":

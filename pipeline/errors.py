@@ -10,7 +10,15 @@ with status 2, with no traceback. Messages are shaped "Expected X. Got Y." plus 
 
 from logitcache.cache.errors import CacheError, LogitcacheError, TeacherError
 
-__all__ = ["CacheError", "ConfigError", "DataError", "LogitcacheError", "StageError", "TeacherError"]
+__all__ = [
+    "CacheError",
+    "ConfigError",
+    "DataError",
+    "LogitcacheError",
+    "StageError",
+    "TeacherError",
+    "error_line",
+]
 
 
 class ConfigError(LogitcacheError):
@@ -23,3 +31,17 @@ class DataError(LogitcacheError):
 
 class StageError(LogitcacheError):
     """A stage cannot run because an earlier stage's output is missing or incompatible."""
+
+
+def error_line(message: str) -> str:
+    """A message as one line (what the CLI prints after ``error:``).
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its message
+    (``Caught X in DataLoader worker process N. Original Traceback ...``): its last line holds the
+    original message, which is kept; the traceback is dropped. Whitespace runs become one space.
+    """
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        head, sep, rest = last.partition(": ")
+        message = rest if sep and "." in head and " " not in head else last
+    return " ".join(message.split())

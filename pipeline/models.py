@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -66,14 +68,89 @@ def build_model(config: ModelConfig, *, vocab_size: int, seq_len: int, seed: int
     return model
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a saved HF causal LM (safetensors; never remote code)."""
+# Files that hold a Hugging Face tokenizer (any one of them is enough for AutoTokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+# Weight files that unpickle when read (arbitrary code can run): refused, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_model_dir(path: str | Path) -> list[Path]:
+    """The safetensors weight files of the HF model folder ``path`` (checked before anything is opened).
+
+    Refused (:class:`TeacherError`, one line with what to do): no such folder, no ``config.json``,
+    and a folder whose weights are pickle files only (``pytorch_model.bin``, ``.pt``, ``.pth``,
+    ``.ckpt``): those are never read, since unpickling can run code. Every safetensors file's header
+    must parse and its data must be as long as the header says (a truncated download or copy). A
+    folder with no weights at all is left to the loader, which names what it expected.
+    """
     path = Path(path)
+    if not path.is_dir():
+        raise TeacherError(
+            f"Expected a model directory at {path}. Got {'a file' if path.exists() else 'nothing'}."
+        )
     if not (path / "config.json").is_file():
         raise TeacherError(
             f"Expected a Hugging Face model directory (with config.json) at {path}. Found none."
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    files = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not files and pickles:
+        raise TeacherError(
+            f"Expected safetensors weights in {path}. Found only pickle weights ({', '.join(pickles[:3])}): "
+            "pickle files are never loaded (they can run code). Convert them once, where you trust them: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)."
+        )
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise TeacherError(
+                f"Expected complete safetensors weights in {file}. Got {problem}: the file is damaged "
+                "(an interrupted copy or download); copy or save it again."
+            )
+    return files
+
+
+def _safetensors_problem(file: Path) -> str:
+    """ "" when the file's header parses and its size is what the header says, else what is wrong."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a header"
+            header_len = int.from_bytes(head, "little")
+            if header_len > size - 8:
+                return f"a header of {header_len} bytes in a file of {size}"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"an unreadable header ({type(exc).__name__})"
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        return f"{size} bytes where its header says {expected}"
+    return ""
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a saved HF causal LM: safetensors only (checked first, :func:`check_model_dir`), never
+    remote code. A folder transformers cannot load is a one-line :class:`TeacherError`."""
+    path = Path(path)
+    check_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except (ValueError, KeyError, OSError, RuntimeError, SafetensorError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherError(
+            f"Expected a Hugging Face causal language model at {path}. Got one transformers cannot load "
+            f"as AutoModelForCausalLM ({reason[:200]})."
+        ) from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

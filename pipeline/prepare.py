@@ -29,6 +29,13 @@ from logitcache.cache.hashing import array_sha256, file_sha256
 from logitcache.pipeline.config import Config, data_fingerprint
 from logitcache.pipeline.corpus import SPLITS, Document, read_corpus
 from logitcache.pipeline.errors import DataError, StageError
+from logitcache.pipeline.preflight import (
+    StageLock,
+    check_writable,
+    finish_replacement,
+    move_aside,
+    replaced_path,
+)
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     RunLayout,
@@ -83,17 +90,41 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
     fingerprint = data_fingerprint(config)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what="prepared data"):
         return out
-    data = config.data
-    sources, splits = read_corpus(data)
+    sources, splits = read_corpus(config.data)
     if not splits["train"]:
         raise DataError(
             "Expected documents in the train split. Got none: the corpus is too small or all held out."
         )
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_writable(out, "the prepared data")
+    with StageLock(out, "the prepared data"):
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _build(config, tmp, sources, splits, fingerprint, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an error (or Ctrl-C) leaves nothing behind
+            raise
+        # Replace without a gap: the old folder goes aside, the new one takes its place, then the old
+        # one is deleted; an interruption in between leaves the old data at RUN/data.replaced.
+        aside = replaced_path(out)
+        move_aside(out, aside, is_complete=True)
+        tmp.rename(out)
+        finish_replacement(aside)
+    return out
 
+
+def _build(
+    config: Config,
+    tmp: Path,
+    sources: list[Any],
+    splits: dict[str, list[Document]],
+    fingerprint: str,
+    progress: bool | None,
+) -> None:
+    """Write the whole prepared-data folder into ``tmp`` (see the module docstring)."""
+    data = config.data
+    tmp.mkdir(parents=True)
     tokenizer = train_bpe(
         (d.text for d in splits["train"]), vocab_size=data.vocab_size, min_frequency=data.min_frequency
     )
@@ -118,10 +149,14 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
             encoded.extend(e.ids for e in batch)
         windows, leftover = _pack(encoded, data.seq_len, dtype)
         if split in ("train", "dev") and windows.shape[0] == 0:
+            more = (
+                "lower data.dev_fraction or data.test_fraction (train gets the rest)"
+                if split == "train"
+                else "raise data.dev_fraction"
+            )
             raise DataError(
                 f"The {split} split holds {sum(len(e) + 2 for e in encoded)} tokens, fewer than one window of "
-                f"data.seq_len={data.seq_len}. Use a larger corpus, a smaller seq_len or a larger "
-                f"data.{split}_fraction."
+                f"data.seq_len={data.seq_len}. Use a larger corpus, a smaller seq_len, or {more}."
             )
         _write_windows(group, split, windows)
         split_stats[split] = {
@@ -147,11 +182,6 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
     atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     write_provenance(tmp, config, "prepare-data")
     mark_complete(tmp, fingerprint, {s: split_stats[s]["windows"] for s in SPLITS})
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return out
 
 
 @dataclass(frozen=True)

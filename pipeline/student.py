@@ -47,12 +47,19 @@ from logitcache.pipeline.data_order import OrderFn, make_block_order
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.preflight import (
+    StageLock,
+    check_writable,
+    finish_replacement,
+    move_aside,
+    replaced_path,
+)
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
+from logitcache.pipeline.rundir import RunLayout, is_complete, read_marker, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import StudentDataset, chunks_per_two_buffers, default_block
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
 from logitcache.pipeline.teachers import finalize_model_dir
-from logitcache.pipeline.training import train_model
+from logitcache.pipeline.training import make_plan, train_model
 
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
 
@@ -202,55 +209,69 @@ def train_student(
     progress: bool | None = None,
     ctx: DistContext | None = None,
 ) -> Path:
-    """Train the student of ``config`` (mode ``student.mode``), resuming if interrupted; return its folder."""
+    """Train the student of ``config`` (mode ``student.mode``), resuming if interrupted; return its folder.
+
+    Everything is checked before anything is created, moved or deleted: the config (at load), that
+    the output folder can be written, the prepared data, the model, the teachers (online) or the
+    cache (cache mode: its integrity, data and settings), the batch plan. Then the output folder is
+    locked (one process per student; :class:`~logitcache.pipeline.preflight.StageLock`), and
+    ``overwrite`` moves an existing folder to ``NAME.replaced``, deleted only once the new student
+    is complete.
+    """
     if config.student.mode not in STUDENT_MODES:
         raise ConfigError(f"Expected student.mode in {STUDENT_MODES}. Got {config.student.mode!r}.")
     _check_loader(config)
     out = student_dir(config)
+    aside = replaced_path(out)
+    what = f"the student '{student_name(config)}'"
     fingerprint = student_fingerprint(config)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a student '{student_name(config)}'"):
+        shutil.rmtree(aside, ignore_errors=True)  # an earlier --overwrite finished all but its cleanup
         return out
-    ctx = ctx or init_distributed(config.run.device)
-    if overwrite and out.exists():
-        if ctx.is_main:
-            shutil.rmtree(out)
-        ctx.barrier()
+    check_writable(out, what)
     data = PreparedData.open(RunLayout.of(config).data)
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
+    ctx = ctx or init_distributed(config.run.device)
+    train = config.student.train
+    make_plan(train, windows.shape[0], ctx.world_size)  # a batch that does not fit: refused now
     seed = student_seed(config) + STUDENT_SEED_OFFSET
     model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
     teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
-    train = config.student.train
     dataset = make_dataset(config, data, windows)
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_provenance(
-            out, config, "train-student",
-            {"student": student_name(config), "mode": options.mode, "parameters": count_parameters(model)},
-        )  # fmt: skip
-    summary = train_model(
-        model,
-        train=train,
-        dataset=dataset,
-        seq_len=data.seq_len,
-        loss_fn=objective_loss,
-        dev_windows=dev_windows,
-        out_dir=out,
-        seed=student_seed(config),
-        fingerprint=fingerprint,
-        ctx=ctx,
-        progress=progress,
-        desc=f"student {student_name(config)}",
-        order=make_order(config, windows.shape[0], data.seq_len),
-        workers=config.student.loader.workers,
-        prefetch_factor=config.student.loader.prefetch_factor,
-        wrap=lambda m: StudentObjective(m, options, teachers),
-    )
-    summary |= {"mode": options.mode, "parameters": count_parameters(model)}
-    if ctx.is_main:
-        finalize_model_dir(out, model, data, summary, fingerprint)
-    ctx.barrier()
+    with StageLock(out, what, enabled=ctx.is_main):
+        if ctx.is_main:
+            if overwrite:
+                move_aside(out, aside, is_complete=read_marker(out) is not None)
+            out.mkdir(parents=True, exist_ok=True)
+            write_provenance(
+                out, config, "train-student",
+                {"student": student_name(config), "mode": options.mode, "parameters": count_parameters(model)},
+            )  # fmt: skip
+        ctx.barrier()
+        summary = train_model(
+            model,
+            train=train,
+            dataset=dataset,
+            seq_len=data.seq_len,
+            loss_fn=objective_loss,
+            dev_windows=dev_windows,
+            out_dir=out,
+            seed=student_seed(config),
+            fingerprint=fingerprint,
+            ctx=ctx,
+            progress=progress,
+            desc=f"student {student_name(config)}",
+            order=make_order(config, windows.shape[0], data.seq_len),
+            workers=config.student.loader.workers,
+            prefetch_factor=config.student.loader.prefetch_factor,
+            wrap=lambda m: StudentObjective(m, options, teachers),
+        )
+        summary |= {"mode": options.mode, "parameters": count_parameters(model)}
+        if ctx.is_main:
+            finalize_model_dir(out, model, data, summary, fingerprint)
+            finish_replacement(aside)  # the new student is complete: only now the old one goes
+        ctx.barrier()
     return out

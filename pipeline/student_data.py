@@ -136,8 +136,12 @@ class StudentDataset(WindowsDataset):
                 arrays = reader.read_raw(slice(start, stop))  # one slice read per run of chunks
             except Exception as exc:  # a chunk that fails its checksum or does not decode
                 detail = str(exc) if isinstance(exc, LogitcacheError) else f"{type(exc).__name__}: {exc}"
+                shards = sorted(
+                    {start // reader.layout.windows_per_shard, (stop - 1) // reader.layout.windows_per_shard}
+                )
                 raise CacheError(
-                    f"Cache windows {start}-{stop - 1} of {self.cache_store} could not be read. "
+                    f"Cache windows {start}-{stop - 1} (shard {'-'.join(map(str, shards))}) of {self.cache_store} "
+                    "could not be read. "
                     f"{detail[:300].rstrip('.')}. The cache is damaged: `pipe verify-cache` names the shard, "
                     "`pipe cache-logits CONFIG --overwrite` rebuilds it."
                 ) from None

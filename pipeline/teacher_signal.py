@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from logitcache.cache import (
     CacheMetadata,
@@ -39,7 +39,7 @@ from logitcache.cache import (
 )
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
-from logitcache.pipeline.models import load_model
+from logitcache.pipeline.models import TOKENIZER_FILES, check_model_dir, load_model
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, locate_cache_store
 from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
@@ -63,13 +63,9 @@ def trained_teacher_dirs(config: Config) -> dict[str, Path]:
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    """The model's safetensors files, sorted by name; a folder with pickle weights only is refused."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise TeacherError(
-            f"Expected safetensors weights in {model_dir}. Found none (pickle .bin files are not read)."
-        )
-    return files
+    """The model's safetensors files, sorted by name; a folder with pickle weights only is refused
+    (before anything is opened: :func:`~logitcache.pipeline.models.check_model_dir`)."""
+    return check_model_dir(model_dir)
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -83,35 +79,85 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
-    """Refuse a teacher whose tokenizer differs from the prepared data's (ids would mean other tokens)."""
+def _vocab(source: Path) -> dict[str, int]:
+    """Token -> id of a tokenizer: a ``tokenizer.json`` file, or any HF tokenizer folder."""
+    try:
+        if source.is_file():
+            return Tokenizer.from_file(str(source)).get_vocab(with_added_tokens=True)
+        return dict(AutoTokenizer.from_pretrained(source).get_vocab())
+    except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer is the same user error
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherError(
+            f"Expected a loadable tokenizer at {source}. Got an error ({reason[:200]})."
+        ) from None
+
+
+def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData, *, required: bool = True) -> None:
+    """Refuse a model whose tokenizer differs from the prepared data's (ids would mean other tokens).
+
+    The one tokenizer check of every path that reads a model against prepared data (teachers of
+    cache-logits and online students, ``pipe evaluate``). ``required``: a model folder with no
+    tokenizer files is refused (teachers); otherwise (evaluate) it is taken to use the data's.
+    """
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
+    if path.is_file() and path.read_bytes() == data.tokenizer_path.read_bytes():
+        return
+    if path.is_file():
+        theirs = _vocab(path)
+    elif any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        theirs = _vocab(model_dir)
+    elif required:
         raise TeacherError(
             f"Teacher '{name}' at {model_dir} has no tokenizer.json. Expected the tokenizer of the prepared data "
             f"({data.tokenizer_path}); teachers must share it."
         )
-    ours = Tokenizer.from_file(str(data.tokenizer_path)).get_vocab(with_added_tokens=True)
-    theirs = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    else:
+        return
+    ours = _vocab(data.tokenizer_path)
     if ours != theirs:
         differing = len(set(ours.items()) ^ set(theirs.items()))
         raise TeacherError(
-            f"Teacher '{name}' uses a different tokenizer than the prepared data ({len(theirs)} vs {len(ours)} "
-            f"tokens, {differing} entries differ). All teachers must share the data's tokenizer."
+            f"Expected model '{name}' at {model_dir} to use the tokenizer of the prepared data {data.root}. "
+            f"Got a different tokenizer ({len(theirs)} vs {len(ours)} tokens, {differing} entries differ): use "
+            "models that share the data's tokenizer, or prepare the data with theirs."
         )
+
+
+def check_teacher_vocab(name: str, model_dir: Path, data: PreparedData) -> None:
+    """Refuse a model with fewer output logits than the data has tokens, from its config.json (before
+    the weights are read)."""
+    try:
+        vocab = int(AutoConfig.from_pretrained(model_dir, trust_remote_code=False).vocab_size)
+    except Exception:  # noqa: BLE001 - no readable vocab_size: the loaded model is checked instead
+        return
+    if vocab < data.vocab_size:
+        raise vocab_error(name, model_dir, data, vocab)
+
+
+def vocab_error(name: str, model_dir: Path, data: PreparedData, vocab: int) -> TeacherError:
+    return TeacherError(
+        f"Expected model '{name}' at {model_dir} to predict the {data.vocab_size} tokens of the prepared data "
+        f"{data.root}. Got an output layer of {vocab} tokens: use models that share the data's tokenizer, "
+        "or prepare the data with theirs."
+    )
+
+
+def check_teacher(name: str, model_dir: Path, data: PreparedData, *, tokenizer_required: bool = True) -> None:
+    """Every check of a model against prepared data, before its weights are opened: safetensors only
+    (no pickle), headers intact, the same tokenizer, enough output logits."""
+    check_model_dir(model_dir)
+    check_teacher_tokenizer(name, model_dir, data, required=tokenizer_required)
+    check_teacher_vocab(name, model_dir, data)
 
 
 def load_teacher(name: str, model_dir: Path, data: PreparedData, device: torch.device) -> PreTrainedModel:
-    """One teacher, checked against the data (tokenizer, vocabulary, weights format), frozen, in eval mode."""
-    check_teacher_tokenizer(name, model_dir, data)
-    safetensors_files(model_dir)
+    """One teacher, checked against the data (:func:`check_teacher`), frozen, in eval mode."""
+    check_teacher(name, model_dir, data)
     model = load_model(model_dir).to(device).eval()
     model.requires_grad_(False)
-    if model.config.vocab_size < data.vocab_size:
-        raise TeacherError(
-            f"Teacher '{name}' has {model.config.vocab_size} output logits; the tokenizer has "
-            f"{data.vocab_size} tokens."
-        )
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if vocab < data.vocab_size:
+        raise vocab_error(name, model_dir, data, vocab)
     return model
 
 

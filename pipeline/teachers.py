@@ -22,10 +22,24 @@ from logitcache.pipeline.data_order import WindowsDataset
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.preflight import (
+    StageLock,
+    check_writable,
+    finish_replacement,
+    move_aside,
+    replaced_path,
+)
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, stage_is_done, write_provenance
+from logitcache.pipeline.rundir import (
+    RunLayout,
+    is_complete,
+    mark_complete,
+    read_marker,
+    stage_is_done,
+    write_provenance,
+)
 from logitcache.pipeline.tokenizer import load_hf_tokenizer
-from logitcache.pipeline.training import causal_lm_loss, train_model
+from logitcache.pipeline.training import causal_lm_loss, make_plan, train_model
 
 
 def teacher_config(config: Config, name: str) -> TeacherConfig:
@@ -69,39 +83,49 @@ def train_teacher(
             )
         return out
     fingerprint = teacher_fingerprint(config, name)
+    aside = replaced_path(out)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a teacher '{name}'"):
+        shutil.rmtree(aside, ignore_errors=True)  # an earlier --overwrite finished all but its cleanup
         return out
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    # Everything is checked before anything is created, moved or deleted (see train_student).
+    check_writable(out, f"the teacher '{name}'")
     data = PreparedData.open(RunLayout.of(config).data)
     ctx = ctx or init_distributed(config.run.device)
     train_windows = WindowsDataset(data.windows("train"))  # (N, T) windows, read by micro-batch
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
+    make_plan(teacher.train, len(train_windows), ctx.world_size)  # a batch that does not fit: refused now
     seed = config.run.seed + _name_seed(name)
     model = build_model(teacher.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_provenance(
-            out, config, "train-teacher", {"teacher": name, "parameters": count_parameters(model)}
+    with StageLock(out, f"the teacher '{name}'", enabled=ctx.is_main):
+        if ctx.is_main:
+            if overwrite:
+                move_aside(out, aside, is_complete=read_marker(out) is not None)
+            out.mkdir(parents=True, exist_ok=True)
+            write_provenance(
+                out, config, "train-teacher", {"teacher": name, "parameters": count_parameters(model)}
+            )
+        ctx.barrier()
+        summary = train_model(
+            model,
+            train=teacher.train,
+            dataset=train_windows,
+            seq_len=data.seq_len,
+            loss_fn=causal_lm_loss,
+            dev_windows=dev_windows,
+            out_dir=out,
+            seed=seed,
+            fingerprint=fingerprint,
+            ctx=ctx,
+            progress=progress,
+            desc=f"teacher {name}",
         )
-    summary = train_model(
-        model,
-        train=teacher.train,
-        dataset=train_windows,
-        seq_len=data.seq_len,
-        loss_fn=causal_lm_loss,
-        dev_windows=dev_windows,
-        out_dir=out,
-        seed=seed,
-        fingerprint=fingerprint,
-        ctx=ctx,
-        progress=progress,
-        desc=f"teacher {name}",
-    )
-    if ctx.is_main:
-        finalize_model_dir(out, model, data, summary | {"parameters": count_parameters(model)}, fingerprint)
-    ctx.barrier()
+        if ctx.is_main:
+            finalize_model_dir(
+                out, model, data, summary | {"parameters": count_parameters(model)}, fingerprint
+            )
+            finish_replacement(aside)  # the new teacher is complete: only now the old one goes
+        ctx.barrier()
     return out
 
 

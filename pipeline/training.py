@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from logitcache.pipeline.config import TrainConfig
 from logitcache.pipeline.data_order import Batch, MicroBatchSampler, OrderFn, epoch_order, make_loader
 from logitcache.pipeline.distributed import DistContext
-from logitcache.pipeline.errors import ConfigError, StageError
+from logitcache.pipeline.errors import ConfigError, LogitcacheError, StageError, error_line
 from logitcache.pipeline.progress import progress_bar
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
@@ -159,10 +159,37 @@ def save_checkpoint(
     keep: int,
     fingerprint: str,
 ) -> Path:
-    """Write ``out_dir/checkpoints/step-N`` atomically (temp folder + rename); keep the last ``keep``."""
+    """Write ``out_dir/checkpoints/step-N`` atomically (temp folder + rename); keep the last ``keep``.
+
+    A failed write (a full disk: ``OSError`` or safetensors' own error) removes the temp folder,
+    keeps every earlier checkpoint, and raises a one-line :class:`StageError` saying how to resume.
+    """
     root = out_dir / CHECKPOINT_DIR
     final = root / f"step-{state.global_step:08d}"
     tmp = root / f".step-{state.global_step:08d}.tmp"
+    try:
+        _write_checkpoint(tmp, model, optimizer, state, fingerprint)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        kept = [p.name for p in checkpoints_newest_first(out_dir)]
+        raise StageError(
+            f"Could not write the checkpoint {final} ({reason}). "
+            + (f"The last good checkpoint {kept[0]} is kept" if kept else "No earlier checkpoint exists")
+            + ": free disk space and rerun the same command to "
+            + ("resume from it." if kept else "start again.")
+        ) from None
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    _fsync_dir(root)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, state: TrainState, fingerprint: str
+) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -175,12 +202,6 @@ def save_checkpoint(
     trainer_state = {"train_state": asdict(state), "optimizer": meta, "fingerprint": fingerprint}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     _fsync_tree(tmp)  # the files are on disk before the rename makes the checkpoint visible
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    _fsync_dir(root)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -367,6 +388,18 @@ class StepClock:
         return self._total + running
 
 
+def _next_batch(batches: Iterator[Batch]) -> Batch:
+    """The next micro-batch. A user error raised in a DataLoader worker (a damaged cache chunk)
+    comes back with the worker's traceback in its message: it is raised again as itself, one line."""
+    try:
+        return next(batches)
+    except LogitcacheError as exc:
+        message = str(exc)
+        if "Original Traceback" not in message:
+            raise
+        raise type(exc)(error_line(message)) from None
+
+
 def train_model(
     model: PreTrainedModel,
     *,
@@ -456,7 +489,7 @@ def train_model(
                 for micro in range(train.grad_accum_steps):
                     batch = {
                         name: value.to(ctx.device, non_blocking=True)
-                        for name, value in next(micro_batches).items()
+                        for name, value in _next_batch(micro_batches).items()
                     }
                     last = micro == train.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last or not ctx.distributed else train_module.no_sync()

@@ -37,7 +37,8 @@ from logitcache.pipeline.evaluation.loading import (
     load_causal_lm,
     load_tokenizer,
 )
-from logitcache.pipeline.models import count_parameters
+from logitcache.pipeline.models import check_model_dir, count_parameters
+from logitcache.pipeline.preflight import REPLACED_SUFFIX, check_writable
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import (
     MODEL_GROUPS,
@@ -46,6 +47,7 @@ from logitcache.pipeline.rundir import (
     git_commit,
     package_versions,
 )
+from logitcache.pipeline.teacher_signal import check_teacher
 
 RESULTS_FORMAT = "logitcache-eval"
 RESULTS_VERSION = 1
@@ -86,7 +88,13 @@ def find_run_models(run_dir: str | Path) -> list[Path]:
     found: list[Path] = []
     for root in (layout.teachers, layout.students):
         if root.is_dir():
-            found.extend(sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()))
+            found.extend(
+                sorted(
+                    p
+                    for p in root.iterdir()
+                    if p.is_dir() and (p / "config.json").is_file() and not p.name.endswith(REPLACED_SUFFIX)
+                )
+            )  # NAME.replaced: an old model an unfinished --overwrite keeps until the new one is complete
     return found
 
 
@@ -134,6 +142,15 @@ def evaluate_models(
                 "use --split dev, or prepare the data with a larger data.test_fraction."
             )
     pairs: list[BlimpPair] | None = read_blimp(options.blimp_dir) if options.blimp_dir is not None else None
+    # Every model folder is checked before the first is evaluated: safetensors only (pickle files are
+    # never opened), intact headers, and, against prepared data, the same tokenizer and vocabulary
+    # (the checks the teachers of every other path get).
+    for i, model_dir in enumerate(map(Path, model_dirs)):
+        label = names[i] if names is not None else model_name(model_dir)
+        if data is not None:
+            check_teacher(label, model_dir, data, tokenizer_required=False)
+        else:
+            check_model_dir(model_dir)
 
     entries = []
     seen: dict[str, int] = {}
@@ -264,11 +281,28 @@ def dumps_results(results: dict[str, Any]) -> str:
 
 
 def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write the results document atomically."""
+    """Write the results document atomically: a failure (a full disk) leaves any earlier file as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, dumps_results(results))
+    text = dumps_results(results)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise StageError(
+            f"Could not write the evaluation results to {path} ({exc.strerror or exc}). Any earlier results "
+            "file there is unchanged: free space (or fix the folder) and rerun."
+        ) from None
     return path
+
+
+def check_results_path(path: str | Path) -> None:
+    """Refuse, before any model is evaluated, a results path that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"Expected a file path for the results. Got the folder {path}; name a .json file in it."
+        )
+    check_writable(path.parent, "the evaluation results")
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
@@ -314,8 +348,10 @@ def evaluate_run(
         )
     if options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
+    target = Path(out) if out is not None else layout.eval_results
+    check_results_path(target)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
-    return write_results(results, out if out is not None else layout.eval_results)
+    return write_results(results, target)
 
 
 def evaluate_command(
@@ -339,7 +375,9 @@ def evaluate_command(
     layout = RunLayout(Path(run_dir)) if run_dir is not None else None
     if layout is not None and options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
-    results = evaluate_models(model_dirs, options=options, log=log)
     if out is None and layout is not None:
         out = layout.eval_results
+    if out is not None:
+        check_results_path(out)
+    results = evaluate_models(model_dirs, options=options, log=log)
     return dumps_results(results) if out is None else write_results(results, out)

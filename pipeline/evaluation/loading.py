@@ -14,30 +14,15 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logitcache.pipeline.errors import TeacherError
-from logitcache.pipeline.models import load_model
+from logitcache.pipeline.models import TOKENIZER_FILES, load_model
 from logitcache.pipeline.prepare import PreparedData
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+from logitcache.pipeline.teacher_signal import check_teacher_tokenizer, vocab_error
 
 
 def load_causal_lm(path: str | Path, *, device: torch.device) -> PreTrainedModel:
-    """A saved HF causal LM in float32 and eval mode on ``device``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise TeacherError(
-            f"Expected a model directory at {path}. Got {'a file' if path.exists() else 'nothing'}."
-        )
-    try:
-        model = load_model(path)
-    except TeacherError:
-        raise
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TeacherError(
-            f"Expected a Hugging Face causal language model at {path}. Got one transformers cannot load "
-            f"as AutoModelForCausalLM ({reason[:200]})."
-        ) from None
-    return model.to(device).eval()
+    """A saved HF causal LM in float32 and eval mode on ``device`` (safetensors only, checked before
+    anything is opened: :func:`~logitcache.pipeline.models.load_model`)."""
+    return load_model(Path(path)).to(device).eval()
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -82,22 +67,7 @@ def check_model_matches_data(
     """The prepared windows are token ids of the data's tokenizer: the model must use the same one."""
     vocab = output_vocab_size(model)
     if vocab < data.vocab_size:
-        raise TeacherError(
-            f"Expected {model_dir} to predict the {data.vocab_size} tokens of the prepared data {data.root}. "
-            f"Got an output layer of {vocab} tokens: evaluate it on data prepared with its own tokenizer."
-        )
+        raise vocab_error(str(model_dir), model_dir, data, vocab)
     if tokenizer is None:
         return
-    if (model_dir / "tokenizer.json").is_file() and (model_dir / "tokenizer.json").read_bytes() == (
-        data.tokenizer_path.read_bytes()
-    ):
-        return
-    model_vocab = tokenizer.get_vocab()
-    data_vocab = AutoTokenizer.from_pretrained(data.root).get_vocab()
-    if model_vocab != data_vocab:
-        same_size = "with other token ids" if len(model_vocab) == len(data_vocab) else ""
-        raise TeacherError(
-            f"Expected {model_dir} to use the tokenizer of the prepared data {data.root} "
-            f"({len(data_vocab)} tokens). Got a tokenizer of {len(model_vocab)} tokens {same_size}".rstrip()
-            + ": evaluate it on data prepared with its own tokenizer, or leave out --data."
-        )
+    check_teacher_tokenizer(str(model_dir), model_dir, data, required=False)
