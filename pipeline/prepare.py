@@ -90,13 +90,12 @@ def prepare_data(config: Config, *, overwrite: bool = False, progress: bool | No
     fingerprint = data_fingerprint(config)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what="prepared data"):
         return out
+    check_writable(out, "the prepared data")
     sources, splits = read_corpus(config.data)
     if not splits["train"]:
         raise DataError(
             "Expected documents in the train split. Got none: the corpus is too small or all held out."
         )
-
-    check_writable(out, "the prepared data")
     with StageLock(out, "the prepared data"):
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

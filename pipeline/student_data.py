@@ -61,6 +61,8 @@ class StudentDataset(WindowsDataset):
         self.cached_chunks = cached_chunks  # raw chunks kept per process (about one shuffle buffer's)
         self._reader: CacheReader | None = None
         self._reader_pid = -1
+        if cache_store is not None:  # verified here, by the process that builds the dataset
+            self._reader, self._reader_pid = open_cache(cache_store), os.getpid()
         self._recent: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()  # chunk -> raw arrays
 
     def __getstate__(self) -> dict[str, Any]:
@@ -91,7 +93,8 @@ class StudentDataset(WindowsDataset):
 
     def _cache(self) -> CacheReader:
         if self._reader is None or self._reader_pid != os.getpid():
-            self._reader = open_cache(self.cache_store)  # type: ignore[arg-type]
+            # a loader worker: its parent verified the cache when it built this dataset
+            self._reader = open_cache(self.cache_store, verify=False)  # type: ignore[arg-type]
             self._reader_pid = os.getpid()
         return self._reader
 

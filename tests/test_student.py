@@ -546,7 +546,9 @@ def test_chunk_failing_its_checksum_mid_epoch_is_one_line_naming_the_windows(run
     data = PreparedData.open(copy / "data")
     open_student_cache(config, data)  # the quick check does not read chunk data
     dataset = make_dataset(config, data, data.windows("train"))
-    with pytest.raises(CacheError, match=r"Cache windows \d+-\d+ of .* could not be read") as info:
+    with pytest.raises(
+        CacheError, match=r"Cache windows \d+-\d+ \(shard \d+(-\d+)?\) of .* could not be read"
+    ) as info:
         for start in range(0, len(dataset), 64):
             dataset.read(list(range(start, min(start + 64, len(dataset)))))
     assert "\n" not in str(info.value) and "pipe verify-cache" in str(info.value)
