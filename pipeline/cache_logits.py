@@ -235,7 +235,9 @@ def resolve_cache_store(path: str | Path) -> Path:
     """A cache location given by the user: a stage folder (RUN/cache) or the store itself."""
     store = locate_cache_store(path)
     if store.is_file():
-        raise CacheError(f"Expected a cache folder. Got the file {store}.")
+        raise CacheError(
+            f"Expected a cache folder. Got the file {store}: pass RUN/cache or RUN/cache/logits.zarr."
+        )
     if not store.exists():
         raise CacheError(
             f"Expected a logit cache at {store}. Found nothing; run `pipe cache-logits CONFIG` first."

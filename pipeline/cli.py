@@ -292,8 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # a bad option or argument: one line too, and where to look
+        from logitcache.pipeline.errors import error_line
+
+        ctx = getattr(exc, "ctx", None)
+        hint = f" See '{ctx.command_path} --help'." if isinstance(exc, click.UsageError) and ctx else ""
+        click.echo(f"error: {error_line(exc.format_message())}{hint}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -303,7 +303,10 @@ def load_config(
     """Load a TOML config, apply ``section.key=value`` overrides, resolve paths, validate."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Expected a TOML config file. Got {str(path)!r}, which does not exist.")
+        raise ConfigError(
+            f"Expected a TOML config file. Got {str(path)!r}, which does not exist: pass the path of one "
+            "(e.g. configs/demo.toml)."
+        )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -313,11 +316,17 @@ def load_config(
         _apply_override(raw, item)
     if run_dir is not None:
         raw.setdefault("run", {})["dir"] = str(run_dir)
-    config = from_dict(Config, raw, where="")
-    if not config.run.dir:
-        config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=f"runs/{path.stem}"))
-    config = dataclasses.replace(config, source=str(path))
-    validate(config)
+    try:
+        config = from_dict(Config, raw, where="")
+        if not config.run.dir:
+            config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=f"runs/{path.stem}"))
+        config = dataclasses.replace(config, source=str(path))
+        validate(config)
+    except ConfigError as exc:  # every config error says where it is fixed
+        message = str(exc)
+        if "Fix it in" in message or "Did you mean" in message:
+            raise
+        raise ConfigError(f"{message.rstrip('.')}. Fix it in {path.name} or with --set.") from None
     return config
 
 

@@ -54,7 +54,8 @@ def list_corpus_files(corpus: Path) -> list[Path]:
         )
     if not corpus.exists():
         raise DataError(
-            f"Expected a corpus directory or JSONL file. Got {str(corpus)!r}, which does not exist."
+            f"Expected a corpus directory or JSONL file. Got {str(corpus)!r}, which does not exist: set "
+            "data.corpus (in the config or with --set) to an existing path."
         )
     if corpus.is_file():
         if corpus.name.endswith((".jsonl", ".jsonl.gz")):
@@ -71,7 +72,8 @@ def list_corpus_files(corpus: Path) -> list[Path]:
     )
     if not files:
         raise DataError(
-            f"Expected text files ({', '.join(TEXT_SUFFIXES)}, optionally .gz) under {str(corpus)!r}. Found none."
+            f"Expected text files ({', '.join(TEXT_SUFFIXES)}, optionally .gz) under {str(corpus)!r}. Found none: "
+            "point data.corpus at a folder of text files or a .jsonl file."
         )
     return files
 

@@ -87,11 +87,13 @@ def check_model_dir(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise TeacherError(
-            f"Expected a model directory at {path}. Got {'a file' if path.exists() else 'nothing'}."
+            f"Expected a model directory at {path}. Got {'a file' if path.exists() else 'nothing'}: pass the "
+            "folder of a saved Hugging Face model."
         )
     if not (path / "config.json").is_file():
         raise TeacherError(
-            f"Expected a Hugging Face model directory (with config.json) at {path}. Found none."
+            f"Expected a Hugging Face model directory (with config.json) at {path}. Found none: pass the folder "
+            "of a saved model (save_pretrained)."
         )
     files = sorted(path.glob("*.safetensors"))
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)

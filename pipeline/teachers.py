@@ -45,7 +45,7 @@ from logitcache.pipeline.training import causal_lm_loss, make_plan, train_model
 def teacher_config(config: Config, name: str) -> TeacherConfig:
     if name not in config.teachers:
         known = ", ".join(config.teachers) or "none"
-        raise ConfigError(f"Unknown teacher {name!r}. The config defines: {known}.")
+        raise ConfigError(f"Unknown teacher {name!r}. The config defines: {known}. Pass one of them.")
     return config.teachers[name]
 
 

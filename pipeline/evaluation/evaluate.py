@@ -122,7 +122,7 @@ def evaluate_models(
         raise ConfigError(f"Expected one name per model directory ({len(model_dirs)}). Got {len(names)}.")
     if options.data_dir is None and options.blimp_dir is None:
         raise ConfigError(
-            "Expected --data (held-out perplexity, ECE) or --blimp (BLiMP), or both. Got neither."
+            "Expected --data (held-out perplexity, ECE) or --blimp (BLiMP), or both. Got neither: pass one."
         )
     if options.batch_size < 1 or options.ece_bins < 1:
         raise ConfigError(
@@ -371,7 +371,7 @@ def evaluate_command(
     if run_dir is not None and not model_dirs:
         return evaluate_run(run_dir, options=options, out=out, log=log)
     if not model_dirs:
-        raise ConfigError("Expected MODEL_DIR arguments or --run-dir RUN. Got neither.")
+        raise ConfigError("Expected MODEL_DIR arguments or --run-dir RUN. Got neither: pass one.")
     layout = RunLayout(Path(run_dir)) if run_dir is not None else None
     if layout is not None and options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)

@@ -232,12 +232,17 @@ def build_report(run_dir: str | Path, *, results_path: str | Path | None = None)
     """Draw the figures of a run and write ``RUN/eval/report.html``; return its path."""
     layout = RunLayout(Path(run_dir))
     if not layout.root.is_dir():
-        raise StageError(f"Expected a run directory at {layout.root}. Got nothing there.")
+        raise StageError(
+            f"Expected a run directory at {layout.root}. Got nothing there: pass the run.dir of a `pipe run`."
+        )
     curves = find_training_curves(layout.root)
     results_file = Path(results_path) if results_path is not None else layout.eval_results
     results = read_results(results_file) if results_file.is_file() else None
     if results_path is not None and results is None:
-        raise DataError(f"Expected evaluation results at {results_file}. Got nothing there.")
+        raise DataError(
+            f"Expected evaluation results at {results_file}. Got nothing there: pass the results "
+            "JSON that `pipe evaluate` wrote."
+        )
     evaluated = results["models"] if results else []
     if not curves and not evaluated:
         raise StageError(
