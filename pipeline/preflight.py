@@ -124,10 +124,15 @@ class StageLock:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.enabled = enabled
         self._fd: int | None = None
+        self._created: list[Path] = []
 
     def acquire(self) -> None:
         if not self.enabled or self._fd is not None:
             return
+        missing = self.path.parent
+        while not missing.exists() and missing != missing.parent:
+            self._created.append(missing)  # deepest first; removed on release if still empty
+            missing = missing.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):  # retried only when the file was replaced while we opened it
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -173,6 +178,12 @@ class StageLock:
             self.path.unlink()  # while still holding it: a waiting process then retries on a new file
         os.close(self._fd)
         self._fd = None
+        for folder in self._created:  # a run that failed early leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def __enter__(self) -> StageLock:
         self.acquire()

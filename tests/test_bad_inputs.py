@@ -736,6 +736,21 @@ def report_of_no_run(b: Bench):
     return ["report", b.tmp / "nowhere"]
 
 
+@case("report", r"Expected a writable folder for the report at .*eval\. Got: Permission denied")
+def read_only_eval(b: Bench):
+    public = public_dir()
+    b.stack.callback(shutil.rmtree, public, True)
+    (public / "run" / "teachers" / "llama").mkdir(parents=True)
+    shutil.copyfile(
+        b.base.run / "teachers" / "llama" / "metrics.jsonl",
+        public / "run" / "teachers" / "llama" / "metrics.jsonl",
+    )
+    (public / "run" / "eval").mkdir()
+    b.roots.append(public)
+    b.run_inside = lambda: unwritable(public / "run" / "eval")
+    return ["report", public / "run"]
+
+
 ADVICE = re.compile(
     r"\b(run|rerun|use|pass|remove|convert|rebuild|free|make|lower|raise|wait|move|choose|name|"
     r"copy|set|point|evaluate|prepare|train|check|did you mean)\b",

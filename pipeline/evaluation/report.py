@@ -26,6 +26,7 @@ from typing import Any
 
 from logitcache.pipeline.errors import DataError, StageError
 from logitcache.pipeline.evaluation.evaluate import model_name, read_results
+from logitcache.pipeline.preflight import check_writable
 from logitcache.pipeline.rundir import RunLayout, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -249,6 +250,7 @@ def build_report(run_dir: str | Path, *, results_path: str | Path | None = None)
             f"Expected trained models (RUN/teachers/*, RUN/students/* with {METRICS_FILE}) or "
             f"{layout.eval_results} in {layout.root}. Found neither: run `pipe run CONFIG` first."
         )
+    check_writable(layout.eval, "the report")  # before any figure is drawn
     names = list(dict.fromkeys([c.name for c in curves] + [m["name"] for m in evaluated]))
     colors = _colors(names)
     figures_dir = layout.figures
