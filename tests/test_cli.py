@@ -38,7 +38,7 @@ def test_version():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["prepare-data", "missing.toml"], "error: Expected a TOML config file. Got 'missing.toml', which does not exist."),
+        (["prepare-data", "missing.toml"], "error: Expected a TOML config file. Got 'missing.toml', which does not exist: pass the path of one"),
         (["prepare-data", "{demo}", "--set", "data.vocab=5"], "error: Unknown config key 'data.vocab'. Did you mean 'vocab_size'?"),
         (["train-teacher", "{demo}", "--teacher", "nope", "--run-dir", "{tmp}"], "error: Unknown teacher 'nope'. The config defines: llama, gpt2."),
         (["train-teacher", "{demo}", "--teacher", "llama", "--run-dir", "{tmp}"], "error: Expected prepared data in"),
