@@ -982,3 +982,24 @@ def test_verify_cache_exit_codes_match_the_readme(
     assert code == 1
     code, _ = pipe(["verify-cache", tmp_path / "nowhere"], capsys)
     assert code == 2
+
+
+def test_the_python_api_refuses_what_the_cli_refuses(base: Base, tmp_path: Path):
+    """The library entry points apply the same refusals: a damaged cache to ``open_cache`` and
+    ``StudentDataset`` (before any read), a pickle-only model to ``evaluate_models`` (before any
+    model is loaded, the intact one listed first included)."""
+    from logitcache.pipeline.errors import CacheError, TeacherError
+    from logitcache.pipeline.evaluation import EvalOptions, evaluate_models
+    from logitcache.pipeline.student_data import StudentDataset
+
+    run = run_copy(base, tmp_path / "run")
+    store = run / "cache" / "logits.zarr"
+    (store / "values" / "c" / "0" / "0" / "0").write_bytes(b"")
+    with pytest.raises(CacheError, match=r"Expected an intact cache at .*values.*damaged shards \[0\]"):
+        open_cache(store)
+    windows = PreparedData.open(run / "data").windows("train")
+    with pytest.raises(CacheError, match="Expected an intact cache"):
+        StudentDataset(windows, store)
+    options = EvalOptions(data_dir=base.run / "data")
+    with pytest.raises(TeacherError, match="Found only pickle weights"):
+        evaluate_models([base.run / "teachers" / "llama", base.models["pickled"]], options=options)
