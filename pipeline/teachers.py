@@ -21,7 +21,7 @@ from logitcache.pipeline.config import Config, TeacherConfig, teacher_fingerprin
 from logitcache.pipeline.data_order import WindowsDataset
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
-from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.models import build_model, check_model_dir, count_parameters
 from logitcache.pipeline.preflight import (
     StageLock,
     check_writable,
@@ -81,6 +81,7 @@ def train_teacher(
             raise ConfigError(
                 f"teachers.{name}.path = {str(out)!r} is not a Hugging Face model folder (no config.json)."
             )
+        check_model_dir(out)  # pickle-only or truncated weights: refused now, not at the next stage
         return out
     fingerprint = teacher_fingerprint(config, name)
     aside = replaced_path(out)

@@ -400,6 +400,18 @@ def no_prepared_data(b: Bench):
     return ["train-teacher", b.base.config, "--teacher", "llama", "--run-dir", b.tmp / "run"]
 
 
+@case("train-teacher", r"Expected safetensors weights in .*pickled\. Found only pickle weights")
+def adopting_a_pickle_only_teacher(b: Bench):
+    return [
+        "train-teacher",
+        b.base.config,
+        "--teacher",
+        "gpt",
+        "--set",
+        f"teachers.gpt.path='{b.base.models['pickled']}'",
+    ]
+
+
 # cache-logits --------------------------------------------------------------------------------
 
 
