@@ -48,11 +48,23 @@ class RunConfig:
     students: list[StudentMode] = field(default_factory=lambda: ["cache", "ce"])
 
 
+DEFAULT_INCLUDE: Final = tuple(f"*{suffix}{gz}" for suffix in (".txt", ".train", ".dev", ".test") for gz in ("", ".gz"))
+DEFAULT_EXCLUDE: Final = (
+    "LICENSE*", "LICENCE*", "COPYING*", "NOTICE*", "AUTHORS*", "ATTRIBUTION*", "README*", "SOURCES*",
+)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """`pipe prepare-data`: corpus → BPE tokenizer → train/dev/test token windows."""
 
     corpus: str = ""  # a directory of .txt/.train/.dev/.test(.gz) files, or a .jsonl(.gz) file
+    # In a corpus directory, the files read are those whose name matches an `include` pattern and
+    # none of whose path parts (folders or file name) matches an `exclude` pattern (shell-style,
+    # case-insensitive). The default `exclude` keeps license, attribution and readme files out of
+    # the training text.
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     jsonl_field: str = "text"
     max_chars_per_file: int = 0  # 0 = whole files; >0 keeps only the first N characters of each
     on_decode_error: Literal["error", "skip"] = "error"
@@ -497,6 +509,10 @@ def validate(config: Config) -> None:
             f"Got {data.dev_fraction} and {data.test_fraction}."
         )
     _at_least(data.max_chars_per_file, 0, "data.max_chars_per_file", " (0 = whole files)")
+    _require(bool(data.include), "data.include", "to hold at least one file-name pattern such as '*.txt'", data.include)
+    for key, patterns in (("data.include", data.include), ("data.exclude", data.exclude)):
+        for pattern in patterns:
+            _require(bool(pattern) and "/" not in pattern, key, "to hold file or folder name patterns (no '/', not empty)", pattern)
     _at_least(data.document_words, 1, "data.document_words")
     _at_least(data.min_frequency, 0, "data.min_frequency")
     for name, teacher in config.teachers.items():
