@@ -41,7 +41,14 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
 from logitcache.pipeline.config import TrainConfig
-from logitcache.pipeline.data_order import Batch, MicroBatchSampler, OrderFn, epoch_order, make_loader
+from logitcache.pipeline.data_order import (
+    Batch,
+    BatchGeometry,
+    MicroBatchSampler,
+    OrderFn,
+    epoch_order,
+    make_loader,
+)
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, StageError
 from logitcache.pipeline.progress import progress_bar
@@ -72,26 +79,23 @@ class TrainPlan:
 
 
 def make_plan(train: TrainConfig, num_windows: int, world_size: int) -> TrainPlan:
-    if train.batch_size % (world_size * train.grad_accum_steps):
-        raise ConfigError(
-            f"Expected batch_size ({train.batch_size}) divisible by world size ({world_size}) x "
-            f"grad_accum_steps ({train.grad_accum_steps})."
-        )
-    steps_per_epoch = num_windows // train.batch_size
-    if steps_per_epoch < 1:
+    geometry = BatchGeometry.of(
+        num_windows, train.batch_size, world_size=world_size, grad_accum_steps=train.grad_accum_steps
+    )
+    if geometry.steps_per_epoch < 1:
         raise ConfigError(
             f"Expected at least one batch of {train.batch_size} windows. The training split holds "
             f"{num_windows} windows: lower train.batch_size or use more data."
         )
-    total = steps_per_epoch * train.epochs
+    total = geometry.steps_per_epoch * train.epochs
     if train.max_steps > 0:
         total = min(total, train.max_steps) if train.epochs > 0 else train.max_steps
     return TrainPlan(
         num_windows=num_windows,
         batch_size=train.batch_size,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=geometry.steps_per_epoch,
         total_steps=total,
-        micro_batch=train.batch_size // (world_size * train.grad_accum_steps),
+        micro_batch=geometry.micro_batch,
     )
 
 
