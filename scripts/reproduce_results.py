@@ -28,10 +28,13 @@ import collections
 import dataclasses
 import datetime as dt
 import json
+import multiprocessing
+import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,23 @@ class Variant:
         return "cache-" + "-".join(o.split(".", 1)[1].replace("=", "") for o in self.cache)
 
 
+def train_and_evaluate(config: Config) -> dict[str, Any]:
+    """Train one student (or reuse it when complete) and evaluate it on the held-out split."""
+    model_dir = train_student(config, progress=False)
+    run = config.run_dir
+    result = evaluate_models([model_dir], options=EvalOptions(data_dir=RunLayout(run).data), progress=False)
+    held = result["models"][0]["held_out"]
+    return {
+        "perplexity": held["perplexity"],
+        "loss": held["loss"],
+        "ece": held["ece"],
+        "tokens": held["tokens"],
+        "model_dir": str(model_dir),
+        # the code that trained it (a student reused from an earlier invocation keeps its own)
+        "trained_at": json.loads((model_dir / PROVENANCE_FILE).read_text()).get("git_commit", "")[:7],
+    }
+
+
 def _link_base(base: Path, run: Path) -> None:
     run.mkdir(parents=True, exist_ok=True)
     for name in ("data", "teachers"):
@@ -101,11 +121,8 @@ class Experiment:
             self.cache_summaries[variant.cache_key()] = (read_marker(out) or {}).get("summary", {})
         return run
 
-    def train(self, variant: Variant, seed: int) -> dict[str, Any]:
-        if variant.same_as:
-            twin = next(r for r in self.rows if r["variant"] == variant.same_as and r["seed"] == seed)
-            self.rows.append(twin | {"variant": variant.name})
-            return self.rows[-1]
+    def student_job(self, variant: Variant, seed: int) -> tuple[Config, str]:
+        """What ``train_and_evaluate`` needs for one student: its config, and its cache's key."""
         run = self.ensure_cache(variant)
         overrides = [
             *(variant.cache or ()),
@@ -113,30 +130,38 @@ class Experiment:
             f"student.seed={seed}",
             f"student.name={variant.name}-s{seed}",
         ]
-        model_dir = train_student(self.config(run, overrides), progress=False)
-        result = evaluate_models(
-            [model_dir], options=EvalOptions(data_dir=RunLayout(run).data), progress=False
-        )
-        held = result["models"][0]["held_out"]
-        row = {
-            "variant": variant.name,
-            "seed": seed,
-            "cache": variant.cache_key(),
-            "bytes_per_position": self.cache_summaries.get(variant.cache_key(), {}).get("bytes_per_position"),
-            "perplexity": held["perplexity"],
-            "loss": held["loss"],
-            "ece": held["ece"],
-            "tokens": held["tokens"],
-            "model_dir": str(model_dir),
-            # the code that trained it (a student reused from an earlier invocation keeps its own)
-            "trained_at": json.loads((model_dir / PROVENANCE_FILE).read_text()).get("git_commit", "")[:7],
-        }
-        self.rows.append(row)
-        print(
-            f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}",
-            flush=True,
-        )
-        return row
+        return self.config(run, overrides), variant.cache_key()
+
+    def train_all(self, tasks: list[tuple[Variant, int]], jobs: int) -> None:
+        """Train and evaluate every (variant, seed), ``jobs`` at a time; rows in the order of ``tasks``.
+
+        Caches are built first, one after another (each uses all cores); then the students run in
+        ``jobs`` worker processes with ``cores / jobs`` threads each (small models use two single-
+        threaded processes on two cores better than one two-threaded one).
+        """
+        own = [(v, s) for v, s in tasks if not v.same_as]
+        configs = [self.student_job(v, s) for v, s in own]
+        if jobs <= 1:
+            results = [train_and_evaluate(config) for config, _ in configs]
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                results = list(pool.map(train_and_evaluate, [config for config, _ in configs]))
+        done = {}
+        for (variant, seed), (_, key), result in zip(own, configs, results, strict=True):
+            row = {
+                "variant": variant.name,
+                "seed": seed,
+                "cache": key,
+                "bytes_per_position": self.cache_summaries.get(key, {}).get("bytes_per_position"),
+                **result,
+            }
+            done[(variant.name, seed)] = row
+        for variant, seed in tasks:
+            row = done[(variant.same_as or variant.name, seed)]
+            self.rows.append(row | {"variant": variant.name})
+            print(f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}", flush=True)
 
     def sampled_variant(self, topk_bytes: float) -> Variant:
         """The sampled cache whose storage is closest to the top-k cache's.
@@ -167,6 +192,9 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.5,1.0")
     parser.add_argument(
         "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="students trained at once, in processes of cores/jobs threads each"
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
@@ -222,9 +250,7 @@ def main() -> None:
                         same_as="topk" if is_default else "",
                     )
                 )
-    for seed in seeds:
-        for variant in [*main_variants, *sweep]:
-            exp.train(variant, seed)
+    exp.train_all([(variant, seed) for seed in seeds for variant in [*main_variants, *sweep]], args.jobs)
 
     meta = {
         "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
