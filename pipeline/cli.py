@@ -267,7 +267,7 @@ def train_student_cmd(
 ) -> None:
     """Train the student (resumes from its last checkpoint). Works under torchrun."""
     from logitcache.pipeline.config import with_student
-    from logitcache.pipeline.distributed import shutdown_distributed
+    from logitcache.pipeline.distributed import launched_rank, shutdown_distributed
     from logitcache.pipeline.student import student_name, train_student
     from logitcache.pipeline.teachers import describe_training
 
@@ -276,7 +276,8 @@ def train_student_cmd(
         out = train_student(cfg, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    click.echo(f"student {student_name(cfg)}: {out} ({describe_training(out)})")
+    if launched_rank() == 0:  # under torchrun, one summary, not one per rank
+        click.echo(f"student {student_name(cfg)}: {out} ({describe_training(out)})")
 
 
 def main(argv: list[str] | None = None) -> None:

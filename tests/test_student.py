@@ -501,6 +501,7 @@ def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
         args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("student ddp:") == 1, done.stdout  # rank 0 prints the summary, once
     got = _losses(run_b / "students" / "ddp" / "metrics.jsonl")
     assert [s for s, _ in got] == [s for s, _ in expected]
     for (_, a), (_, b) in zip(got, expected, strict=True):  # two half-batches + all-reduce: fp32 rounding
