@@ -83,6 +83,7 @@ def run_pipeline(
             progress=progress,
             log=log,
             teachers=teachers,
+            config=config,
         )
         mark_complete(layout.eval, fingerprint)
 

@@ -7,7 +7,8 @@ The results document (``RUN/eval/results.json`` for a run; ``--out`` on the comm
      "settings":   {data, split, blimp, batch_size, ece_bins, device, ...},
      "models": [{"name", "path", "architecture", "parameters", "seconds",
                  "held_out": {split, windows, tokens, loss, perplexity, ece, reliability{...}} | null,
-                 "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...]}
+                 "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...],
+     "references": [{"name", "description", "held_out": {...}}, ...]}   (a run's evaluate stage only)
 
 ``held_out`` is null without prepared data, ``blimp`` null without a BLiMP directory. Non-finite
 numbers are written as null (JSON has no NaN).
@@ -29,6 +30,7 @@ from typing import Any
 from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
+from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
@@ -294,11 +296,14 @@ def evaluate_run(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     teachers: Mapping[str, str | Path] | None = None,
+    config: Config | None = None,
 ) -> Path:
     """Evaluate every finished model of a run on ``RUN/data``; write ``RUN/eval/results.json`` (or ``out``).
 
     ``teachers``: the config's teacher folders by name (``teacher_dir``). Those outside the run (a
     configured ``teachers.NAME.path``, e.g. a pretrained model) are evaluated too, as ``teachers/NAME``.
+    ``config``: the run's config; with it, the results also hold ``references`` on the held-out
+    split: the teachers' ensemble (two or more teachers) and a unigram model (see :mod:`.references`).
     """
     layout = RunLayout(Path(run_dir))
     found = {model_name(p): p for p in find_run_models(layout.root)}
@@ -315,6 +320,27 @@ def evaluate_run(
     if options.data_dir is None:
         options = dataclasses.replace(options, data_dir=layout.data)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
+    if config is not None and options.data_dir is not None:
+        from logitcache.pipeline.evaluation.references import reference_entries
+
+        teacher_dirs = {
+            name: found[f"teachers/{name}"] for name in config.teachers if f"teachers/{name}" in found
+        }
+        results["references"] = reference_entries(
+            config,
+            PreparedData.open(options.data_dir),
+            split=options.split,
+            batch_size=options.batch_size,
+            num_bins=options.ece_bins,
+            device=resolve_device(options.device),
+            teacher_dirs=teacher_dirs,
+            progress=progress,
+        )
+        if log is not None:
+            for entry in results["references"]:
+                log(summary_line(entry))
+            for line in headline_lines(results):
+                log(line)
     return write_results(results, out if out is not None else layout.eval_results)
 
 
