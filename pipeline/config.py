@@ -12,6 +12,7 @@ the command line (``--run-dir``, ``--set run.dir=...``) are relative to the work
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import hashlib
 import json
@@ -29,6 +30,7 @@ Family = Literal["llama", "gpt2"]
 # How a student gets its teacher signal: "cache" (RUN/cache), "online" (the teachers run at every
 # step) or "ce" (none: cross-entropy only). The one list of student modes.
 StudentMode = Literal["cache", "online", "ce"]
+Tracker = Literal["tensorboard"]
 STUDENT_MODES: Final = typing.get_args(StudentMode)
 EvalSplit = Literal["test", "dev"]
 EVAL_SPLITS: Final = typing.get_args(EvalSplit)
@@ -46,6 +48,9 @@ class RunConfig:
     # The students `pipe run` trains, one per mode, into RUN/students/<mode>: the distilled student
     # and its CE-only twin by default; add "online" for live-teacher distillation (the baseline).
     students: list[StudentMode] = field(default_factory=lambda: ["cache", "ce"])
+    # Experiment trackers beside metrics.jsonl (always written): "tensorboard" writes one event
+    # folder per model under RUN/tensorboard/ (needs the `tensorboard` extra). Off by default.
+    report_to: list[Tracker] = field(default_factory=list)
 
 
 DEFAULT_INCLUDE: Final = tuple(f"*{suffix}{gz}" for suffix in (".txt", ".train", ".dev", ".test") for gz in ("", ".gz"))
@@ -498,6 +503,11 @@ def validate(config: Config) -> None:
     empty range) or silently misbehave later is refused before any command touches anything.
     """
     _at_least(config.run.seed, 0, "run.seed")
+    if "tensorboard" in config.run.report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "Expected the tensorboard package for run.report_to = ['tensorboard']. It is not installed: "
+            "pip install 'logitcache[tensorboard]' (or tensorboard), or remove it from run.report_to."
+        )
     data = config.data
     if data.seq_len < 2:
         raise ConfigError(f"Expected data.seq_len >= 2. Got {data.seq_len}.")

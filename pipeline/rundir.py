@@ -76,6 +76,10 @@ class RunLayout:
     def verify_report(self) -> Path:
         return self.cache / "verify.json"
 
+    def tensorboard(self, group: str, name: str) -> Path:
+        """The TensorBoard event folder of one model (``run.report_to = ["tensorboard"]``)."""
+        return self.root / "tensorboard" / group / name
+
     @property
     def students(self) -> Path:
         return self.root / "students"

@@ -247,6 +247,8 @@ def train_student(
         order=make_order(config, windows.shape[0], data.seq_len),
         workers=config.student.loader.workers,
         prefetch_factor=config.student.loader.prefetch_factor,
+        report_to=config.run.report_to,
+        tracker_dir=RunLayout.of(config).tensorboard("students", student_name(config)),
         wrap=lambda m: StudentObjective(m, options, teachers),
     )
     summary |= {"mode": options.mode, "parameters": count_parameters(model)}

@@ -98,6 +98,8 @@ def train_teacher(
         ctx=ctx,
         progress=progress,
         desc=f"teacher {name}",
+        report_to=config.run.report_to,
+        tracker_dir=RunLayout.of(config).tensorboard("teachers", name),
     )
     if ctx.is_main:
         finalize_model_dir(out, model, data, summary | {"parameters": count_parameters(model)}, fingerprint)
