@@ -243,7 +243,7 @@ RANGE_RULES = [
     ("student.model.num_layers=0", "student.model.num_layers >= 1"),
     ("student.model.intermediate_size=0", "student.model.intermediate_size >= 1"),
     ("student.model.num_kv_heads=-1", "student.model.num_kv_heads >= 0"),
-    ("teachers.gpt2.model.num_heads=3", r"hidden_size \(128\) divisible by num_heads \(3\)"),
+    ("teachers.gpt2.model.num_heads=5", r"hidden_size \(192\) divisible by num_heads \(5\)"),
     ("teachers.llama.model.num_kv_heads=3", r"num_heads \(4\) divisible by num_kv_heads \(3\)"),
     ("teachers.gpt2.model.num_kv_heads=2", "GPT-2 has no grouped-query attention"),
     ("teachers.llama.model.hidden_size=12", r"head size\) to be even"),
