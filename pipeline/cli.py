@@ -119,6 +119,13 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
     default=None,
     help="Directory of BLiMP .jsonl files (native format): minimal-pair accuracy.",
 )
+@click.option(
+    "--blimp-pairs",
+    type=click.IntRange(min=0),
+    default=EvalConfig.blimp_pairs,
+    show_default=True,
+    help="Pairs per BLiMP paradigm, a fixed sample (0 = all).",
+)
 @click.option("--split", type=click.Choice(EVAL_SPLITS), default=EvalConfig.split, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True)
 @click.option("--ece-bins", type=click.IntRange(min=1), default=EvalConfig.ece_bins, show_default=True)
@@ -140,6 +147,7 @@ def evaluate_cmd(
     model_dirs: tuple[Path, ...],
     data_dir: Path | None,
     blimp_dir: Path | None,
+    blimp_pairs: int,
     split: str,
     batch_size: int,
     ece_bins: int,
@@ -153,6 +161,7 @@ def evaluate_cmd(
     options = EvalOptions(
         data_dir=data_dir,
         blimp_dir=blimp_dir,
+        blimp_pairs=blimp_pairs,
         split=split,
         batch_size=batch_size,
         ece_bins=ece_bins,

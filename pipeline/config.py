@@ -206,6 +206,7 @@ class EvalConfig:
     """
 
     blimp_dir: str = ""  # a directory of BLiMP .jsonl files (native format); "" = no BLiMP
+    blimp_pairs: int = 0  # pairs per paradigm, a fixed sample (0 = all, e.g. 300 in BLiMP's files)
     split: EvalSplit = "test"
     batch_size: int = 32
     ece_bins: int = 15
@@ -503,6 +504,7 @@ def validate(config: Config) -> None:
     empty range) or silently misbehave later is refused before any command touches anything.
     """
     _at_least(config.run.seed, 0, "run.seed")
+    _at_least(config.evaluate.blimp_pairs, 0, "evaluate.blimp_pairs", " (0 = all pairs)")
     if "tensorboard" in config.run.report_to and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "Expected the tensorboard package for run.report_to = ['tensorboard']. It is not installed: "

@@ -22,6 +22,7 @@ from logitcache.pipeline.evaluation.blimp import (
     read_blimp,
     sentence_log_probs,
     sentence_log_probs_reference,
+    subset_per_paradigm,
 )
 from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, evaluate_run, read_results
@@ -452,6 +453,22 @@ def test_blimp_dev_data(model_dirs):
     some = subset[::100]
     direct = [transformers_score(model, tokenizer, p.good) for p in some]
     np.testing.assert_allclose(result.good_scores[::100], direct, atol=1e-4)
+
+
+def test_blimp_subset_is_a_fixed_sample_per_paradigm():
+    pairs = read_blimp(BLIMP_DEV)
+    subset = subset_per_paradigm(pairs, 100)
+    counts: dict[str, int] = {}
+    for pair in subset:
+        counts[pair.paradigm] = counts.get(pair.paradigm, 0) + 1
+    assert len(counts) == 67 and set(counts.values()) == {100}
+    positions = {id(p): i for i, p in enumerate(pairs)}
+    assert [positions[id(p)] for p in subset] == sorted(positions[id(p)] for p in subset)  # file order kept
+    assert subset == subset_per_paradigm(pairs, 100)  # the same pairs every time
+    first = [p for p in subset if p.paradigm == pairs[0].paradigm]
+    assert first != [p for p in pairs if p.paradigm == pairs[0].paradigm][:100]  # a sample, not the head
+    assert subset_per_paradigm(pairs, 100, seed=1) != subset
+    assert subset_per_paradigm(pairs, 0) == pairs and subset_per_paradigm(pairs, 1000) == pairs
 
 
 def test_evaluate_section_of_the_config(tmp_path: Path, small_corpus: Path):

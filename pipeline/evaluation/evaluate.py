@@ -31,7 +31,7 @@ from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSpli
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.compare import headline_lines
-from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
+from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp, subset_per_paradigm
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
     check_model_matches_data,
@@ -63,6 +63,7 @@ class EvalOptions:
 
     data_dir: Path | None = None  # a prepared RUN/data folder: held-out perplexity and ECE
     blimp_dir: Path | None = None  # a directory of BLiMP .jsonl files
+    blimp_pairs: int = _DEFAULTS.blimp_pairs  # pairs per paradigm (a fixed sample); 0 = all
     split: EvalSplit = _DEFAULTS.split
     batch_size: int = _DEFAULTS.batch_size
     ece_bins: int = _DEFAULTS.ece_bins
@@ -75,6 +76,7 @@ class EvalOptions:
         return cls(
             data_dir=RunLayout.of(config).data,
             blimp_dir=Path(section.blimp_dir) if section.blimp_dir else None,
+            blimp_pairs=section.blimp_pairs,
             split=section.split,
             batch_size=section.batch_size,
             ece_bins=section.ece_bins,
@@ -135,7 +137,11 @@ def evaluate_models(
                 f"Expected windows in the {options.split} split of {data.root}. Got none: "
                 "use --split dev, or prepare the data with a larger data.test_fraction."
             )
-    pairs: list[BlimpPair] | None = read_blimp(options.blimp_dir) if options.blimp_dir is not None else None
+    if options.blimp_pairs < 0:
+        raise ConfigError(f"Expected blimp_pairs >= 0 (0 = all). Got {options.blimp_pairs}.")
+    pairs: list[BlimpPair] | None = None
+    if options.blimp_dir is not None:
+        pairs = subset_per_paradigm(read_blimp(options.blimp_dir), options.blimp_pairs)
 
     entries = []
     seen: dict[str, int] = {}
@@ -171,6 +177,7 @@ def evaluate_models(
         settings["data_tokenizer_sha256"] = data.manifest.get("tokenizer_sha256")
     if pairs is not None:
         settings["blimp_pairs"] = len(pairs)
+        settings["blimp_pairs_per_paradigm"] = options.blimp_pairs or "all"
         settings["blimp_paradigms"] = len({p.paradigm for p in pairs})
     return {
         "format": RESULTS_FORMAT,
