@@ -24,11 +24,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from zarr.storage import MemoryStore
 
 from logitcache.cache import (
     CacheMetadata,
@@ -41,8 +43,10 @@ from logitcache.cache import (
     open_cache_writer,
     verify_cache,
 )
-from logitcache.cache.encoding import weight_error_bound
+from logitcache.cache.encoding import encode_entries, weight_error_bound
+from logitcache.cache.layout import sharded_names
 from logitcache.cache.metadata import SAMPLED_ENCODING
+from logitcache.cache.storage import key_size, list_keys
 from logitcache.cache.writer import existing_cache
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
@@ -230,6 +234,161 @@ def describe_cache(out: Path) -> str:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# `pipe cache-logits --dry-run`: what a run would cost, from a few real batches, writing nothing
+
+
+@dataclass(frozen=True)
+class DryRunEstimate:
+    """What `pipe cache-logits` would store and how long its teachers would take (:func:`dry_run`)."""
+
+    windows: int
+    seq_len: int
+    positions: int  # windows x seq_len: one stored entry set per position
+    sampled_windows: int  # distinct windows the estimates were measured on
+    bytes_per_position: float  # as stored (encoded + compressed), measured on the sampled windows
+    estimated_bytes: int  # bytes_per_position x positions
+    raw_bytes_per_position: float  # encoded, uncompressed
+    raw_bytes: int
+    batch_size: int
+    timed_batches: int  # batches timed (the first batch, the warm-up, is not among them)
+    seconds_per_window: float  # teachers + ensemble + selection, mean over the timed batches
+    estimated_seconds: float  # seconds_per_window x windows (one process on this device)
+    write_seconds_per_window: float  # encoding + compression (the real run does it in a background thread)
+    load_seconds: float  # loading and checking the teachers
+    device: str
+    teachers: tuple[tuple[str, str], ...]  # (name, compute dtype)
+    complete: bool  # a complete cache for this config exists already (the real command does nothing)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def dry_run(config: Config, *, batches: int = 4) -> DryRunEstimate:
+    """Estimate the cache of ``config`` without writing anything (`pipe cache-logits --dry-run`).
+
+    Loads and checks the teachers as the real run does, runs them on ``batches`` batches of
+    ``cache.batch_size`` windows spread over the training windows, and times each; the first batch
+    is a warm-up and is not counted (at least one batch is timed). The entries of those windows are
+    encoded and compressed exactly as the writer stores them (one shard of an in-memory cache, with
+    the real cache's chunk size), which gives the bytes per position; times the positions, the size.
+    Nothing is written to the run directory (or anywhere on disk).
+    """
+    layout = RunLayout.of(config)
+    data = PreparedData.open(layout.data)
+    device = resolve_device(config.run.device)
+    started = time.perf_counter()
+    teachers = TeacherEnsemble.load(config, data, device)
+    load_seconds = time.perf_counter() - started
+    metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
+    windows = data.windows("train")  # (N, T)
+    num_windows, seq_len = windows.shape
+    real = default_layout(
+        num_windows=num_windows, seq_len=seq_len, k=metadata.k, **_chunking(config, windows.shape, metadata.k)
+    )
+    batch = min(config.cache.batch_size, num_windows)
+    starts = np.linspace(0, num_windows - batch, num=max(2, batches)).round().astype(np.int64)
+    parts, rows, seconds = [], [], []
+    for start in starts:
+        index = torch.arange(int(start), int(start) + batch)  # (B,)
+        ids = torch.from_numpy(windows[int(start) : int(start) + batch].astype(np.int64))  # (B, T)
+        begin = _now(device)
+        parts.append(teachers.select(ids, index))  # on the CPU: the device's work is done
+        seconds.append(_now(device) - begin)
+        rows.append(index)
+    timed = seconds[1:]  # the first batch warms up (kernels, allocator, caches)
+    # Sizes: the distinct sampled windows (batches overlap on small data), stored as the writer does.
+    _, first = np.unique(torch.cat(rows).numpy(), return_index=True)
+    picked = torch.from_numpy(first)
+    sample = _concat(parts)
+    sample = type(sample)(**{f: getattr(sample, f)[picked] for f in sample.__dataclass_fields__})
+    sampled = int(picked.numel())
+    per_chunk = min(real.windows_per_chunk, sampled)
+    store = MemoryStore()
+    writer = create_cache(
+        store,
+        metadata,
+        num_windows=sampled,
+        seq_len=seq_len,
+        windows_per_chunk=per_chunk,
+        windows_per_shard=per_chunk * -(-sampled // per_chunk),  # one shard holds the whole sample
+    )
+    begin = time.perf_counter()
+    writer.write_shard(0, sample)
+    write_seconds = time.perf_counter() - begin
+    stored = sum(
+        key_size(store, key) or 0
+        for name in sharded_names(metadata)
+        for key in list_keys(store, f"{name}/c/")
+    )
+    encoded = encode_entries(sample, metadata)
+    raw = sum(a.nbytes for a in (encoded.ids, encoded.values, encoded.tail) if a is not None)
+    positions = num_windows * seq_len
+    per_position = stored / (sampled * seq_len)
+    raw_per_position = raw / (sampled * seq_len)
+    per_window = sum(timed) / (len(timed) * batch)
+    return DryRunEstimate(
+        windows=num_windows,
+        seq_len=seq_len,
+        positions=positions,
+        sampled_windows=sampled,
+        bytes_per_position=per_position,
+        estimated_bytes=round(per_position * positions),
+        raw_bytes_per_position=raw_per_position,
+        raw_bytes=round(raw_per_position * positions),
+        batch_size=batch,
+        timed_batches=len(timed),
+        seconds_per_window=per_window,
+        estimated_seconds=per_window * num_windows,
+        write_seconds_per_window=write_seconds / sampled,
+        load_seconds=load_seconds,
+        device=str(device),
+        teachers=tuple(zip(teachers.names, teachers.dtypes, strict=True)),
+        complete=is_cache_complete(config),
+    )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+def dry_run_lines(estimate: DryRunEstimate) -> list[str]:
+    """What `pipe cache-logits --dry-run` prints."""
+    e = estimate
+    teachers = ", ".join(f"{name} ({dtype})" for name, dtype in e.teachers)
+    lines = [
+        f"dry run, nothing written: teachers {teachers} on {e.device}, loaded and checked in {e.load_seconds:.1f} s",
+        f"positions: {e.positions:,} ({e.windows:,} windows x {e.seq_len})",
+        f"estimated size: {e.estimated_bytes:,} bytes ({_size(e.estimated_bytes)}, {e.bytes_per_position:.1f} "
+        f"bytes/position: the compression measured on {e.sampled_windows:,} windows encoded and compressed as "
+        f"stored); uncompressed {e.raw_bytes:,} bytes ({e.raw_bytes_per_position:.1f} bytes/position)",
+        f"estimated time: {_duration(e.estimated_seconds)} ({e.seconds_per_window * 1e3:.2f} ms/window, the mean "
+        f"of {e.timed_batches} timed batches of {e.batch_size} windows after one warm-up batch: teachers, "
+        f"ensemble and selection, one process on {e.device}); encoding and compression take about "
+        f"{_duration(e.write_seconds_per_window * e.windows)} in the background writer, overlapped with them",
+    ]
+    if e.complete:
+        lines.append(
+            "note: a complete cache for this config exists already: `pipe cache-logits` would do nothing"
+        )
+    return lines
+
+
 def resolve_cache_store(path: str | Path) -> Path:
     """A cache location given by the user: a stage folder (RUN/cache) or the store itself."""
     store = locate_cache_store(path)
@@ -351,7 +510,10 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
         weights=list(meta.teacher_weights or []),
         temperature=meta.temperature,
     )
-    teachers = TeacherEnsemble(dirs, data, resolve_device(device), cache=cache_cfg, seed=meta.seed)
+    dtypes = {t.name: t.dtype for t in meta.teachers}  # on a CPU, the dtype each was loaded in
+    teachers = TeacherEnsemble(
+        dirs, data, resolve_device(device), cache=cache_cfg, seed=meta.seed, dtypes=dtypes
+    )
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(reader.num_windows, size=min(count, reader.num_windows), replace=False))
     windows = torch.from_numpy(data.windows("train")[rows].astype(np.int64))  # (n, T)
@@ -363,7 +525,8 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
         # count/n estimates p without bias; its error is statistical, so only a loose mean check.
         error = float((stored.weights.double() - recomputed).abs().mean())
         return {"windows": rows.tolist(), "mean_abs_error": error, "tolerance": 0.05, "ok": error < 0.05}
-    slack = FLOAT_SLACK + (0.0 if teachers.dtype == "float32" else HARDWARE_SLACK)
+    float32 = teachers.all_float32 and all(t.dtype == "float32" for t in meta.teachers)  # then and now
+    slack = FLOAT_SLACK + (0.0 if float32 else HARDWARE_SLACK)
     if stored.tail is None:  # ghost mode of a topk cache always returns the tail
         raise CacheError(f"Expected a tail in the topk cache at {store}. Got none: the cache is damaged.")
     kept = 1.0 - stored.tail.double()  # (n, T): what the reader scaled the entries to

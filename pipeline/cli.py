@@ -197,16 +197,29 @@ def report_cmd(run_dir: Path, results_path: Path | None) -> None:
     help="Replace a complete cache, or one made with other settings. The old one waits in "
     "RUN/cache.replaced and is deleted only once the new one is complete.",
 )
-def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write nothing: run the teachers on a few batches and print the positions, the estimated "
+    "size (compression measured on those batches) and the estimated time (the batches timed, the first "
+    "one excluded as warm-up).",
+)
+def cache_logits_cmd(
+    config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool, dry_run: bool
+) -> None:
     """Run the teachers once over the training windows and write their ensemble's top-k (RUN/cache).
 
     Resumable: rerunning after a crash finishes the unfinished shards. Works under torchrun (ranks
     write disjoint shards).
     """
-    from logitcache.pipeline.cache_logits import cache_logits, describe_cache
+    from logitcache.pipeline.cache_logits import cache_logits, describe_cache, dry_run_lines
+    from logitcache.pipeline.cache_logits import dry_run as estimate
     from logitcache.pipeline.distributed import shutdown_distributed
 
     cfg = _load(config, overrides, run_dir)
+    if dry_run:
+        click.echo("\n".join(dry_run_lines(estimate(cfg))))
+        return
     try:
         out = cache_logits(cfg, overwrite=overwrite)
     finally:

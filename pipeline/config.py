@@ -26,7 +26,13 @@ from typing import Any, Final, Literal
 
 from logitcache.pipeline.errors import ConfigError
 
-Family = Literal["llama", "gpt2"]
+# A model's architecture: "llama" and "gpt2" are built from the size keys of ModelConfig exactly as
+# before; any other value is the model_type of a transformers causal LM (e.g. "qwen2", "mistral"),
+# built with AutoConfig.for_model from the same keys, or use ModelConfig.path for any config.
+Family = str
+ModelInit = Literal["random", "pretrained"]
+# The dtype a teacher is loaded in: "auto" = the dtype its weights are stored in.
+TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 # How a student gets its teacher signal: "cache" (RUN/cache), "online" (the teachers run at every
 # step) or "ce" (none: cross-entropy only). The one list of student modes.
 StudentMode = Literal["cache", "online", "ce"]
@@ -80,13 +86,17 @@ class DataConfig:
     seq_len: int = 128
     vocab_size: int = 16000
     min_frequency: int = 2
+    # A Hugging Face tokenizer folder (e.g. the pretrained teachers'): the corpus is encoded with it
+    # instead of a newly trained BPE tokenizer, and the vocabulary is its own (vocab_size and
+    # min_frequency are then unused). "" = train a byte-level BPE tokenizer.
+    tokenizer: str = ""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only LM built with transformers (LlamaForCausalLM or GPT2LMHeadModel)."""
+    """A decoder-only LM built with transformers: from the size keys below, or from an HF folder (`path`)."""
 
-    family: Family = "llama"
+    family: Family = "llama"  # "llama", "gpt2" or another transformers model_type (e.g. "qwen2")
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -96,6 +106,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    # A Hugging Face model folder (config.json; weights and tokenizer optional): its architecture
+    # replaces family and the size keys above (the vocabulary and special tokens are the data's).
+    path: str = ""
+    # "random": a fresh initialisation; "pretrained": start from the folder's weights (needs `path`).
+    init: ModelInit = "random"
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,7 @@ class TeacherConfig:
     """One teacher: trained from `model` + `train`, or an existing HF model directory (`path`)."""
 
     path: str = ""  # an existing Hugging Face model directory: skip training, use it as is
+    dtype: TeacherDtype = "auto"  # loaded in this dtype; "auto" = as its weights are stored
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -227,15 +243,34 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as fingerprints see it: keys added to the config later are left out while
+        at their default, so that the stages of runs made before those keys existed stay complete."""
+        data = self.to_dict()
+        _drop_default(data["data"], "tokenizer", "")
+        models = [data["student"]["model"]]
+        for teacher in data["teachers"].values():
+            _drop_default(teacher, "dtype", "auto")
+            models.append(teacher["model"])
+        for model in models:
+            _drop_default(model, "path", "")
+            _drop_default(model, "init", "random")
+        return data
+
     def fingerprint(self, *sections: str) -> str:
         """SHA-256 of the named sections (all but `run`/`source` if none): what a stage depends on."""
-        data = self.to_dict()
+        data = self.fingerprint_dict()
         names = sections or tuple(k for k in data if k not in ("run", "source"))
         return digest({name: data[name] for name in names})
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)
+
+
+def _drop_default(table: dict[str, Any], key: str, default: Any) -> None:
+    if table.get(key) == default:
+        del table[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +290,7 @@ def data_fingerprint(config: Config) -> str:
 
 def teacher_fingerprint(config: Config, name: str) -> str:
     """`pipe train-teacher NAME`: the data, the teacher's own table and the run's seed."""
-    teacher = config.to_dict()["teachers"][name]
+    teacher = config.fingerprint_dict()["teachers"][name]
     return digest({"data": data_fingerprint(config), "teacher": teacher, "seed": config.run.seed})
 
 
@@ -268,7 +303,7 @@ def cache_fingerprint(config: Config) -> str:
     parts = {
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
-        "cache": config.to_dict()["cache"],
+        "cache": config.fingerprint_dict()["cache"],
         "seed": config.run.seed,
     }
     return digest(parts)
@@ -280,7 +315,7 @@ def student_fingerprint(config: Config) -> str:
     Left out: the student's name (only the folder) and the loader settings that do not change the
     data order (workers, prefetch); without a teacher (mode "ce") the distillation settings.
     """
-    student = config.to_dict()["student"]
+    student = config.fingerprint_dict()["student"]
     student.pop("name")
     student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
     parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
@@ -288,7 +323,8 @@ def student_fingerprint(config: Config) -> str:
         parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
     else:
         parts["teachers"] = _teachers_fingerprints(config)
-        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
+        # the ensemble rule/temperature, and in cache mode k etc.
+        parts["cache"] = config.fingerprint_dict()["cache"]
     return digest(parts)
 
 
@@ -303,7 +339,7 @@ def run_students(config: Config) -> list[Config]:
 def eval_fingerprint(config: Config) -> str:
     """`pipe run`'s evaluate stage: its settings and every model it evaluates."""
     parts = {
-        "evaluate": config.to_dict()["evaluate"],
+        "evaluate": config.fingerprint_dict()["evaluate"],
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
         "students": [student_fingerprint(c) for c in run_students(config)],
@@ -350,8 +386,17 @@ def with_student(config: Config, *, mode: str | None = None, name: str | None = 
     return dataclasses.replace(config, student=student)
 
 
-# Keys whose values are filesystem paths written relative to the config file.
-_PATH_KEYS = {("run", "dir"), ("data", "corpus"), ("evaluate", "blimp_dir")}
+# Keys whose values are filesystem paths written relative to the config file (section, key): the
+# key anywhere under the section (``student.model.path``, ``teachers.NAME.path``,
+# ``teachers.NAME.model.path``).
+_PATH_KEYS = {
+    ("run", "dir"),
+    ("data", "corpus"),
+    ("data", "tokenizer"),
+    ("evaluate", "blimp_dir"),
+    ("teachers", "path"),
+    ("student", "path"),
+}
 
 
 def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -360,15 +405,16 @@ def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             return str((base / value).resolve())
         return value
 
+    def fix_under(table: Any, key: str) -> None:
+        if isinstance(table, dict):
+            for name, value in table.items():
+                if name == key:
+                    table[name] = fix(value)
+                else:
+                    fix_under(value, key)
+
     for section, key in _PATH_KEYS:
-        table = raw.get(section)
-        if isinstance(table, dict) and key in table:
-            table[key] = fix(table[key])
-    teachers = raw.get("teachers")
-    if isinstance(teachers, dict):
-        for table in teachers.values():
-            if isinstance(table, dict) and "path" in table:
-                table["path"] = fix(table["path"])
+        fix_under(raw.get(section), key)
     return raw
 
 
@@ -566,7 +612,30 @@ def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
         )
 
 
+BUILT_IN_FAMILIES: Final = ("llama", "gpt2")  # built from the size keys by pipeline/models.py
+
+
+def causal_lm_families() -> list[str]:
+    """Every ``family`` a model can have: the transformers model types that have a causal-LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
 def _validate_model(model: ModelConfig, where: str, seq_len: int) -> None:
+    if model.init == "pretrained" and not model.path:
+        raise ConfigError(
+            f"Expected {where}.path (a Hugging Face model folder) with {where}.init = 'pretrained'. Got no path."
+        )
+    if model.path:  # the folder's config decides the architecture (checked when it is built)
+        return
+    if model.family not in BUILT_IN_FAMILIES and model.family not in causal_lm_families():
+        close = difflib.get_close_matches(model.family, causal_lm_families(), n=3)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(
+            f"Expected {where}.family to be 'llama', 'gpt2' or the model type of a transformers causal LM "
+            f"(e.g. 'qwen2', 'mistral'). Got {model.family!r}.{hint}"
+        )
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         _at_least(getattr(model, name), 1, f"{where}.{name}")
     _at_least(model.num_kv_heads, 0, f"{where}.num_kv_heads", " (0 = num_heads)")

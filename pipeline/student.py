@@ -46,12 +46,12 @@ from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprin
 from logitcache.pipeline.data_order import OrderFn, make_block_order
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
-from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.models import count_parameters, output_vocab_size
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
 from logitcache.pipeline.student_data import StudentDataset, chunks_per_two_buffers, default_block
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
-from logitcache.pipeline.teachers import finalize_model_dir
+from logitcache.pipeline.teachers import finalize_model_dir, init_model
 from logitcache.pipeline.training import train_model
 
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
@@ -106,18 +106,28 @@ class StudentObjective(torch.nn.Module):
     synchronises exactly the student's gradients.
     """
 
-    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: TeacherEnsemble | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        options: LossOptions,
+        teachers: TeacherEnsemble | None = None,
+        *,
+        vocab_size: int | None = None,
+    ):
         super().__init__()
         self.model = model
         self.options = options
         self._teachers = [teachers] if teachers is not None else []  # a list: not a submodule
+        # The tokenizer's vocabulary V: output rows beyond it (a padded output layer) take no part in
+        # the loss, as the teachers' padded ids take none in their signal. None = every row.
+        self.vocab_size = vocab_size
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         o = self.options
         input_ids = batch["input_ids"]  # (B, T)
         targets = input_ids[:, 1:]  # (B, T-1)
         hidden = self.model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, H)
-        weight = self.model.get_output_embeddings().weight  # (V, H)
+        weight = self.model.get_output_embeddings().weight[: self.vocab_size]  # (V, H)
         if o.mode == "online":
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
@@ -166,6 +176,42 @@ def _check_loader(config: Config) -> None:
         )
 
 
+def build_student(config: Config, data: PreparedData) -> PreTrainedModel:
+    """The student before training: built from ``student.model`` (sizes, an HF config folder, or its
+    pretrained weights), checked against the data (tokenizer, vocabulary, positions) and the loss
+    (its logits must be its output layer applied to its last hidden states)."""
+    seed = student_seed(config) + STUDENT_SEED_OFFSET
+    model = init_model(config.student.model, data, seed=seed, where="student.model")
+    check_logits_are_linear(model, where="student.model")
+    return model
+
+
+def check_logits_are_linear(model: PreTrainedModel, *, where: str) -> None:
+    """Refuse a model whose logits are not ``last_hidden_state @ output_weight.T``.
+
+    The student's loss (:class:`StudentObjective`) fuses the output projection into the loss, so it
+    computes logits from the base model's hidden states and the output weight alone; an architecture
+    that scales, soft-caps or biases its logits (Gemma 2, Cohere, Granite, ...) would be trained on
+    other logits than it predicts. Checked once on a few tokens.
+    """
+    head = model.get_output_embeddings()
+    input_ids = torch.arange(4).unsqueeze(0) % output_vocab_size(model)  # (1, 4)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits.float()  # (1, 4, V)
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (1, 4, H)
+        fused = F.linear(hidden, head.weight).float()  # (1, 4, V)
+    model.train(was_training)
+    scale = float(logits.abs().max()) + 1e-6
+    if getattr(head, "bias", None) is not None or float((logits - fused).abs().max()) > 1e-4 * scale:
+        raise ConfigError(
+            f"Expected {where} to compute its logits as its output layer applied to its last hidden states "
+            f"(the fused loss needs that). Got a {type(model).__name__}, which transforms them (bias, scaling "
+            "or soft-capping): choose another architecture."
+        )
+
+
 def make_dataset(config: Config, data: PreparedData, windows: Any) -> StudentDataset:
     """The student's training data: ``windows`` (N, T) and, in cache mode, their cache rows."""
     student = config.student
@@ -211,15 +257,14 @@ def train_student(
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a student '{student_name(config)}'"):
         return out
     ctx = ctx or init_distributed(config.run.device)
+    data = PreparedData.open(RunLayout.of(config).data)
+    model = build_student(config, data)  # refused here, before --overwrite deletes anything
     if overwrite and out.exists():
         if ctx.is_main:
             shutil.rmtree(out)
         ctx.barrier()
-    data = PreparedData.open(RunLayout.of(config).data)
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
-    seed = student_seed(config) + STUDENT_SEED_OFFSET
-    model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
     teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
     train = config.student.train
@@ -249,7 +294,7 @@ def train_student(
         prefetch_factor=config.student.loader.prefetch_factor,
         report_to=config.run.report_to,
         tracker_dir=RunLayout.of(config).tensorboard("students", student_name(config)),
-        wrap=lambda m: StudentObjective(m, options, teachers),
+        wrap=lambda m: StudentObjective(m, options, teachers, vocab_size=data.vocab_size),
     )
     summary |= {"mode": options.mode, "parameters": count_parameters(model)}
     if ctx.is_main:

@@ -3,14 +3,21 @@
 One module for both sources, so that they are checked the same way and the loss never knows
 which it got (DistillKit separates "where the teacher signal comes from" from "the loss"):
 
-* :class:`TeacherEnsemble` loads the trained teachers once, each checked against the prepared
-  data first (the data's tokenizer, at least as many output logits as tokens, safetensors weights
-  only), and combines them by the config's ensemble rule (``cache.ensemble``, ``cache.weights``,
+* :class:`TeacherEnsemble` loads the teachers once (trained here, or any HF causal LM folder given
+  as ``teachers.NAME.path``, in its stored dtype or ``teachers.NAME.dtype``), each checked against
+  the prepared data first (the data's tokenizer, at least as many output logits as tokens,
+  safetensors weights only), and combines them by the config's ensemble rule (``cache.ensemble``, ``cache.weights``,
   ``cache.temperature``; :func:`logitcache.cache.ensemble_logprobs`). It serves the live signal
   of the online student (:meth:`TeacherEnsemble.logprobs`, full vocabulary) and the entries
   that `pipe cache-logits` stores (:meth:`TeacherEnsemble.select`, top-k or sampled).
 * :func:`open_student_cache` opens those stored entries for the cache-mode student, refusing a
   cache made for other data, another tokenizer or other ``[cache]`` settings.
+
+The tokenizer check (:func:`check_tokenizer`) is the one for every model folder that meets the
+data: teachers, and the HF folder a teacher or student is built from (``model.path``). A model
+whose output layer is padded beyond the tokenizer's vocabulary (to a multiple of 64 or 128) is
+fine: its logits are cut to the vocabulary before the ensemble, so padded ids can enter neither the
+ensemble nor the top-k (the same as masking them to -inf, without the (B, T, V_pad) work).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from logitcache.cache import (
 )
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
-from logitcache.pipeline.models import load_model
+from logitcache.pipeline.models import DTYPES, check_model_fits, load_model
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, locate_cache_store
 from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
@@ -83,35 +90,93 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
-    """Refuse a teacher whose tokenizer differs from the prepared data's (ids would mean other tokens)."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
+    """token -> id of the tokenizer saved in ``model_dir`` (added tokens included); None if it has none."""
+    if (model_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return dict(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False).get_vocab())
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TeacherError(
-            f"Teacher '{name}' at {model_dir} has no tokenizer.json. Expected the tokenizer of the prepared data "
-            f"({data.tokenizer_path}); teachers must share it."
-        )
+            f"Expected a tokenizer AutoTokenizer can load in {model_dir}. Got: {reason[:200]}"
+        ) from None
+
+
+def vocab_differences(ours: Mapping[str, int], theirs: Mapping[str, int], *, shown: int = 3) -> str:
+    """How two vocabularies (token -> id) differ, or "" when they are equal, e.g.
+    ``2 of 512 token ids differ (id: data's token vs the model's): 100: 'ab' vs 'cd', 101: 'cd' vs 'ab'``."""
+    by_id = [{i: token for token, i in vocab.items()} for vocab in (ours, theirs)]
+    ids = sorted(set(by_id[0]) | set(by_id[1]))
+    differing = [i for i in ids if by_id[0].get(i) != by_id[1].get(i)]
+    if not differing:
+        return ""
+
+    def token(i: int, side: int) -> str:
+        return repr(by_id[side][i]) if i in by_id[side] else "(none)"
+
+    first = ", ".join(f"{i}: {token(i, 0)} vs {token(i, 1)}" for i in differing[:shown])
+    more = ", ..." if len(differing) > shown else ""
+    return f"{len(differing)} of {len(ids)} token ids differ (id: data's token vs the model's): {first}{more}"
+
+
+def check_tokenizer(who: str, model_dir: Path, data: PreparedData, *, required: bool = True) -> None:
+    """Refuse a model folder whose tokenizer differs from the prepared data's (ids would mean other
+    tokens), naming the first differing ids; ``required``: refuse a folder without a tokenizer too.
+    ``who`` starts the message, e.g. "Teacher 'llama'" or "student.model"."""
+    theirs = tokenizer_vocab(model_dir)
+    if theirs is None:
+        if required:
+            raise TeacherError(
+                f"{who} at {model_dir} has no tokenizer (tokenizer.json). Expected the tokenizer of the prepared "
+                f"data ({data.tokenizer_path}); teachers must share it."
+            )
+        return
     ours = Tokenizer.from_file(str(data.tokenizer_path)).get_vocab(with_added_tokens=True)
-    theirs = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
-    if ours != theirs:
-        differing = len(set(ours.items()) ^ set(theirs.items()))
+    if differences := vocab_differences(ours, theirs):
         raise TeacherError(
-            f"Teacher '{name}' uses a different tokenizer than the prepared data ({len(theirs)} vs {len(ours)} "
-            f"tokens, {differing} entries differ). All teachers must share the data's tokenizer."
+            f"{who} at {model_dir} uses a different tokenizer than the prepared data (and its cache): "
+            f"{differences}. Prepare the data with that model's tokenizer (data.tokenizer = its folder), "
+            "or use models that share the data's tokenizer."
         )
 
 
-def load_teacher(name: str, model_dir: Path, data: PreparedData, device: torch.device) -> PreTrainedModel:
-    """One teacher, checked against the data (tokenizer, vocabulary, weights format), frozen, in eval mode."""
+def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
+    """Refuse a teacher whose tokenizer differs from the prepared data's (see :func:`check_tokenizer`)."""
+    check_tokenizer(f"Teacher '{name}'", model_dir, data)
+
+
+def check_model_folder(who: str, model_dir: Path, data: PreparedData, *, weights: bool) -> None:
+    """The HF folder a teacher or student is built from (``model.path``): its tokenizer, when it has one,
+    must be the data's; ``weights``: it must hold safetensors weights (they are loaded)."""
+    if not (model_dir / "config.json").is_file():
+        raise TeacherError(
+            f"Expected {who}.path to be a Hugging Face model folder (with config.json). Got {str(model_dir)!r}."
+        )
+    check_tokenizer(who, model_dir, data, required=False)
+    if weights:
+        safetensors_files(model_dir)
+
+
+def load_teacher(
+    name: str, model_dir: Path, data: PreparedData, device: torch.device, *, dtype: str = "auto"
+) -> PreTrainedModel:
+    """One teacher, checked against the data (tokenizer, vocabulary, weights format), frozen, in eval mode.
+
+    ``dtype``: "auto" (as the weights are stored), "bfloat16", "float16" or "float32".
+    """
     check_teacher_tokenizer(name, model_dir, data)
     safetensors_files(model_dir)
-    model = load_model(model_dir).to(device).eval()
+    model = load_model(model_dir, dtype=DTYPES.get(dtype, "auto")).to(device).eval()
     model.requires_grad_(False)
-    if model.config.vocab_size < data.vocab_size:
-        raise TeacherError(
-            f"Teacher '{name}' has {model.config.vocab_size} output logits; the tokenizer has "
-            f"{data.vocab_size} tokens."
-        )
+    check_model_fits(model, vocab_size=data.vocab_size, seq_len=data.seq_len, where=f"teacher '{name}'")
     return model
 
 
@@ -124,7 +189,9 @@ class TeacherEnsemble:
 
     ``cache`` gives the ensemble rule (``ensemble``, ``weights``, ``temperature``) and, for
     :meth:`select`, what is stored (``mode``, ``k``, ``samples``); ``seed`` seeds the sampled mode.
-    Teachers run in eval mode without gradients, in bf16 autocast on CUDA and float32 elsewhere.
+    ``dtypes`` (name -> "auto", "bfloat16", "float16" or "float32"; default "auto", the stored
+    dtype) is what each teacher is loaded in. Teachers run in eval mode without gradients; float32
+    ones in bf16 autocast on CUDA, half-precision ones as they are.
     """
 
     def __init__(
@@ -135,6 +202,7 @@ class TeacherEnsemble:
         *,
         cache: CacheConfig,
         seed: int,
+        dtypes: Mapping[str, str] | None = None,
     ):
         if not dirs:
             raise StageError("Expected at least one teacher in the config ([teachers.NAME]). Got none.")
@@ -144,33 +212,62 @@ class TeacherEnsemble:
         self.cache = cache
         self.seed = seed
         self.device = device
-        self.models = [load_teacher(name, path, data, device) for name, path in self.dirs.items()]
+        dtypes = dtypes or {}
+        self.models = [
+            load_teacher(name, path, data, device, dtype=dtypes.get(name, "auto"))
+            for name, path in self.dirs.items()
+        ]
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         )
-        self.dtype = "bfloat16" if device.type == "cuda" else "float32"
+        # What each teacher computes in: bf16 under autocast, else its weights' dtype.
+        self.dtypes = [
+            "bfloat16" if self._autocast(model) else str(model.dtype).removeprefix("torch.")
+            for model in self.models
+        ]
+
+    @property
+    def all_float32(self) -> bool:
+        """Whether every teacher computes in float32 (else bf16/fp16 rounding enters the logits)."""
+        return all(dtype == "float32" for dtype in self.dtypes)
+
+    def _autocast(self, model: PreTrainedModel) -> bool:
+        return self.device.type == "cuda" and model.dtype == torch.float32
 
     @classmethod
     def load(cls, config: Config, data: PreparedData, device: torch.device) -> TeacherEnsemble:
-        """The trained teachers of ``config`` with its ``[cache]`` ensemble rule and ``run.seed``."""
-        return cls(trained_teacher_dirs(config), data, device, cache=config.cache, seed=config.run.seed)
+        """The teachers of ``config`` (each in ``teachers.NAME.dtype``) with its ``[cache]`` ensemble
+        rule and ``run.seed``."""
+        dtypes = {name: teacher.dtype for name, teacher in config.teachers.items()}
+        return cls(
+            trained_teacher_dirs(config),
+            data,
+            device,
+            cache=config.cache,
+            seed=config.run.seed,
+            dtypes=dtypes,
+        )
 
     def infos(self) -> tuple[TeacherInfo, ...]:
         """What a cache records of each teacher: name, folder, SHA-256 of the weights, compute dtype."""
         return tuple(
-            TeacherInfo(name=name, path=str(path), weights_sha256=weights_sha256(path), dtype=self.dtype)
-            for name, path in self.dirs.items()
+            TeacherInfo(name=name, path=str(path), weights_sha256=weights_sha256(path), dtype=dtype)
+            for (name, path), dtype in zip(self.dirs.items(), self.dtypes, strict=True)
         )
 
     @torch.no_grad()
     def teacher_logits(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        """Each teacher's logits (B, T, V) for windows (B, T), cut to the tokenizer's vocab."""
+        """Each teacher's logits (B, T, V) for windows (B, T), cut to the tokenizer's vocabulary V.
+
+        Ids >= V (an output layer padded beyond the tokenizer) are dropped here, before any ensemble
+        or top-k, so they can never be selected nor take probability mass.
+        """
         input_ids = windows.to(self.device, dtype=torch.long)  # (B, T)
         logits = []
         for model in self.models:
-            with self.autocast:
-                out = model(input_ids=input_ids).logits  # (B, T, V_model)
-            logits.append(out[..., : self.vocab])  # a model may pad its output layer beyond the vocab
+            with self.autocast if self._autocast(model) else nullcontext():
+                out = model(input_ids=input_ids).logits  # (B, T, V_model), V_model >= V
+            logits.append(out[..., : self.vocab])  # (B, T, V)
         return logits
 
     def _ensemble_args(self, window_indices: torch.Tensor) -> dict[str, Any]:

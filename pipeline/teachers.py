@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
-from logitcache.pipeline.config import Config, TeacherConfig, teacher_fingerprint
+from logitcache.pipeline.config import Config, ModelConfig, TeacherConfig, teacher_fingerprint
 from logitcache.pipeline.data_order import WindowsDataset
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, stage_is_done, write_provenance
-from logitcache.pipeline.tokenizer import load_hf_tokenizer
 from logitcache.pipeline.training import causal_lm_loss, train_model
 
 
@@ -71,14 +71,14 @@ def train_teacher(
     fingerprint = teacher_fingerprint(config, name)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a teacher '{name}'"):
         return out
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     data = PreparedData.open(RunLayout.of(config).data)
+    seed = config.run.seed + _name_seed(name)
+    model = init_model(teacher.model, data, seed=seed, where=f"teachers.{name}.model")  # checked before
+    if overwrite and out.exists():  # anything is deleted
+        shutil.rmtree(out)
     ctx = ctx or init_distributed(config.run.device)
     train_windows = WindowsDataset(data.windows("train"))  # (N, T) windows, read by micro-batch
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
-    seed = config.run.seed + _name_seed(name)
-    model = build_model(teacher.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,24 @@ def train_teacher(
     return out
 
 
+def init_model(model: ModelConfig, data: PreparedData, *, seed: int, where: str) -> PreTrainedModel:
+    """The model a teacher or student starts from: built from ``model`` for ``data`` (vocabulary,
+    special tokens, window length). A folder it is built from (``model.path``) is checked against the
+    data first, as teachers are (its tokenizer, if it has one; safetensors weights when pretrained)."""
+    from logitcache.pipeline.teacher_signal import check_model_folder  # that module imports this one
+
+    if model.path:
+        check_model_folder(where, Path(model.path), data, weights=model.init == "pretrained")
+    return build_model(
+        model,
+        vocab_size=data.vocab_size,
+        seq_len=data.seq_len,
+        seed=seed,
+        token_ids=data.token_ids,
+        where=where,
+    )
+
+
 def describe_training(out: Path) -> str:
     """What a finished model folder's ``train_summary.json`` says, for the log ("" when absent):
     steps, dev loss and the training throughput the loop measured (tokens/s; evaluation and
@@ -125,7 +143,7 @@ def finalize_model_dir(
 ) -> None:
     """Save the final model + tokenizer as an HF folder, then mark it complete (last)."""
     model.save_pretrained(out, safe_serialization=True)
-    load_hf_tokenizer(data.tokenizer_path).save_pretrained(out)
+    data.hf_tokenizer().save_pretrained(out)
     shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")  # byte-identical to the data's tokenizer
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     mark_complete(out, fingerprint, {"dev_loss": summary["dev_loss"], "steps": summary["steps"]})

@@ -193,7 +193,29 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on():
     )
     assert student_fingerprint(ce) != student_fingerprint(base)
     assert [c.student.mode for c in run_students(base)] == base.run.students
-    assert data_fingerprint(base) == base.fingerprint("data") == digest({"data": base.to_dict()["data"]})
+    assert data_fingerprint(base) == base.fingerprint("data") == digest({"data": base.fingerprint_dict()["data"]})
+    # The HF-model keys change what they decide, and nothing else.
+    assert changed("data.tokenizer=/hf/tok") == {"data", "teacher", "cache", "student", "eval"}
+    assert changed("teachers.llama.dtype=bfloat16") == {"teacher", "cache", "student", "eval"}
+    assert changed("student.model.path=/hf/model") == {"student", "eval"}
+    assert changed("student.model.path=/hf/model", "student.model.init=pretrained") == {"student", "eval"}
+
+
+def test_keys_added_later_leave_old_fingerprints_alone():
+    """At their defaults, the keys of HF teachers/students are left out of every fingerprint: runs made
+    before they existed keep their fingerprints (computed here as the code before those keys did)."""
+    config = load_config(REPO / "configs" / "demo.toml")
+    data = config.to_dict()
+    del data["data"]["tokenizer"]
+    for table in [data["student"], *data["teachers"].values()]:
+        table.pop("dtype", None)
+        del table["model"]["path"], table["model"]["init"]
+    assert data_fingerprint(config) == digest({"data": data["data"]})
+    assert teacher_fingerprint(config, "llama") == digest(
+        {"data": data_fingerprint(config), "teacher": data["teachers"]["llama"], "seed": config.run.seed}
+    )
+    changed = load_config(REPO / "configs" / "demo.toml", ["data.tokenizer=/hf/tok"])
+    assert data_fingerprint(changed) != data_fingerprint(config)
 
 
 def test_modes_and_eval_defaults_are_defined_once():

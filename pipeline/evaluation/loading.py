@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logitcache.pipeline.errors import TeacherError
-from logitcache.pipeline.models import load_model
+from logitcache.pipeline.models import load_model, max_positions, output_vocab_size  # noqa: F401 (re-exported)
 from logitcache.pipeline.prepare import PreparedData
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -59,21 +59,6 @@ def load_tokenizer(model_dir: Path, *, fallback: Path | None = None) -> PreTrain
         raise TeacherError(
             f"Expected a loadable tokenizer in {source}. Got an error ({reason[:200]})."
         ) from None
-
-
-def output_vocab_size(model: PreTrainedModel) -> int:
-    """Rows of the output layer: the number of token ids the model can take and predict."""
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def max_positions(model: PreTrainedModel) -> int | None:
-    """The longest input the model takes (None when its config sets no limit)."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_model_matches_data(
