@@ -32,6 +32,7 @@ Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: 
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,18 +193,26 @@ def check_logits_are_linear(model: PreTrainedModel, *, where: str) -> None:
     The student's loss (:class:`StudentObjective`) fuses the output projection into the loss, so it
     computes logits from the base model's hidden states and the output weight alone; an architecture
     that scales, soft-caps or biases its logits (Gemma 2, Cohere, Granite, ...) would be trained on
-    other logits than it predicts. Checked once on a few tokens.
+    other logits than it predicts. Checked once on a few tokens, with the output weight scaled by a
+    power of two (exact, undone after) so that the logits are ~100: a soft-cap shows at that size.
     """
     head = model.get_output_embeddings()
     input_ids = torch.arange(4).unsqueeze(0) % output_vocab_size(model)  # (1, 4)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits.float()  # (1, 4, V)
         hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (1, 4, H)
-        fused = F.linear(hidden, head.weight).float()  # (1, 4, V)
+        size = float(F.linear(hidden, head.weight).abs().max())
+        factor = 2.0 ** round(math.log2(100.0 / size)) if 0 < size < math.inf else 1.0
+        head.weight.mul_(factor)  # a tied input embedding is scaled too: hidden is recomputed
+        try:
+            hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (1, 4, H)
+            fused = F.linear(hidden, head.weight).float()  # (1, 4, V)
+            logits = model(input_ids=input_ids).logits.float()  # (1, 4, V)
+        finally:
+            head.weight.div_(factor)
     model.train(was_training)
-    scale = float(logits.abs().max()) + 1e-6
+    scale = float(fused.abs().max()) + 1e-6
     if getattr(head, "bias", None) is not None or float((logits - fused).abs().max()) > 1e-4 * scale:
         raise ConfigError(
             f"Expected {where} to compute its logits as its output layer applied to its last hidden states "
