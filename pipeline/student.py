@@ -192,8 +192,8 @@ def check_logits_are_linear(model: PreTrainedModel, *, where: str) -> None:
 
     The student's loss (:class:`StudentObjective`) fuses the output projection into the loss, so it
     computes logits from the base model's hidden states and the output weight alone; an architecture
-    that scales, soft-caps or biases its logits (Gemma 2, Cohere, Granite, ...) would be trained on
-    other logits than it predicts. Checked once on a few tokens, with the output weight scaled by a
+    that scales, soft-caps or biases its logits (Gemma 2's soft-cap, Cohere's logit scale, ...)
+    would be trained on other logits than it predicts. Checked once on a few tokens, with the output weight scaled by a
     power of two (exact, undone after) so that the logits are ~100: a soft-cap shows at that size.
     """
     head = model.get_output_embeddings()

@@ -6,8 +6,8 @@ which it got (DistillKit separates "where the teacher signal comes from" from "t
 * :class:`TeacherEnsemble` loads the teachers once (trained here, or any HF causal LM folder given
   as ``teachers.NAME.path``, in its stored dtype or ``teachers.NAME.dtype``), each checked against
   the prepared data first (the data's tokenizer, at least as many output logits as tokens,
-  safetensors weights only), and combines them by the config's ensemble rule (``cache.ensemble``, ``cache.weights``,
-  ``cache.temperature``; :func:`logitcache.cache.ensemble_logprobs`). It serves the live signal
+  safetensors weights only), and combines them by the config's ensemble rule (``cache.ensemble``,
+  ``cache.weights``, ``cache.temperature``; :func:`logitcache.cache.ensemble_logprobs`). It serves the live signal
   of the online student (:meth:`TeacherEnsemble.logprobs`, full vocabulary) and the entries
   that `pipe cache-logits` stores (:meth:`TeacherEnsemble.select`, top-k or sampled).
 * :func:`open_student_cache` opens those stored entries for the cache-mode student, refusing a

@@ -5,7 +5,9 @@ The finished teacher is a Hugging Face model folder, ``RUN/teachers/NAME``, hold
 and ``AutoTokenizer.from_pretrained(RUN/teachers/NAME)`` load it; checkpoints live in
 ``RUN/teachers/NAME/checkpoints/`` and a rerun after a crash resumes from the last one. A teacher
 whose config names ``path`` is an existing HF model folder: nothing is trained, later stages read
-it from there (its tokenizer must match the prepared data, checked when it is used).
+it from there (its tokenizer must match the prepared data, checked when it is used). A teacher that
+is trained may start from an HF folder's architecture or weights (``teachers.NAME.model.path``,
+``init``): :func:`init_model`, shared with the student.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def train_teacher(
         return out
     data = PreparedData.open(RunLayout.of(config).data)
     seed = config.run.seed + _name_seed(name)
-    model = init_model(teacher.model, data, seed=seed, where=f"teachers.{name}.model")  # checked before
-    if overwrite and out.exists():  # anything is deleted
+    # Built (and checked against the data) before --overwrite deletes anything.
+    model = init_model(teacher.model, data, seed=seed, where=f"teachers.{name}.model")
+    if overwrite and out.exists():
         shutil.rmtree(out)
     ctx = ctx or init_distributed(config.run.device)
     train_windows = WindowsDataset(data.windows("train"))  # (N, T) windows, read by micro-batch

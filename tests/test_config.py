@@ -193,7 +193,11 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on():
     )
     assert student_fingerprint(ce) != student_fingerprint(base)
     assert [c.student.mode for c in run_students(base)] == base.run.students
-    assert data_fingerprint(base) == base.fingerprint("data") == digest({"data": base.fingerprint_dict()["data"]})
+    assert (
+        data_fingerprint(base)
+        == base.fingerprint("data")
+        == digest({"data": base.fingerprint_dict()["data"]})
+    )
     # The HF-model keys change what they decide, and nothing else.
     assert changed("data.tokenizer=/hf/tok") == {"data", "teacher", "cache", "student", "eval"}
     assert changed("teachers.llama.dtype=bfloat16") == {"teacher", "cache", "student", "eval"}

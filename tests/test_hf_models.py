@@ -382,6 +382,22 @@ def test_padded_rows_that_would_win_never_enter_the_cache(hf, prepared: Path, tm
         assert float(objective({"input_ids": ids})) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_a_teacher_trained_from_a_pretrained_folder(hf, prepared: Path, tmp_path: Path):
+    """teachers.NAME.model.path + init = "pretrained": train-teacher fine-tunes the folder's model."""
+    from logitcache.pipeline.teachers import train_teacher
+
+    run = _copy_run(prepared, tmp_path)
+    extra = f'\n[teachers.tuned.model]\npath = "{hf["qwen2"]}"\ninit = "pretrained"\n'
+    extra += "\n[teachers.tuned.train]\nbatch_size = 8\nmax_steps = 2\nlr = 1e-4\n"
+    out = train_teacher(_config(hf, run, {}, extra=extra), "tuned", progress=False)
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(hf["qwen2"], dtype=torch.float32)
+    assert tuned.config.model_type == "qwen2" and tuned.config.vocab_size == PADDED
+    with torch.no_grad():
+        delta = (tuned.model.embed_tokens.weight - start.model.embed_tokens.weight).abs().max()
+    assert 0 < float(delta) < 0.05  # two small AdamW steps away from the pretrained weights
+
+
 # ----------------------------------------------------------------------------------------------
 # Refusals: other tokenizers, bad families, unusable heads
 
