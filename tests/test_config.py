@@ -145,6 +145,29 @@ def test_relative_paths_resolve_against_config_file(tmp_path: Path):
     assert Path(config.data.corpus) == tmp_path / "sub" / "texts"
 
 
+def test_hf_model_paths_resolve_like_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """data.tokenizer, teachers.NAME.path, teachers.NAME.model.path, student.model.path: relative to
+    the config file when written there, to the working directory when given with --set."""
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.toml"
+    path.write_text(
+        '[data]\ntokenizer = "hf/tok"\n[teachers.a]\npath = "hf/a"\n[teachers.b.model]\npath = "hf/b"\n'
+        '[student.model]\npath = "hf/s"\ninit = "pretrained"\n'
+    )
+    config = load_config(path)
+    hf = tmp_path / "sub" / "hf"
+    assert Path(config.data.tokenizer) == hf / "tok" and Path(config.teachers["a"].path) == hf / "a"
+    assert Path(config.teachers["b"].model.path) == hf / "b" and Path(config.student.model.path) == hf / "s"
+    assert config.student.model.init == "pretrained" and config.teachers["a"].dtype == "auto"
+    monkeypatch.chdir(tmp_path)
+    overridden = load_config(path, ["student.model.path=here", "teachers.a.path=there", "data.tokenizer=t"])
+    assert Path(overridden.student.model.path) == tmp_path / "here"
+    assert Path(overridden.teachers["a"].path) == tmp_path / "there"
+    assert Path(overridden.data.tokenizer) == tmp_path / "t"
+    with pytest.raises(ConfigError, match="'teachers.a.dtype' to be one of 'auto', 'bfloat16'"):
+        load_config(path, ["teachers.a.dtype=fp8"])
+
+
 def test_default_run_dir_from_config_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = tmp_path / "exp7.toml"
     path.write_text('[data]\ncorpus = "texts"\n')
