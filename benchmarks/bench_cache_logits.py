@@ -153,7 +153,12 @@ def measure(args: argparse.Namespace) -> None:
     print()
     forward, selected, stage, ratio = (
         float(np.median([r[key] for r in rounds]))
-        for key in ("forward_tokens_per_s", "forward_select_tokens_per_s", "cache_logits_tokens_per_s", "ratio")
+        for key in (
+            "forward_tokens_per_s",
+            "forward_select_tokens_per_s",
+            "cache_logits_tokens_per_s",
+            "ratio",
+        )
     )
     row = {
         "date": dt.date.today().isoformat(),

@@ -12,9 +12,9 @@ the command line (``--run-dir``, ``--set run.dir=...``) are relative to the work
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import difflib
 import hashlib
+import importlib.util
 import json
 import tomllib
 import types
@@ -59,9 +59,18 @@ class RunConfig:
     report_to: list[Tracker] = field(default_factory=list)
 
 
-DEFAULT_INCLUDE: Final = tuple(f"*{suffix}{gz}" for suffix in (".txt", ".train", ".dev", ".test") for gz in ("", ".gz"))
+DEFAULT_INCLUDE: Final = tuple(
+    f"*{suffix}{gz}" for suffix in (".txt", ".train", ".dev", ".test") for gz in ("", ".gz")
+)
 DEFAULT_EXCLUDE: Final = (
-    "LICENSE*", "LICENCE*", "COPYING*", "NOTICE*", "AUTHORS*", "ATTRIBUTION*", "README*", "SOURCES*",
+    "LICENSE*",
+    "LICENCE*",
+    "COPYING*",
+    "NOTICE*",
+    "AUTHORS*",
+    "ATTRIBUTION*",
+    "README*",
+    "SOURCES*",
 )
 
 
@@ -567,10 +576,20 @@ def validate(config: Config) -> None:
             f"Got {data.dev_fraction} and {data.test_fraction}."
         )
     _at_least(data.max_chars_per_file, 0, "data.max_chars_per_file", " (0 = whole files)")
-    _require(bool(data.include), "data.include", "to hold at least one file-name pattern such as '*.txt'", data.include)
+    _require(
+        bool(data.include),
+        "data.include",
+        "to hold at least one file-name pattern such as '*.txt'",
+        data.include,
+    )
     for key, patterns in (("data.include", data.include), ("data.exclude", data.exclude)):
         for pattern in patterns:
-            _require(bool(pattern) and "/" not in pattern, key, "to hold file or folder name patterns (no '/', not empty)", pattern)
+            _require(
+                bool(pattern) and "/" not in pattern,
+                key,
+                "to hold file or folder name patterns (no '/', not empty)",
+                pattern,
+            )
     _at_least(data.document_words, 1, "data.document_words")
     _at_least(data.min_frequency, 0, "data.min_frequency")
     for name, teacher in config.teachers.items():

@@ -92,7 +92,8 @@ def list_corpus_files(
         (
             p
             for p in corpus.rglob("*")
-            if p.is_file() and is_corpus_file(PurePosixPath(p.relative_to(corpus).as_posix()), include, exclude)
+            if p.is_file()
+            and is_corpus_file(PurePosixPath(p.relative_to(corpus).as_posix()), include, exclude)
         ),
         key=lambda p: p.relative_to(corpus).as_posix(),
     )

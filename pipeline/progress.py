@@ -30,7 +30,9 @@ class LogLines(tqdm):
     nothing; a stage that printed something prints a last line when it closes (unless ``leave=False``).
     """
 
-    LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    LINE_FORMAT = (
+        "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    )
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -88,6 +90,12 @@ def progress_bar(
         if interval <= 0:
             return tqdm(iterable, disable=True, **kwargs)
         return LogLines(
-            iterable, file=sys.stderr, mininterval=interval, maxinterval=interval, delay=interval, ascii=True, **kwargs
+            iterable,
+            file=sys.stderr,
+            mininterval=interval,
+            maxinterval=interval,
+            delay=interval,
+            ascii=True,
+            **kwargs,
         )
     return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)

@@ -146,7 +146,9 @@ class Experiment:
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+            ) as pool:
                 results = list(pool.map(train_and_evaluate, [config for config, _ in configs]))
         done = {}
         for (variant, seed), (_, key), result in zip(own, configs, results, strict=True):
@@ -161,7 +163,10 @@ class Experiment:
         for variant, seed in tasks:
             row = done[(variant.same_as or variant.name, seed)]
             self.rows.append(row | {"variant": variant.name})
-            print(f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}", flush=True)
+            print(
+                f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}",
+                flush=True,
+            )
 
     def sampled_variant(self, topk_bytes: float) -> Variant:
         """The sampled cache whose storage is closest to the top-k cache's.
@@ -194,7 +199,10 @@ def main() -> None:
         "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, help="students trained at once, in processes of cores/jobs threads each"
+        "--jobs",
+        type=int,
+        default=1,
+        help="students trained at once, in processes of cores/jobs threads each",
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(

@@ -40,15 +40,21 @@ def _train(args: tuple[str, list[str], str]) -> str:
 
 
 def dev_losses(model_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (model_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    records = [
+        json.loads(line) for line in (model_dir / METRICS_FILE).read_text().splitlines() if line.strip()
+    ]
     return [r["dev_loss"] for r in records if "dev_loss" in r]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True)
     parser.add_argument("--run-dir", default=None)
-    parser.add_argument("--set", action="append", default=[], help="config override for every student, as for pipe run")
+    parser.add_argument(
+        "--set", action="append", default=[], help="config override for every student, as for pipe run"
+    )
     parser.add_argument("--mode", default="ce", choices=["ce", "cache", "online"])
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--jobs", type=int, default=1)
@@ -75,7 +81,17 @@ def main() -> None:
             name = f"{slug}-s{seed}"
             names.append((label, seed, name))
             tasks.append(
-                (args.config, [*args.set, *overrides, f"student.mode={args.mode}", f"student.seed={seed}", f"student.name={name}"], str(run))
+                (
+                    args.config,
+                    [
+                        *args.set,
+                        *overrides,
+                        f"student.mode={args.mode}",
+                        f"student.seed={seed}",
+                        f"student.name={name}",
+                    ],
+                    str(run),
+                )
             )
     started = time.perf_counter()
     if args.jobs <= 1:
@@ -83,32 +99,50 @@ def main() -> None:
     else:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+        ) as pool:
             dirs = list(pool.map(_train, tasks))
 
     rows = []
     for (label, seed, _), model_dir in zip(names, dirs, strict=True):
         losses = dev_losses(Path(model_dir))
-        rows.append({"setting": label, "seed": seed, "final": losses[-1], "min": min(losses), "epoch_min": losses.index(min(losses))})
-    scores = {label: statistics.mean(r["final"] for r in rows if r["setting"] == label) for label, _ in settings}
+        rows.append(
+            {
+                "setting": label,
+                "seed": seed,
+                "final": losses[-1],
+                "min": min(losses),
+                "epoch_min": losses.index(min(losses)),
+            }
+        )
+    scores = {
+        label: statistics.mean(r["final"] for r in rows if r["setting"] == label) for label, _ in settings
+    }
     best = min(scores, key=scores.get)
     lines = [
         f"Student sweep ({args.mode}), {base.source}, run {run}, seeds {args.seeds}, commit {git_commit()[:7]}, "
         f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.0f} min. Score: mean final dev loss "
         "(lower is better).",
         "",
-        "| setting | mean final dev loss | " + " | ".join(f"seed {s} final (min @ epoch)" for s in seeds) + " |",
+        "| setting | mean final dev loss | "
+        + " | ".join(f"seed {s} final (min @ epoch)" for s in seeds)
+        + " |",
         "|---|---:|" + "---:|" * len(seeds),
     ]
     for label, _ in settings:
-        cells = [f"{r['final']:.4f} ({r['min']:.4f} @ {r['epoch_min']})" for r in rows if r["setting"] == label]
+        cells = [
+            f"{r['final']:.4f} ({r['min']:.4f} @ {r['epoch_min']})" for r in rows if r["setting"] == label
+        ]
         mark = " **best**" if label == best else ""
         lines.append(f"| {label}{mark} | {scores[label]:.4f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    (run / "sweep.json").write_text(json.dumps({"rows": rows, "scores": scores, "best": best}, indent=2) + "\n")
+    (run / "sweep.json").write_text(
+        json.dumps({"rows": rows, "scores": scores, "best": best}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -526,8 +526,13 @@ def test_headline_lines_compare_students_with_the_ce_twin_and_the_teachers():
         return {"name": name, "held_out": {"split": "test", "perplexity": perplexity}}
 
     results = {
-        "models": [entry("teachers/llama", 318.0), entry("teachers/gpt2", 260.0), entry("students/cache", 240.0),
-                   entry("students/ce", 266.0), entry("students/online", 236.0)],  # fmt: skip
+        "models": [
+            entry("teachers/llama", 318.0),
+            entry("teachers/gpt2", 260.0),
+            entry("students/cache", 240.0),
+            entry("students/ce", 266.0),
+            entry("students/online", 236.0),
+        ],  # fmt: skip
         "references": [entry("teachers/ensemble", 250.0), entry("unigram", 800.0)],
     }
     assert headline_lines(results) == [

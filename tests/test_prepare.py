@@ -152,7 +152,10 @@ def test_license_and_attribution_files_are_not_training_text(tmp_path: Path, sma
     assert not any("Permission" in token or "readme" in token for token in vocab)
 
     # Explicit patterns: only *.txt under folders not named 'nested'.
-    config = load_config(config.source, ['data.exclude=["nested"]', 'data.include=["*.txt"]', "run.dir=" + str(tmp_path / "r2")])
+    config = load_config(
+        config.source,
+        ['data.exclude=["nested"]', 'data.include=["*.txt"]', "run.dir=" + str(tmp_path / "r2")],
+    )
     data = PreparedData.open(prepare_data(config))
     assert sorted(i["path"] for i in data.manifest["inputs"]) == sorted(
         ["LICENSES/austen.txt", "README.txt"] + [p.name for p in small_corpus.glob("*.txt")]

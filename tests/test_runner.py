@@ -69,7 +69,9 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     assert lines[-1].startswith(f"pipe run: {len(STAGES)} stages ran in ")
     # references and the headline comparisons are logged by the evaluate stage
     assert any(line.startswith("teachers/ensemble: test perplexity") for line in lines)
-    assert any(line.startswith("students/cache: test perplexity") and "for students/ce" in line for line in lines)
+    assert any(
+        line.startswith("students/cache: test perplexity") and "for students/ce" in line for line in lines
+    )
 
     lines.clear()
     again = run_pipeline(config, progress=False, log=lines.append)

@@ -25,7 +25,9 @@ def test_tensorboard_scalars_equal_the_jsonl_metrics(tiny_config: Path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(config.run_dir / "tensorboard" / "teachers" / "llama"))
     events.Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "dev/loss"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "dev/loss"} <= set(
+        events.Tags()["scalars"]
+    )
     for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("dev/loss", "dev_loss")):
         expected = [(r["step"], r[key]) for r in records if key in r]
         got = [(e.step, e.value) for e in events.Scalars(tag)]
@@ -35,7 +37,9 @@ def test_tensorboard_scalars_equal_the_jsonl_metrics(tiny_config: Path):
 
 def test_tensorboard_without_the_package_is_a_config_error(tiny_config: Path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"tensorboard package .*pip install 'logitcache\[tensorboard\]'"):
         load_config(tiny_config, ['run.report_to=["tensorboard"]'])
     with pytest.raises(ConfigError, match="run.report_to"):

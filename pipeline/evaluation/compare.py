@@ -145,6 +145,7 @@ def headline_lines(results: Mapping) -> list[str]:
     single teacher and the teachers' ensemble, e.g. ``students/cache: test perplexity 239.05 vs
     266.71 for students/ce (-10.4 %)``. One seed: the seed spread is not known from one run.
     """
+
     def perplexity(entry: Mapping) -> float | None:
         held = entry.get("held_out") or {}
         value = held.get("perplexity")
@@ -173,5 +174,7 @@ def headline_lines(results: Mapping) -> list[str]:
     unigram = references.get("unigram")
     if teachers and unigram is not None:
         worst_name, worst = max(teachers.items(), key=lambda item: item[1])
-        lines.append(f"weakest teacher {worst_name} ({worst:.2f}) vs a unigram model ({unigram:.2f}): {(worst - unigram) / unigram:+.1%}")
+        lines.append(
+            f"weakest teacher {worst_name} ({worst:.2f}) vs a unigram model ({unigram:.2f}): {(worst - unigram) / unigram:+.1%}"
+        )
     return lines

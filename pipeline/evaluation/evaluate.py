@@ -30,8 +30,8 @@ from typing import Any
 from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
-from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp, subset_per_paradigm
+from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
     check_model_matches_data,

@@ -54,9 +54,17 @@ def reference_entries(
         cache = dataclasses.replace(config.cache, temperature=1.0)
         ensemble = TeacherEnsemble(teacher_dirs, data, device, cache=cache, seed=config.run.seed)
         metrics = held_out_metrics(
-            ensemble.logprobs, windows, split=split, batch_size=batch_size, num_bins=num_bins, progress=progress, device=device
+            ensemble.logprobs,
+            windows,
+            split=split,
+            batch_size=batch_size,
+            num_bins=num_bins,
+            progress=progress,
+            device=device,
         )
-        rule = config.cache.ensemble + (f", weights {list(config.cache.weights)}" if config.cache.weights else "")
+        rule = config.cache.ensemble + (
+            f", weights {list(config.cache.weights)}" if config.cache.weights else ""
+        )
         entries.append(
             {
                 "name": ENSEMBLE,
