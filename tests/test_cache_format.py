@@ -117,7 +117,7 @@ def test_metadata_round_trips_exactly() -> None:
     again = CacheMetadata.from_dict(json.loads(json.dumps(md.to_dict())))
     assert again == md
     assert again.to_dict() == md.to_dict()
-    assert md.format_version == FORMAT_VERSION == 1
+    assert md.format_version == FORMAT_VERSION == 2
     sampled = make_metadata(mode="sampled", num_samples=K, encoding=SAMPLED_ENCODING)
     assert CacheMetadata.from_dict(sampled.to_dict()) == sampled
 
@@ -149,7 +149,9 @@ def test_metadata_rejects_unknown_keys_and_versions() -> None:
     with pytest.raises(CacheError, match="unknown keys"):
         CacheMetadata.from_dict({**data, "encoding": {**data["encoding"], "delta": True}})
     with pytest.raises(CacheError, match="format_version"):
-        CacheMetadata.from_dict({**data, "format_version": 2})
+        CacheMetadata.from_dict({**data, "format_version": 3})
+    # a version-1 document is still read (format 2 only added the hybrid mode)
+    assert CacheMetadata.from_dict({**data, "format_version": 1}).format_version == 1
     with pytest.raises(CacheError, match="k < vocab_size"):
         make_metadata(k=VOCAB)
 

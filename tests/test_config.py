@@ -109,7 +109,7 @@ def test_int_accepted_for_float_but_not_reverse():
             r"'teachers.llama.model.hiden_size'. Did you mean 'hidden_size'\?",
         ),
         ("data.seq_len=abc", r"Expected 'data.seq_len' to be an integer. Got 'abc'"),
-        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled'. Got 'dense'"),
+        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled', 'hybrid'. Got 'dense'"),
         ("student.distill.alpha=1.5", r"alpha in \[0, 1\]"),
         ("data.seq_len", r"Expected --set section.key=value"),
         ("teachers.llama.train.batch_size=10", r"multiple of grad_accum_steps|batch_size"),
