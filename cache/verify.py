@@ -164,7 +164,9 @@ def _check_hybrid_ids(gaps: np.ndarray, values: np.ndarray, metadata: CacheMetad
         # key every id by its position so that one isin over the shard compares within positions
         position = np.arange(head.shape[0] * head.shape[1], dtype=np.int64).reshape(head.shape[:2] + (1,))
         real = counts > 0
-        if np.isin((drawn + position * metadata.vocab_size)[real], head + position * metadata.vocab_size).any():
+        if np.isin(
+            (drawn + position * metadata.vocab_size)[real], head + position * metadata.vocab_size
+        ).any():
             problems.append("tail draws of ids inside the head (they must come from outside it)")
     return problems
 

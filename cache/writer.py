@@ -54,7 +54,6 @@ from logitcache.cache.layout import (
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
 from logitcache.cache.select import HybridSelection, SampledSelection, TopkSelection
 
-
 Selection = TopkSelection | SampledSelection | HybridSelection
 
 

@@ -41,8 +41,8 @@ from logitcache.cache import (
     verify_cache,
 )
 from logitcache.cache.encoding import decode_entries, weight_error_bound
-from logitcache.cache.select import tail_cdf, tail_uniforms
 from logitcache.cache.metadata import SAMPLED_ENCODING
+from logitcache.cache.select import tail_cdf, tail_uniforms
 from logitcache.cache.writer import Selection, existing_cache
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
@@ -369,7 +369,9 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
         return {"windows": rows.tolist(), "mean_abs_error": error, "tolerance": 0.05, "ok": error < 0.05}
     slack = FLOAT_SLACK + (0.0 if teachers.dtype == "float32" else HARDWARE_SLACK)
     if meta.mode == "hybrid":
-        return {"windows": rows.tolist()} | _recompute_hybrid(reader, rows, logp, slack, bf16=teachers.dtype != "float32")
+        return {"windows": rows.tolist()} | _recompute_hybrid(
+            reader, rows, logp, slack, bf16=teachers.dtype != "float32"
+        )
     if stored.tail is None:  # ghost mode of a topk cache always returns the tail
         raise CacheError(f"Expected a tail in the topk cache at {store}. Got none: the cache is damaged.")
     kept = 1.0 - stored.tail.double()  # (n, T): what the reader scaled the entries to

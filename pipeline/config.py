@@ -571,7 +571,9 @@ def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
         cache.tail_samples,
     )
     if cache.mode == "hybrid":
-        _require(cache.id_code == "sorted_gaps", "cache.id_code", "'sorted_gaps' in hybrid mode", cache.id_code)
+        _require(
+            cache.id_code == "sorted_gaps", "cache.id_code", "'sorted_gaps' in hybrid mode", cache.id_code
+        )
         _require(
             cache.value_code in HYBRID_VALUE_CODES,
             "cache.value_code",

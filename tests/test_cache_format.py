@@ -549,7 +549,9 @@ def test_v2_regression_fixture(name: str) -> None:
     if name == "hybrid":
         k = reader.metadata.k
         tail = np.array(expected["tail"])[..., None]
-        np.testing.assert_allclose(batch.weights.numpy()[..., k:], np.array(expected["weights"])[..., k:], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            batch.weights.numpy()[..., k:], np.array(expected["weights"])[..., k:], rtol=1e-6, atol=1e-9
+        )
         np.testing.assert_allclose(batch.weights.numpy()[..., :k].sum(-1, keepdims=True), 1 - tail, rtol=1e-6)
     report = verify_cache(FIXTURES_V2 / name)
     assert report.ok, (report.problems, [s.problems for s in report.shards])

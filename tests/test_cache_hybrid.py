@@ -60,18 +60,32 @@ def hybrid_metadata(**changes: object) -> CacheMetadata:
 
 def teacher_logprobs(start: int, stop: int, vocab: int = VOCAB) -> torch.Tensor:
     """Per-window ensemble log-probabilities (B, T, V) float32: window w's from seed w only."""
-    rows = [torch.randn(SEQ, vocab, generator=torch.Generator().manual_seed(2000 + w)) * 3 for w in range(start, stop)]
-    return ensemble_logprobs([torch.stack(rows)], teacher_names=["t"], window_indices=list(range(start, stop)))
+    rows = [
+        torch.randn(SEQ, vocab, generator=torch.Generator().manual_seed(2000 + w)) * 3
+        for w in range(start, stop)
+    ]
+    return ensemble_logprobs(
+        [torch.stack(rows)], teacher_names=["t"], window_indices=list(range(start, stop))
+    )
 
 
 def _write(path: Path, metadata: CacheMetadata, mutate=None):  # noqa: ANN001, ANN202
     writer = create_cache(
-        path, metadata, num_windows=NUM_WINDOWS, seq_len=SEQ, windows_per_chunk=PER_CHUNK, windows_per_shard=PER_SHARD
+        path,
+        metadata,
+        num_windows=NUM_WINDOWS,
+        seq_len=SEQ,
+        windows_per_chunk=PER_CHUNK,
+        windows_per_shard=PER_SHARD,
     )
     for shard in writer.pending_shards():
         start, stop = writer.shard_rows(shard)
         selection = select_hybrid(
-            teacher_logprobs(start, stop), k=K, num_samples=M, seed=metadata.seed, window_indices=list(range(start, stop))
+            teacher_logprobs(start, stop),
+            k=K,
+            num_samples=M,
+            seed=metadata.seed,
+            window_indices=list(range(start, stop)),
         )
         writer.write_shard(shard, mutate(selection) if mutate else selection)
     writer.finalize()
@@ -168,14 +182,18 @@ def test_round_trip_hybrid(tmp_path: Path, value_code: str) -> None:
     # head: the exact probabilities within the code's bound after scaling to 1 - tail
     exact_head = probs.gather(-1, head_ids)  # (N, T, K)
     tail = 1.0 - exact_head.sum(-1)  # (N, T)
-    bound = weight_error_bound(exact_head.numpy(), (1.0 - tail).numpy(), dataclasses.replace(metadata, mode="topk", num_samples=None))
+    bound = weight_error_bound(
+        exact_head.numpy(), (1.0 - tail).numpy(), dataclasses.replace(metadata, mode="topk", num_samples=None)
+    )
     head_error = (batch.weights[..., :K].double() - exact_head).abs()
     assert bool((head_error <= torch.from_numpy(bound) + 1e-6).all())  # + float32 rounding of the weights
     # tail: tail * count / m (float32 tail and weights: relative rounding ~1e-7)
     torch.testing.assert_close(
         batch.weights[..., K:].double(), tail[..., None] * sel.tail_counts.double() / M, rtol=1e-5, atol=1e-7
     )
-    torch.testing.assert_close(batch.weights.double().sum(-1), torch.ones(NUM_WINDOWS, SEQ, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        batch.weights.double().sum(-1), torch.ones(NUM_WINDOWS, SEQ, dtype=torch.float64), rtol=0, atol=1e-5
+    )
     with pytest.raises(CacheError, match="ghost"):
         reader.read_windows(slice(None), weights="ghost")
     # the summary's captured mass is the head's
@@ -231,7 +249,9 @@ def test_verify_reports_inconsistent_hybrid_entries(tmp_path: Path, mutate, mess
 # ------------------------------------------------------------------------------------------ unbiasedness
 
 
-def _tail_moments(values: np.ndarray, weights: np.ndarray, m: int, scale: float) -> tuple[float, float, float]:
+def _tail_moments(
+    values: np.ndarray, weights: np.ndarray, m: int, scale: float
+) -> tuple[float, float, float]:
     """Mean, variance and 4th central moment of ``X = scale / m * sum_{i<m} Y_i`` for Y_i iid with
     ``P(Y = values_j) = weights_j`` (the estimator's exact distribution moments)."""
     mu = float((weights * values).sum())

@@ -322,7 +322,9 @@ def test_hybrid_cache_is_deterministic_verifies_and_trains_a_student(base_run, t
         return {key: value for key, value in _tree(store).items() if key != "zarr.json"}
 
     reference = _fresh_run(base_run, tmp_path, "reference")
-    cache_logits(load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=16"], run_dir=reference), progress=False)
+    cache_logits(
+        load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=16"], run_dir=reference), progress=False
+    )
     run = _fresh_run(base_run, tmp_path)
     config = load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=5"], run_dir=run)
     cache_logits(config, progress=False)
@@ -358,7 +360,11 @@ def test_hybrid_cache_is_deterministic_verifies_and_trains_a_student(base_run, t
         run_dir=run,
     )
     out = train_student(student, progress=False)
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
     assert losses and all(math.isfinite(x) for x in losses)
 
 
