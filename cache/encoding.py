@@ -34,7 +34,13 @@ needs no scale: the top entry always stores ``2^B - 1``. ``count`` is used as ``
 
 The quantised codes are computed in float32; ``rint`` rounds half to even.
 
-Tail mass (topk mode): float32, exact as computed.
+Tail mass (topk and hybrid modes): float32, exact as computed.
+
+Hybrid mode (format version 2): ``ids`` and ``values`` have ``k + m`` slots per position in two
+segments, each sorted gaps of its own: slots ``[0, k)`` the head (ids and a 16-bit probability
+code, as topk), slots ``[k, k + m)`` the unique ids drawn from the tail and their ``count``s
+(padding as in sampled mode). Decoded weights: head ``u / sum(u) * (1 - tail)``, tail
+``tail * count / m`` (the importance weights: unbiased for the tail, see cache/select.py).
 """
 
 from __future__ import annotations

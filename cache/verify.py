@@ -14,7 +14,9 @@ Both passes (``quick=True`` stops after them):
 The full pass then reads every shard file whole: its SHA-256 bound to (array, shard) must match
 ``shard_digests`` (so moved or swapped files with valid checksums are caught), every chunk decodes
 (crc32c), ids in [0, vocab) and unique within a position, values in their code's range, tail in
-[0, 1] and consistent with the stored entries, the stats' captured mass equal to the tail's.
+[0, 1] and consistent with the stored entries, the stats' captured mass equal to the tail's; in
+hybrid mode the head segment as topk, the tail draws as sampled (counts summing to m), and no
+drawn id inside its position's head.
 
 Caches written before the integrity records existed (no ``integrity`` in the summary) get every
 check but the digests, and a note saying so. What no check here can catch: a consistent rewrite
