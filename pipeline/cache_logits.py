@@ -7,7 +7,7 @@ online student.
 
 How it runs: every teacher does one forward pass per batch of ``cache.batch_size`` training
 windows (bf16 autocast on CUDA, float32 on CPU); their logits are combined by the ensemble rule
-and reduced to the stored entries (top-k + tail, or sampled ids + counts); whole shards are
+and reduced to the stored entries (top-k + tail, sampled ids + counts, or both: hybrid); whole shards are
 handed to a background thread that encodes, compresses and writes them while the teachers go on
 with the next shard. A shard counts only once its done flag is set, so after a crash (even
 ``kill -9``) rerunning the same command rewrites exactly the unfinished shards and the result is

@@ -120,6 +120,20 @@ def test_bad_overrides_are_named(override: str, message: str):
         load_config(REPO / "configs" / "demo.toml", [override, "teachers.llama.train.grad_accum_steps=4"])
 
 
+def test_hybrid_cache_settings_are_checked_at_load():
+    demo = REPO / "configs" / "demo.toml"
+    hybrid = ["cache.mode=hybrid", "cache.k=32", "cache.tail_samples=24"]
+    assert load_config(demo, hybrid).cache.width == 56
+    assert load_config(demo, ["cache.mode=sampled", "cache.samples=40"]).cache.width == 40
+    for override, message in [
+        ("cache.value_code=ratio_q8", r"Expected cache.value_code one of \['ratio_q10'.*in hybrid mode"),
+        ("cache.id_code=rank", r"Expected cache.id_code 'sorted_gaps' in hybrid mode"),
+        ("cache.tail_samples=0", r"Expected cache.tail_samples in \[1, 65535\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(demo, [*hybrid, override])
+
+
 def test_unknown_key_in_file(tmp_path: Path):
     path = tmp_path / "bad.toml"
     path.write_text('[data]\ncorpus = "x"\nvocab = 100\n')
