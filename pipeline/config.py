@@ -273,12 +273,21 @@ def _teachers_fingerprints(config: Config) -> dict[str, str]:
     return {name: teacher_fingerprint(config, name) for name in config.teachers}
 
 
+def _cache_section(config: Config) -> dict[str, Any]:
+    """The ``[cache]`` section as fingerprints see it: ``tail_samples`` only in hybrid mode, where it
+    matters (so that a topk or sampled run made before the key existed keeps its fingerprints)."""
+    section = config.to_dict()["cache"]
+    if config.cache.mode != "hybrid":
+        section.pop("tail_samples")
+    return section
+
+
 def cache_fingerprint(config: Config) -> str:
     """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed."""
     parts = {
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
-        "cache": config.to_dict()["cache"],
+        "cache": _cache_section(config),
         "seed": config.run.seed,
     }
     return digest(parts)
@@ -298,7 +307,7 @@ def student_fingerprint(config: Config) -> str:
         parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
     else:
         parts["teachers"] = _teachers_fingerprints(config)
-        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
+        parts["cache"] = _cache_section(config)  # the ensemble rule/temperature, and in cache mode k etc.
     return digest(parts)
 
 

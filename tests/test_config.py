@@ -125,6 +125,13 @@ def test_hybrid_cache_settings_are_checked_at_load():
     hybrid = ["cache.mode=hybrid", "cache.k=32", "cache.tail_samples=24"]
     assert load_config(demo, hybrid).cache.width == 56
     assert load_config(demo, ["cache.mode=sampled", "cache.samples=40"]).cache.width == 40
+    # tail_samples counts for the hybrid cache's fingerprint only: topk and sampled runs made before
+    # the key existed keep theirs (the fingerprint is the section without it)
+    topk = load_config(demo)
+    assert cache_fingerprint(topk) == cache_fingerprint(load_config(demo, ["cache.tail_samples=7"]))
+    assert cache_fingerprint(load_config(demo, hybrid)) != cache_fingerprint(
+        load_config(demo, [*hybrid, "cache.tail_samples=7"])
+    )
     for override, message in [
         ("cache.value_code=ratio_q8", r"Expected cache.value_code one of \['ratio_q10'.*in hybrid mode"),
         ("cache.id_code=rank", r"Expected cache.id_code 'sorted_gaps' in hybrid mode"),
