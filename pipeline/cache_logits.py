@@ -7,7 +7,7 @@ online student.
 
 How it runs: every teacher does one forward pass per batch of ``cache.batch_size`` training
 windows (bf16 autocast on CUDA, float32 on CPU); their logits are combined by the ensemble rule
-and reduced to the stored entries (top-k + tail, or sampled ids + counts); whole shards are
+and reduced to the stored entries (top-k + tail, sampled ids + counts, or both: hybrid); whole shards are
 handed to a background thread that encodes, compresses and writes them while the teachers go on
 with the next shard. A shard counts only once its done flag is set, so after a crash (even
 ``kill -9``) rerunning the same command rewrites exactly the unfinished shards and the result is
@@ -17,6 +17,7 @@ bit-identical to an uninterrupted run. Under ``torchrun`` rank ``r`` of ``W`` wr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,19 +36,18 @@ from zarr.storage import MemoryStore
 from logitcache.cache import (
     CacheMetadata,
     Encoding,
-    SampledSelection,
-    TopkSelection,
     create_cache,
     default_layout,
     open_cache,
     open_cache_writer,
     verify_cache,
 )
-from logitcache.cache.encoding import encode_entries, weight_error_bound
+from logitcache.cache.encoding import decode_entries, encode_entries, weight_error_bound
 from logitcache.cache.layout import sharded_names
 from logitcache.cache.metadata import SAMPLED_ENCODING
+from logitcache.cache.select import tail_cdf, tail_uniforms
 from logitcache.cache.storage import key_size, list_keys
-from logitcache.cache.writer import existing_cache
+from logitcache.cache.writer import Selection, existing_cache
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
@@ -72,6 +72,7 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
     sampled = cache.mode == "sampled"
     encoding = SAMPLED_ENCODING if sampled else Encoding(id_code=cache.id_code, value_code=cache.value_code)
     resolved = config.to_dict()
+    num_samples = {"sampled": cache.samples, "hybrid": cache.tail_samples}.get(cache.mode)
     return CacheMetadata(
         vocab_size=data.vocab_size,
         tokenizer_sha256=data.manifest["tokenizer_sha256"],
@@ -83,7 +84,7 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
         teacher_weights=tuple(cache.weights) if cache.weights else None,
         temperature=cache.temperature,
         mode=cache.mode,
-        num_samples=cache.samples if sampled else None,
+        num_samples=num_samples,
         seed=config.run.seed,
         encoding=encoding,
         # Sections that decide the cache's content (not run.dir: moving a run changes nothing).
@@ -91,14 +92,14 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
     )
 
 
-def _concat(parts: list[TopkSelection | SampledSelection]) -> TopkSelection | SampledSelection:
+def _concat(parts: list[Selection]) -> Selection:
     cls = type(parts[0])
     return cls(**{f: torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__})
 
 
 def _shard_selections(
     teachers: TeacherEnsemble, windows: np.ndarray, writer: Any, shards: list[int], batch_size: int, bar: Any
-) -> Iterator[tuple[int, TopkSelection | SampledSelection]]:
+) -> Iterator[tuple[int, Selection]]:
     for shard in shards:
         start, stop = writer.shard_rows(shard)
         parts = []
@@ -170,8 +171,8 @@ def cache_logits(
     teachers = TeacherEnsemble.load(config, data, ctx.device)
     metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
     windows = data.windows("train")  # (N, T)
-    chunking = _chunking(config, windows.shape, metadata.k)
-    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.k, **chunking)
+    chunking = _chunking(config, windows.shape, metadata.width)
+    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.width, **chunking)
     if ctx.is_main:
         if overwrite:
             _move_aside(out, aside)
@@ -497,7 +498,9 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     encoding's per-entry bound carried through the renormalisation (every entry's rounding error
     enters ``sum(u)`` and so moves every weight), plus :data:`FLOAT_SLACK`, plus
     :data:`HARDWARE_SLACK` when the teachers ran in bf16. Top-k sets may differ only where the k-th
-    and (k+1)-th probabilities are within the float slack (ties).
+    and (k+1)-th probabilities are within the float slack (ties). Hybrid mode: the head likewise,
+    the tail mass within the slack, and every tail draw redrawn from the cache seed and checked
+    against the recomputed tail CDF (:func:`_recompute_hybrid`). Sampled mode: a loose mean check.
     """
     reader = open_cache(store)
     meta = reader.metadata
@@ -506,6 +509,7 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
         k=meta.k,
         mode=meta.mode,
         samples=meta.num_samples or 64,
+        tail_samples=meta.num_samples or 32,
         ensemble=meta.ensemble,
         weights=list(meta.teacher_weights or []),
         temperature=meta.temperature,
@@ -520,31 +524,116 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     stored = reader.read_windows(rows, weights="ghost" if meta.mode == "topk" else "renormalized")
     logp = teachers.logprobs(windows, torch.from_numpy(rows)).cpu()  # (n, T, V)
     probs = logp.double().exp()  # (n, T, V) float64: the bound's arithmetic must not add error
-    recomputed = probs.gather(-1, stored.ids)  # (n, T, k) exact probabilities of the stored ids
     if meta.mode == "sampled":
+        recomputed = probs.gather(-1, stored.ids)  # (n, T, k) exact probabilities of the stored ids
         # count/n estimates p without bias; its error is statistical, so only a loose mean check.
         error = float((stored.weights.double() - recomputed).abs().mean())
         return {"windows": rows.tolist(), "mean_abs_error": error, "tolerance": 0.05, "ok": error < 0.05}
     float32 = teachers.all_float32 and all(t.dtype == "float32" for t in meta.teachers)  # then and now
     slack = FLOAT_SLACK + (0.0 if float32 else HARDWARE_SLACK)
+    if meta.mode == "hybrid":
+        return {"windows": rows.tolist()} | _recompute_hybrid(reader, rows, logp, slack, bf16=not float32)
     if stored.tail is None:  # ghost mode of a topk cache always returns the tail
         raise CacheError(f"Expected a tail in the topk cache at {store}. Got none: the cache is damaged.")
     kept = 1.0 - stored.tail.double()  # (n, T): what the reader scaled the entries to
+    return {"windows": rows.tolist()} | _recompute_head(probs, stored.ids, stored.weights, kept, meta, slack)
+
+
+def _recompute_head(
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    kept: torch.Tensor,
+    meta: CacheMetadata,
+    slack: float,
+) -> dict[str, Any]:
+    """Top-k entries (topk cache, or a hybrid cache's head) against recomputed probabilities.
+
+    ``probs`` (n, T, V) float64; ``ids``, ``weights`` (n, T, k) as the loss gets them, scaled to
+    ``kept`` (n, T) = 1 - stored tail. See :func:`recompute_check` for the tolerance.
+    """
+    recomputed = probs.gather(-1, ids)  # (n, T, k) exact probabilities of the stored ids
     bound = weight_error_bound(recomputed.numpy(), kept.numpy(), meta)  # (n, T, k)
     tolerance = torch.from_numpy(bound) + slack  # (n, T, k)
-    error = (stored.weights.double() - recomputed).abs()  # (n, T, k)
+    error = (weights.double() - recomputed).abs()  # (n, T, k)
     kth = torch.topk(probs, meta.k + 1, dim=-1).values  # (n, T, k+1)
     near_tie = (kth[..., meta.k - 1] - kth[..., meta.k]) <= slack  # (n, T)
     top_ids = torch.topk(probs, meta.k, dim=-1).indices.sort(-1).values
-    same_set = (top_ids == stored.ids.sort(-1).values).all(-1)  # (n, T)
+    same_set = (top_ids == ids.sort(-1).values).all(-1)  # (n, T)
     set_ok = bool((same_set | near_tie).all())
     value_ok = bool((error <= tolerance).all())
     return {
-        "windows": rows.tolist(),
         "max_abs_error": float(error.max()),
         "worst_error_over_tolerance": float((error / tolerance).max()),
         "positions_with_other_topk_set": int((~same_set).sum()),
         "ok": set_ok and value_ok,
+    }
+
+
+# Hybrid tail draws: the draw of uniform u is the id v with F(v-1) <= u < F(v), F the tail's
+# normalised CDF (cache/select.py). Writer and checker compute F with the same float32 function
+# (`ensemble_logprobs`) from the same teachers; another batch composition moves each probability
+# by float32 rounding (relative ~1e-6), F by a few 1e-6 at most: 1e-4 is a wide margin that is
+# still far below the width of most ids' intervals. bf16 teachers (GPU autocast) rounded logits to
+# 8 bits of mantissa (|d z| up to ~0.03 at |z| ~ 8, so relative |d p| ~3 %): F may move by ~0.05.
+TAIL_CDF_SLACK = 1e-4
+TAIL_CDF_SLACK_BF16 = 0.05
+
+
+def _recompute_hybrid(
+    reader: Any, rows: np.ndarray, logp: torch.Tensor, slack: float, *, bf16: bool
+) -> dict[str, Any]:
+    """A hybrid cache's windows ``rows`` against recomputed log-probabilities ``logp`` (n, T, V) float32.
+
+    Head: as a topk cache (:func:`_recompute_head`). Tail mass: within ``slack`` of the recomputed
+    ``sum p`` outside the stored head. Draws: the window's uniforms are regenerated from the cache
+    seed (:func:`~logitcache.cache.select.tail_uniforms`); sorted, the i-th uniform must fall in
+    the CDF interval ``[F(d - 1), F(d)]`` (+- :data:`TAIL_CDF_SLACK`) of the i-th drawn id ``d``
+    (the drawn ids expanded by their counts, ascending: the inverse CDF is monotone).
+    """
+    meta = reader.metadata
+    k, m = meta.k, meta.num_samples
+    raw = reader.read_raw(rows)
+    decoded = decode_entries(raw["ids"], raw["values"], raw["tail"], meta)
+    head_ids = decoded.ids[..., :k]  # (n, T, k)
+    tail_ids = torch.from_numpy(decoded.ids[..., k:])  # (n, T, m)
+    counts = torch.from_numpy(raw["values"][..., k:].astype(np.int64))  # (n, T, m)
+    stored_tail = torch.from_numpy(raw["tail"].astype(np.float64))  # (n, T)
+    probs = logp.double().exp()  # (n, T, V)
+    head_ids_t = torch.from_numpy(head_ids)
+    head = _recompute_head(
+        probs,
+        head_ids_t,
+        torch.from_numpy(decoded.weights[..., :k]),
+        1.0 - stored_tail,
+        dataclasses.replace(meta, mode="topk", num_samples=None),
+        slack,
+    )
+    outside = probs.scatter(-1, head_ids_t, 0.0).sum(-1)  # (n, T) recomputed tail mass
+    tail_error = float((stored_tail - outside).abs().max())
+    cdf_slack = TAIL_CDF_SLACK_BF16 if bf16 else TAIL_CDF_SLACK
+    worst, outside_draws = 0.0, 0
+    for b, window in enumerate(rows.tolist()):
+        cdf = tail_cdf(logp[b], head_ids_t[b])  # (T, V)
+        cdf = cdf / cdf[:, -1:]  # normalised: F(V - 1) = 1
+        lower = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1)  # (T, V) F(v - 1)
+        seq_len = cdf.shape[0]
+        uniforms = tail_uniforms(meta.seed, window, seq_len=seq_len, num_samples=m).sort(-1).values  # (T, m)
+        draws = torch.stack(
+            [torch.repeat_interleave(tail_ids[b, t], counts[b, t]) for t in range(seq_len)]
+        )  # (T, m) ascending; counts sum to m (verify-cache checked it)
+        below = lower.gather(1, draws) - uniforms  # > 0: u before the id's interval
+        above = uniforms - cdf.gather(1, draws)  # > 0: u after it
+        distance = torch.maximum(below, above).clamp(min=0.0)  # (T, m)
+        worst = max(worst, float(distance.max()))
+        outside_draws += int((distance > cdf_slack).sum())
+    return {
+        **head,
+        "tail_mass_max_error": tail_error,
+        "tail_draws_outside_their_interval": outside_draws,
+        "tail_draw_worst_distance": worst,
+        "tail_cdf_slack": cdf_slack,
+        "ok": head["ok"] and tail_error <= slack and outside_draws == 0,
     }
 
 

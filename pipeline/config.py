@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from logitcache.cache.metadata import HYBRID_VALUE_CODES
 from logitcache.pipeline.errors import ConfigError
 
 # A model's architecture: "llama" and "gpt2" are built from the size keys of ModelConfig exactly as
@@ -160,9 +161,12 @@ class TeacherConfig:
 class CacheConfig:
     """What `pipe cache-logits` stores per position (used from the cache stage on)."""
 
-    k: int = 64
-    mode: Literal["topk", "sampled"] = "topk"
+    k: int = 64  # top-k entries per position (`topk`), or the exact head of `hybrid`
+    # "topk": exact top-k + tail mass; "sampled": `samples` draws from the whole distribution;
+    # "hybrid": exact top-k head + `tail_samples` draws from the rest (docs/cache-format.md)
+    mode: Literal["topk", "sampled", "hybrid"] = "topk"
     samples: int = 64  # draws per position in `sampled` mode
+    tail_samples: int = 32  # draws per position from the tail (outside the head) in `hybrid` mode
     ensemble: Literal["mean_logits", "mean_probs"] = "mean_logits"
     weights: list[float] = field(default_factory=list)  # per-teacher weights; [] = equal
     temperature: float = 1.0
@@ -175,6 +179,13 @@ class CacheConfig:
         "logp_q8", "logp_q10", "logp_q12", "logp_q16", "logp_fp16", "logp_bf16", "logp_fp32",
     ] = "ratio_q10"  # fmt: skip
     windows_per_shard: int = 0  # 0 = sized by the cache library for shards of tens of MB
+
+    @property
+    def width(self) -> int:
+        """Stored entries per position: ``samples`` (sampled), ``k + tail_samples`` (hybrid) or ``k``."""
+        if self.mode == "sampled":
+            return self.samples
+        return self.k + self.tail_samples if self.mode == "hybrid" else self.k
 
 
 @dataclass(frozen=True)
@@ -264,6 +275,8 @@ class Config:
         for model in models:
             _drop_default(model, "path", "")
             _drop_default(model, "init", "random")
+        if data["cache"]["mode"] != "hybrid":  # tail_samples matters only there
+            data["cache"].pop("tail_samples")
         return data
 
     def fingerprint(self, *sections: str) -> str:
@@ -620,6 +633,22 @@ def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
         "in [1, 65535] (counts are stored as uint16)",
         cache.samples,
     )
+    _require(
+        1 <= cache.tail_samples <= 65535,
+        "cache.tail_samples",
+        "in [1, 65535] (counts are stored as uint16)",
+        cache.tail_samples,
+    )
+    if cache.mode == "hybrid":
+        _require(
+            cache.id_code == "sorted_gaps", "cache.id_code", "'sorted_gaps' in hybrid mode", cache.id_code
+        )
+        _require(
+            cache.value_code in HYBRID_VALUE_CODES,
+            "cache.value_code",
+            f"one of {list(HYBRID_VALUE_CODES)} in hybrid mode (a 16-bit code)",
+            cache.value_code,
+        )
     _positive(cache.temperature, "cache.temperature")
     _at_least(cache.batch_size, 1, "cache.batch_size")
     _at_least(cache.windows_per_shard, 0, "cache.windows_per_shard", " (0 = sized by the cache library)")

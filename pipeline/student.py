@@ -23,7 +23,8 @@ The cache entry of position ``t`` is the teachers' distribution of token ``t + 1
 ``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
 ``distill.tail``: ``renormalize`` (top-k weights rescaled to sum to 1) or ``ghost`` (raw top-k
 probabilities plus the tail mass as one bucket against the student's mass outside the top-k;
-topk caches only: a sampled cache's weights count/n already sum to 1 and are used as they are).
+topk caches only: a sampled cache's weights count/n, and a hybrid cache's head probabilities plus
+its tail draws' importance weights ``tail * count / m``, already sum to 1 and are used as they are).
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
@@ -227,7 +228,8 @@ def make_dataset(config: Config, data: PreparedData, windows: Any) -> StudentDat
     if student.mode != "cache":
         return StudentDataset(windows, None)
     reader = open_student_cache(config, data)
-    # A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
+    # Sampled and hybrid caches need no tail bucket (count/n, or head + tail draws, already sum to 1):
+    # the tail setting applies to topk.
     weights = (
         "ghost" if student.distill.tail == "ghost" and reader.metadata.mode == "topk" else "renormalized"
     )
@@ -246,8 +248,7 @@ def make_order(config: Config, num_windows: int, seq_len: int) -> OrderFn:
 
 
 def _shuffle_block(config: Config, num_windows: int, seq_len: int) -> int:
-    cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
-    return config.student.loader.shuffle_block or default_block(num_windows, seq_len, cache_k)
+    return config.student.loader.shuffle_block or default_block(num_windows, seq_len, config.cache.width)
 
 
 def train_student(

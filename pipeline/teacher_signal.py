@@ -9,7 +9,7 @@ which it got (DistillKit separates "where the teacher signal comes from" from "t
   safetensors weights only), and combines them by the config's ensemble rule (``cache.ensemble``,
   ``cache.weights``, ``cache.temperature``; :func:`logitcache.cache.ensemble_logprobs`). It serves the live signal
   of the online student (:meth:`TeacherEnsemble.logprobs`, full vocabulary) and the entries
-  that `pipe cache-logits` stores (:meth:`TeacherEnsemble.select`, top-k or sampled).
+  that `pipe cache-logits` stores (:meth:`TeacherEnsemble.select`, top-k, sampled or hybrid).
 * :func:`open_student_cache` opens those stored entries for the cache-mode student, refusing a
   cache made for other data, another tokenizer or other ``[cache]`` settings.
 
@@ -35,12 +35,14 @@ from transformers import PreTrainedModel
 from logitcache.cache import (
     CacheMetadata,
     CacheReader,
+    HybridSelection,
     SampledSelection,
     TeacherInfo,
     TopkSelection,
     ensemble_logprobs,
     ensemble_topk,
     open_cache,
+    select_hybrid,
     select_sampled,
     verify_cache,
 )
@@ -287,10 +289,20 @@ class TeacherEnsemble:
         return ensemble_logprobs(self.teacher_logits(input_ids), **self._ensemble_args(window_indices))
 
     @torch.no_grad()
-    def select(self, windows: torch.Tensor, window_indices: torch.Tensor) -> TopkSelection | SampledSelection:
+    def select(
+        self, windows: torch.Tensor, window_indices: torch.Tensor
+    ) -> TopkSelection | SampledSelection | HybridSelection:
         """The entries a cache stores for windows (B, T) (rows ``window_indices`` of the data), on the CPU."""
         cache = self.cache
-        if cache.mode == "sampled":
+        if cache.mode == "hybrid":
+            selection: TopkSelection | SampledSelection | HybridSelection = select_hybrid(
+                self.logprobs(windows, window_indices),
+                k=cache.k,
+                num_samples=cache.tail_samples,
+                seed=self.seed,
+                window_indices=window_indices,
+            )
+        elif cache.mode == "sampled":
             selection = select_sampled(
                 self.logprobs(windows, window_indices),
                 num_samples=cache.samples,
@@ -312,7 +324,7 @@ def cache_settings_differences(config: Config, metadata: CacheMetadata) -> list[
     """``field (config X, cache Y)`` for each setting of ``config`` that the cache was made with otherwise.
 
     Compared: what decides the stored entries (teachers, ensemble rule, temperature, mode, k or
-    the number of samples, their encoding; the seed of a sampled cache), not how the cache was
+    the number of samples, their encoding; the seed of a sampled or hybrid cache), not how the cache was
     computed or laid out (``cache.batch_size``, ``cache.windows_per_shard``).
     """
     cache = config.cache
@@ -325,7 +337,14 @@ def cache_settings_differences(config: Config, metadata: CacheMetadata) -> list[
         ("cache.temperature", cache.temperature, metadata.temperature),
     ]
     if metadata.mode == cache.mode:  # otherwise the mode's difference says it all
-        if sampled:
+        if cache.mode == "hybrid":
+            pairs += [
+                ("cache.k", cache.k, metadata.k),
+                ("cache.tail_samples", cache.tail_samples, metadata.num_samples),
+                ("cache.value_code", cache.value_code, metadata.encoding.value_code),
+                ("run.seed", config.run.seed, metadata.seed),
+            ]
+        elif sampled:
             pairs += [
                 ("cache.samples", cache.samples, metadata.num_samples),
                 ("run.seed", config.run.seed, metadata.seed),

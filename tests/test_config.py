@@ -109,7 +109,7 @@ def test_int_accepted_for_float_but_not_reverse():
             r"'teachers.llama.model.hiden_size'. Did you mean 'hidden_size'\?",
         ),
         ("data.seq_len=abc", r"Expected 'data.seq_len' to be an integer. Got 'abc'"),
-        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled'. Got 'dense'"),
+        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled', 'hybrid'. Got 'dense'"),
         ("student.distill.alpha=1.5", r"alpha in \[0, 1\]"),
         ("data.seq_len", r"Expected --set section.key=value"),
         ("teachers.llama.train.batch_size=10", r"multiple of grad_accum_steps|batch_size"),
@@ -118,6 +118,27 @@ def test_int_accepted_for_float_but_not_reverse():
 def test_bad_overrides_are_named(override: str, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "demo.toml", [override, "teachers.llama.train.grad_accum_steps=4"])
+
+
+def test_hybrid_cache_settings_are_checked_at_load():
+    demo = REPO / "configs" / "demo.toml"
+    hybrid = ["cache.mode=hybrid", "cache.k=32", "cache.tail_samples=24"]
+    assert load_config(demo, hybrid).cache.width == 56
+    assert load_config(demo, ["cache.mode=sampled", "cache.samples=40"]).cache.width == 40
+    # tail_samples counts for the hybrid cache's fingerprint only: topk and sampled runs made before
+    # the key existed keep theirs (the fingerprint is the section without it)
+    topk = load_config(demo)
+    assert cache_fingerprint(topk) == cache_fingerprint(load_config(demo, ["cache.tail_samples=7"]))
+    assert cache_fingerprint(load_config(demo, hybrid)) != cache_fingerprint(
+        load_config(demo, [*hybrid, "cache.tail_samples=7"])
+    )
+    for override, message in [
+        ("cache.value_code=ratio_q8", r"Expected cache.value_code one of \['ratio_q10'.*in hybrid mode"),
+        ("cache.id_code=rank", r"Expected cache.id_code 'sorted_gaps' in hybrid mode"),
+        ("cache.tail_samples=0", r"Expected cache.tail_samples in \[1, 65535\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(demo, [*hybrid, override])
 
 
 def test_unknown_key_in_file(tmp_path: Path):
