@@ -232,8 +232,9 @@ def describe_cache(out: Path) -> str:
     summary = (read_marker(out) or {}).get("summary") or {}
     if not summary:
         return ""
+    where = summary.get("store", out)  # the bucket URL of a remote store
     return (
-        f"cache {summary.get('store', out)}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
+        f"cache {where}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
         f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
         f"{summary['mean_teacher_entropy']:.3f} nats"
     )
