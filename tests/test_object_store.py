@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,8 +155,6 @@ def _overrides(base: tuple[Path, Path], *more: str) -> list[str]:
 
 def _config(base: tuple[Path, Path], run: Path, *more: str):  # noqa: ANN202
     if not (run / "data").exists():
-        import shutil
-
         shutil.copytree(base[1] / "data", run / "data")
     return load_config(base[0], _overrides(base, *more), run_dir=run)
 
@@ -198,7 +197,7 @@ def test_cache_written_to_s3_is_the_local_cache_and_verifies(s3, base, local, re
     assert open_cache(url).read_windows([0, 5]).ids.shape == (2, 32, 8)
 
 
-def test_corrupted_object_fails_verify_and_is_refused_before_training(s3, base, remote):
+def test_corrupted_object_fails_verify_and_is_refused_before_training(s3, base, remote, capsys):
     run, url = remote
     key = "run/logits.zarr/ids/c/1/0/0"  # shard 1 of the ids
     original = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -206,8 +205,11 @@ def test_corrupted_object_fails_verify_and_is_refused_before_training(s3, base, 
     damaged[len(damaged) // 3] ^= 0x40
     s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(damaged))
     try:
-        report = verify(url)
-        assert not report["ok"] and report["bad_shards"] == [1]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["verify-cache", url, "--json"])
+        assert exit_info.value.code == 1  # a failed check, not a user error
+        report = json.loads(capsys.readouterr().out)
+        assert not report["ok"] and report["bad_shards"] == [1] and report["store"] == url
         assert "ids/c/1/0/0" in report["shards"][1]["problems"][0]
         s3.put_object(Bucket=BUCKET, Key=key, Body=original[:-7])  # truncated: the shard index is cut
         truncated = verify_cache(url, quick=True)
