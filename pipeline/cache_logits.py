@@ -2,6 +2,8 @@
 
 ``RUN/cache/`` holds ``logits.zarr`` (the cache, format in docs/cache-format.md) beside the stage's
 ``provenance.json``, ``COMPLETE.json`` and, once verified, ``verify.json`` (paths: :class:`RunLayout`).
+With ``cache.store`` = a URL (``s3://bucket/prefix/logits.zarr``, docs/object-stores.md) the store is
+remote and ``RUN/cache/`` holds the rest.
 The teachers are loaded and checked by :mod:`logitcache.pipeline.teacher_signal`, as for the
 online student.
 
@@ -46,15 +48,16 @@ from logitcache.cache.encoding import decode_entries, encode_entries, weight_err
 from logitcache.cache.layout import sharded_names
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.cache.select import tail_cdf, tail_uniforms
-from logitcache.cache.storage import key_size, list_keys
+from logitcache.cache.storage import is_url, key_size, list_keys
 from logitcache.cache.writer import Selection, existing_cache
 from logitcache.pipeline import __version__
-from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint
+from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint, cache_settings
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
 from logitcache.pipeline.errors import CacheError, StageError
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
+    CACHE_STORE,
     COMPLETE_MARKER,
     RunLayout,
     atomic_write_text,
@@ -87,8 +90,9 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
         num_samples=num_samples,
         seed=config.run.seed,
         encoding=encoding,
-        # Sections that decide the cache's content (not run.dir: moving a run changes nothing).
-        config={key: resolved[key] for key in ("data", "teachers", "cache")},
+        # Sections that decide the cache's content (not run.dir or cache.store: where the cache
+        # lives changes nothing, so a cache uploaded elsewhere has the same bytes).
+        config={"data": resolved["data"], "teachers": resolved["teachers"], "cache": cache_settings(config)},
     )
 
 
@@ -151,6 +155,8 @@ def cache_logits(
     but a logitcache cache. ``overwrite`` moves an existing ``RUN/cache`` to ``RUN/cache.replaced``
     and deletes that only after the new cache is complete; after an interruption ``RUN/cache``
     holds the unfinished new cache (rerun to resume it) and ``RUN/cache.replaced`` the old one.
+    A remote store (``cache.store``) cannot be moved aside: ``overwrite`` deletes its objects when
+    the new cache is created, after every check above.
     """
     layout = RunLayout.of(config)
     out, aside = layout.cache, layout.cache_replaced
@@ -166,8 +172,8 @@ def cache_logits(
             raise CacheError(
                 f"Expected a folder for the cache at {folder}. Got a file; move it away or use another --run-dir."
             )
-    store = layout.cache_store
-    existing_cache(store)  # refuses foreign content at the store's path, even with --overwrite
+    store = layout.cache_location
+    existing_cache(store)  # refuses foreign content (and an unreachable remote store), even with --overwrite
     teachers = TeacherEnsemble.load(config, data, ctx.device)
     metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
     windows = data.windows("train")  # (N, T)
@@ -216,6 +222,8 @@ def cache_logits(
             "seconds": elapsed,
             "tokens_per_s_this_run": total / max(elapsed, 1e-9),
         }
+        if layout.cache_url:  # a remote store: `verify-cache RUN/cache` follows this
+            summary["store"] = layout.cache_url
         mark_complete(out, fingerprint, summary)
         if aside.exists():
             shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
@@ -228,8 +236,9 @@ def describe_cache(out: Path) -> str:
     summary = (read_marker(out) or {}).get("summary") or {}
     if not summary:
         return ""
+    where = summary.get("store", out)  # the bucket URL of a remote store
     return (
-        f"cache {out}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
+        f"cache {where}: {summary['positions']:,} positions, {summary['bytes_per_position']:.1f} bytes/position, "
         f"mean captured mass {summary['mean_captured_mass']:.4f}, mean teacher entropy "
         f"{summary['mean_teacher_entropy']:.3f} nats"
     )
@@ -390,8 +399,16 @@ def dry_run_lines(estimate: DryRunEstimate) -> list[str]:
     return lines
 
 
-def resolve_cache_store(path: str | Path) -> Path:
-    """A cache location given by the user: a stage folder (RUN/cache) or the store itself."""
+def resolve_cache_store(path: str | Path) -> str | Path:
+    """A cache location given by the user: a store URL, a stage folder (RUN/cache) or the store itself.
+
+    A stage folder whose cache is remote (its COMPLETE.json names the ``store`` URL) gives that URL.
+    """
+    if is_url(str(path)):
+        return str(path)
+    remote = _remote_store_of(Path(path))
+    if remote is not None:
+        return remote
     store = locate_cache_store(path)
     if store.is_file():
         raise CacheError(f"Expected a cache folder. Got the file {store}.")
@@ -400,6 +417,14 @@ def resolve_cache_store(path: str | Path) -> Path:
             f"Expected a logit cache at {store}. Found nothing; run `pipe cache-logits CONFIG` first."
         )
     return store
+
+
+def _remote_store_of(stage: Path) -> str | None:
+    """The store URL a stage folder's COMPLETE.json names (a cache written to ``cache.store``), or None."""
+    if not stage.is_dir() or (stage / CACHE_STORE).exists():
+        return None
+    remote = ((read_marker(stage) or {}).get("summary") or {}).get("store")
+    return remote if isinstance(remote, str) and is_url(remote) else None
 
 
 def verify(
@@ -411,16 +436,28 @@ def verify(
     device: str = "auto",
     progress: bool | None = None,
     quick: bool = False,
+    stage_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Check a cache (see `pipe verify-cache`); returns a JSON-ready report with ``ok``.
 
-    ``quick``: metadata, file sizes and shard indexes only (docs/cache-format.md, "Verifying").
+    ``path``: a store (folder or URL) or a stage folder (RUN/cache). ``quick``: metadata, file
+    sizes and shard indexes only (docs/cache-format.md, "Verifying"). ``stage_dir``: the stage
+    folder whose COMPLETE.json must agree with the store (default: the folder around a local
+    store named logits.zarr, or the stage folder given as ``path``).
     """
     if quick and recompute:
         raise StageError("Expected --quick or --recompute. Got both: --recompute needs the full pass.")
     store = resolve_cache_store(path)
-    run_data = RunLayout(store.parent.parent).data  # RUN/cache/logits.zarr -> RUN/data
-    if data_dir is None and (run_data / COMPLETE_MARKER).is_file():
+    if isinstance(store, Path):
+        run_root: Path | None = store.parent.parent  # RUN/cache/logits.zarr -> RUN
+        if stage_dir is None and store.name == CACHE_STORE:
+            stage_dir = store.parent
+    else:  # a remote store: its stage folder is known only when given
+        if stage_dir is None and not is_url(str(path)):
+            stage_dir = Path(path)
+        run_root = stage_dir.parent if stage_dir is not None else None
+    run_data = RunLayout(run_root).data if run_root is not None else None
+    if data_dir is None and run_data is not None and (run_data / COMPLETE_MARKER).is_file():
         data_dir = run_data
     data = PreparedData.open(data_dir) if data_dir is not None else None
     report = verify_cache(
@@ -429,7 +466,7 @@ def verify(
         tokenizer_sha256=data.manifest["tokenizer_sha256"] if data else None,
         quick=quick,
     ).to_dict()
-    report["problems"] += _marker_problems(store, report.get("summary"))
+    report["problems"] += _marker_problems(stage_dir, report.get("summary"))
     report["ok"] = not report["problems"] and not report["bad_shards"]
     report["store"] = str(store)
     report["aligned_with"] = str(data.root) if data else None
@@ -441,13 +478,12 @@ def verify(
     return report
 
 
-def _marker_problems(store: Path, summary: dict[str, Any] | None) -> list[str]:
-    """The stage folder's COMPLETE.json (when the store is RUN/cache/logits.zarr) must parse, carry a
-    fingerprint, and repeat the store's summary: it is what `pipe run` trusts to skip the stage."""
-    stage = store.parent
-    marker_path = stage / COMPLETE_MARKER
-    if store.name != RunLayout(stage.parent).cache_store.name or not marker_path.exists():
+def _marker_problems(stage: Path | None, summary: dict[str, Any] | None) -> list[str]:
+    """The stage folder's COMPLETE.json (if any) must parse, carry a fingerprint, and repeat the
+    store's summary: it is what `pipe run` trusts to skip the stage."""
+    if stage is None or not (stage / COMPLETE_MARKER).exists():
         return []
+    marker_path = stage / COMPLETE_MARKER
     marker = read_marker(stage)
     where = f"{marker_path}"
     if not isinstance(marker, dict) or not isinstance(marker.get("summary"), dict):
@@ -490,7 +526,9 @@ FLOAT_SLACK = 1e-5
 HARDWARE_SLACK = 2e-3
 
 
-def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, device: str) -> dict[str, Any]:
+def recompute_check(
+    store: str | Path, data: PreparedData, count: int, *, seed: int, device: str
+) -> dict[str, Any]:
     """Rerun the teachers on ``count`` random windows and compare with the stored entries.
 
     Tolerance per stored weight (topk mode, weights as the loss gets them, ``w = u / sum(u) * (1 - tail)``):
@@ -640,7 +678,13 @@ def _recompute_hybrid(
 def verify_stage(config: Config, *, progress: bool | None = None) -> dict[str, Any]:
     """`pipe run`'s verify step: verify RUN/cache against RUN/data, record verify.json, raise if bad."""
     layout = RunLayout.of(config)
-    report = verify(layout.cache, data_dir=layout.data, progress=progress)
+    remote = layout.cache_url
+    report = verify(
+        remote or layout.cache,
+        data_dir=layout.data,
+        progress=progress,
+        stage_dir=layout.cache if remote else None,
+    )
     report["fingerprint"] = cache_fingerprint(config)
     atomic_write_text(layout.verify_report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not report["ok"]:

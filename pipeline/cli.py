@@ -229,7 +229,7 @@ def cache_logits_cmd(
 
 
 @cli.command("verify-cache")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a folder, or a store URL (s3://bucket/prefix/logits.zarr): not a click.Path
 @click.option(
     "--data",
     "data_dir",
@@ -250,11 +250,12 @@ def cache_logits_cmd(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify_cache_cmd(
-    path: Path, data_dir: Path | None, recompute: int, seed: int, quick: bool, as_json: bool
+    path: str, data_dir: Path | None, recompute: int, seed: int, quick: bool, as_json: bool
 ) -> None:
     """Check every byte of a cache: metadata documents and their digests, the set of files, every
     shard's index, checksums and digest (bound to its position), ids, values, tail, hashes.
 
+    PATH: RUN/cache, the store folder, or a store URL (s3://bucket/prefix/logits.zarr, gs://...).
     Exits 1 when any check fails, naming the file, array and windows.
     """
     from logitcache.pipeline.cache_logits import report_lines, verify

@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import re
 import tomllib
 import types
 import typing
@@ -23,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from logitcache.cache.metadata import HYBRID_VALUE_CODES
 from logitcache.pipeline.errors import ConfigError
@@ -179,6 +181,10 @@ class CacheConfig:
         "logp_q8", "logp_q10", "logp_q12", "logp_q16", "logp_fp16", "logp_bf16", "logp_fp32",
     ] = "ratio_q10"  # fmt: skip
     windows_per_shard: int = 0  # 0 = sized by the cache library for shards of tens of MB
+    # Where the cache's Zarr store lives: "" = RUN/cache/logits.zarr; or a URL such as
+    # "s3://bucket/prefix/logits.zarr", "gs://..." (zarr's FsspecStore; credentials come from the
+    # environment, never from here: docs/object-stores.md). RUN/cache keeps the stage's markers.
+    store: str = ""
 
     @property
     def width(self) -> int:
@@ -320,14 +326,27 @@ def _teachers_fingerprints(config: Config) -> dict[str, str]:
     return {name: teacher_fingerprint(config, name) for name in config.teachers}
 
 
+def cache_settings(config: Config) -> dict[str, Any]:
+    """The ``[cache]`` section without ``store``: what decides the cache's bytes, not where they are."""
+    settings = config.fingerprint_dict()["cache"]
+    settings.pop("store")
+    return settings
+
+
 def cache_fingerprint(config: Config) -> str:
-    """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed."""
+    """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed.
+
+    ``cache.store`` counts only when set (a cache in another place is another output; caches
+    made before the key existed keep their fingerprint).
+    """
     parts = {
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
-        "cache": config.fingerprint_dict()["cache"],
+        "cache": cache_settings(config),
         "seed": config.run.seed,
     }
+    if config.cache.store:
+        parts["store"] = config.cache.store
     return digest(parts)
 
 
@@ -345,8 +364,7 @@ def student_fingerprint(config: Config) -> str:
         parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
     else:
         parts["teachers"] = _teachers_fingerprints(config)
-        # the ensemble rule/temperature, and in cache mode k etc.
-        parts["cache"] = config.fingerprint_dict()["cache"]
+        parts["cache"] = cache_settings(config)  # the ensemble rule/temperature, and in cache mode k etc.
     return digest(parts)
 
 
@@ -654,6 +672,8 @@ def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
     _at_least(cache.windows_per_shard, 0, "cache.windows_per_shard", " (0 = sized by the cache library)")
     for i, weight in enumerate(cache.weights):
         _positive(weight, f"cache.weights[{i}]")
+    if cache.store:
+        _validate_store(cache.store)
     if cache.weights and len(cache.weights) != num_teachers:
         raise ConfigError(
             f"Expected cache.weights to have one weight per teacher ({num_teachers}). Got {len(cache.weights)}."
@@ -668,6 +688,44 @@ def causal_lm_families() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _validate_store(store: str) -> None:
+    parts = urlsplit(store)
+    _require(
+        bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.", store)) and parts.scheme.lower() != "file",
+        "cache.store",
+        "to be a URL such as 's3://bucket/prefix/logits.zarr' or 'gs://bucket/prefix' (or \"\" for RUN/cache/logits.zarr)",
+        store,
+    )
+    missing = _missing_filesystem_package(parts.scheme.lower())
+    if missing:
+        raise ConfigError(
+            f"Expected the {missing} package for cache.store = {store!r}. It is not installed: "
+            + ("pip install 'logitcache[s3]'." if parts.scheme.lower() in ("s3", "s3a") else f"pip install {missing}.")
+        )
+    if parts.username or parts.password:
+        raise ConfigError(
+            "Expected cache.store without credentials. Got a URL with user/password: credentials are read "
+            "from the environment only (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws, ...); remove them from the config."
+        )
+
+
+def _missing_filesystem_package(protocol: str) -> str:
+    """The package a URL of ``protocol`` needs that is not installed ("" when all are)."""
+    if importlib.util.find_spec("fsspec") is None:
+        return "fsspec"
+    from fsspec.registry import known_implementations, registry
+
+    if protocol in registry:  # registered at run time: importable
+        return ""
+    known = known_implementations.get(protocol)
+    if known is None:
+        raise ConfigError(
+            f"Expected cache.store with a protocol fsspec knows (s3, gs, az, memory, ...). Got {protocol!r}."
+        )
+    module = known["class"].split(".")[0]
+    return module if importlib.util.find_spec(module) is None else ""
 
 
 def _validate_model(model: ModelConfig, where: str, seq_len: int) -> None:

@@ -50,7 +50,7 @@ class StudentDataset(WindowsDataset):
     def __init__(
         self,
         windows: np.ndarray,
-        cache_store: Path | None,
+        cache_store: Path | str | None,  # a path or a store URL (s3://...)
         weights: str = "renormalized",
         *,
         cached_chunks: int = 16,

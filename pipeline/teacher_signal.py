@@ -46,6 +46,7 @@ from logitcache.cache import (
     select_sampled,
     verify_cache,
 )
+from logitcache.cache.writer import existing_cache
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import DTYPES, check_model_fits, load_model
@@ -358,9 +359,11 @@ def cache_settings_differences(config: Config, metadata: CacheMetadata) -> list[
     return [f"{name} (config {ours!r}, cache {theirs!r})" for name, ours, theirs in pairs if ours != theirs]
 
 
-def cache_store(config: Config) -> Path:
-    """The store the cache-mode student reads: ``RUN/cache/logits.zarr`` (or ``RUN/cache`` if that is one)."""
-    return locate_cache_store(RunLayout.of(config).cache)
+def cache_store(config: Config) -> str | Path:
+    """The store the cache-mode student reads: the ``cache.store`` URL when set, else
+    ``RUN/cache/logits.zarr`` (or ``RUN/cache`` if that is one)."""
+    layout = RunLayout.of(config)
+    return layout.cache_url or locate_cache_store(layout.cache)
 
 
 def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
@@ -372,7 +375,7 @@ def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
     the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
     """
     store = cache_store(config)
-    if not store.exists():
+    if not (existing_cache(store) if isinstance(store, str) else store.exists()):  # a URL: any objects
         raise StageError(
             f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
         )
