@@ -40,7 +40,7 @@ from logitcache.cache import (
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import load_model
-from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.prepare import PreparedData, TokenWindows
 from logitcache.pipeline.rundir import RunLayout, locate_cache_store
 from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
 
@@ -83,7 +83,7 @@ def weights_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
+def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData | TokenWindows) -> None:
     """Refuse a teacher whose tokenizer differs from the prepared data's (ids would mean other tokens)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
@@ -101,7 +101,9 @@ def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> N
         )
 
 
-def load_teacher(name: str, model_dir: Path, data: PreparedData, device: torch.device) -> PreTrainedModel:
+def load_teacher(
+    name: str, model_dir: Path, data: PreparedData | TokenWindows, device: torch.device
+) -> PreTrainedModel:
     """One teacher, checked against the data (tokenizer, vocabulary, weights format), frozen, in eval mode."""
     check_teacher_tokenizer(name, model_dir, data)
     safetensors_files(model_dir)
@@ -113,6 +115,24 @@ def load_teacher(name: str, model_dir: Path, data: PreparedData, device: torch.d
             f"{data.vocab_size} tokens."
         )
     return model
+
+
+def stored_teacher_path(path: Path, base: Path | None) -> str:
+    """``path`` as a cache records it: POSIX and relative to ``base`` when inside it, else absolute."""
+    absolute = Path(path).resolve()
+    if base is not None:
+        try:
+            return absolute.relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(absolute)
+
+
+def resolve_teacher_path(stored: str, base: Path) -> Path:
+    """A teacher folder recorded in cache metadata: relative paths are relative to ``base`` (the
+    run directory, two levels above the store ``RUN/cache/logits.zarr``); absolute ones as they are."""
+    path = Path(stored)
+    return path if path.is_absolute() else Path(base) / path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +150,7 @@ class TeacherEnsemble:
     def __init__(
         self,
         dirs: Mapping[str, Path],
-        data: PreparedData,
+        data: PreparedData | TokenWindows,
         device: torch.device,
         *,
         cache: CacheConfig,
@@ -155,10 +175,19 @@ class TeacherEnsemble:
         """The trained teachers of ``config`` with its ``[cache]`` ensemble rule and ``run.seed``."""
         return cls(trained_teacher_dirs(config), data, device, cache=config.cache, seed=config.run.seed)
 
-    def infos(self) -> tuple[TeacherInfo, ...]:
-        """What a cache records of each teacher: name, folder, SHA-256 of the weights, compute dtype."""
+    def infos(self, base: Path | None = None) -> tuple[TeacherInfo, ...]:
+        """What a cache records of each teacher: name, folder, SHA-256 of the weights, compute dtype.
+
+        A folder inside ``base`` (the run directory) is recorded relative to it, so that a moved
+        run still finds its teachers (:func:`resolve_teacher_path`); others stay absolute.
+        """
         return tuple(
-            TeacherInfo(name=name, path=str(path), weights_sha256=weights_sha256(path), dtype=self.dtype)
+            TeacherInfo(
+                name=name,
+                path=stored_teacher_path(path, base),
+                weights_sha256=weights_sha256(path),
+                dtype=self.dtype,
+            )
             for name, path in self.dirs.items()
         )
 
@@ -247,15 +276,21 @@ def cache_store(config: Config) -> Path:
     return locate_cache_store(RunLayout.of(config).cache)
 
 
-def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
-    """Open ``RUN/cache`` and refuse it unless it was made for this data and these ``[cache]`` settings.
+def open_checked_cache(
+    store: Path,
+    *,
+    tokenizer_sha256: str | None,
+    dataset_sha256: str,
+    vocab_size: int | None,
+    num_windows: int,
+    seq_len: int,
+) -> CacheReader:
+    """Open the cache ``store`` and refuse it unless it is intact and made for these windows.
 
     Checked: the cache's integrity (``verify_cache(quick=True)``: metadata, file set, chunk
-    indexes and digests, so an emptied or truncated shard is refused before training), tokenizer,
-    vocabulary, training windows (:meth:`CacheReader.check_compatible`), then
-    the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
+    indexes and digests, so an emptied or truncated shard is refused before training), then
+    tokenizer, vocabulary and windows (:meth:`CacheReader.check_compatible`; None = not checked).
     """
-    store = cache_store(config)
     if not store.exists():
         raise StageError(
             f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
@@ -270,6 +305,24 @@ def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
         )
     reader = open_cache(store)
     reader.check_compatible(
+        tokenizer_sha256=tokenizer_sha256,
+        dataset_sha256=dataset_sha256,
+        vocab_size=vocab_size,
+        num_windows=num_windows,
+        seq_len=seq_len,
+    )
+    return reader
+
+
+def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
+    """Open ``RUN/cache`` and refuse it unless it was made for this data and these ``[cache]`` settings.
+
+    Checked: what :func:`open_checked_cache` checks against the prepared training windows, then
+    the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
+    """
+    store = cache_store(config)
+    reader = open_checked_cache(
+        store,
         tokenizer_sha256=data.manifest["tokenizer_sha256"],
         dataset_sha256=data.windows_sha256("train"),
         vocab_size=data.vocab_size,
