@@ -3,6 +3,7 @@ saved models usable elsewhere, moved runs, and a second reader of the format (te
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.student import LossOptions, StudentObjective, train_student
 from logitcache.pipeline.teachers import train_teacher
 
-from .conftest import CORPUS, corpus_slice, write_config
+from .conftest import CORPUS, REPO, corpus_slice, write_config
 
 API_RUN = """
 [cache]
@@ -297,3 +298,94 @@ def test_tensorstore_reads_every_array_as_zarr_python_does(run: Path):
             assert np.array_equal(other.read().result(), array[...]), f"{store.name}/{name}"
             checked.append(f"{store.name}/{name}")
     assert {"logits.zarr/ids", "logits.zarr/values", "logits.zarr/done", "windows.zarr/train"} <= set(checked)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+def _trainer(model, dataset, out: Path, **arguments):
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(out), per_device_train_batch_size=8, max_steps=1, optim="sgd", learning_rate=0.5,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+        save_strategy="no", report_to="none", use_cpu=True, seed=5, disable_tqdm=True,
+    )  # fmt: skip
+    return logitcache.DistillationTrainer(
+        model=model, args=TrainingArguments(**{**settings, **arguments}), train_dataset=dataset
+    )
+
+
+def test_trainer_loss_and_accumulation_equal_the_projects_loss(run: Path, tmp_path: Path):
+    """Trainer's loss on a batch = `pipe train-student`'s; one SGD step with 2 accumulated
+    micro-batches = one step with the whole batch = the step computed by hand with our loss."""
+    pytest.importorskip("accelerate")  # transformers.Trainer needs it (extra "hf")
+    config = _config(run)  # alpha 0.5, temperature 1, tail ghost: the trainer's defaults
+    data = PreparedData.open(config.run_dir / "data")
+    dataset = logitcache.open_dataset(config.run_dir / "cache")
+
+    def student():
+        return build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=3)
+
+    model = student()
+    trainer = _trainer(model, dataset, tmp_path / "probe")
+    batch = next(iter(trainer.get_train_dataloader()))  # (8, T) and the cache rows of its windows
+    assert set(batch) == {"input_ids", "labels", "teacher_ids", "teacher_weights", "teacher_tail"}
+    own = StudentObjective(model, LossOptions.from_config(config))(batch)
+    positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-6)
+    normalised = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(positions))
+    assert normalised.item() == pytest.approx(own.item(), rel=1e-6)
+
+    by_hand = student()
+    StudentObjective(by_hand, LossOptions.from_config(config))(batch).backward()
+    expected = {name: p.detach() - 0.5 * p.grad for name, p in by_hand.named_parameters()}
+    for accumulation in (1, 2):
+        model = student()
+        trained = _trainer(
+            model, dataset, tmp_path / f"ga{accumulation}", per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation,
+        )  # fmt: skip
+        trained.train()
+        for name, value in model.named_parameters():
+            # float32 sums in another order (two micro-batches): rounding at ~1e-6 of the update
+            torch.testing.assert_close(value.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_example_script_trains_the_student_and_the_loss_decreases(run: Path, tmp_path: Path):
+    pytest.importorskip("accelerate")
+    root = _config(run).run_dir
+    out = tmp_path / "hf-student"
+    args = [sys.executable, str(REPO / "examples" / "hf_trainer.py"), "--run", str(root), "--out", str(out),
+            "--max-steps", "12", "--log-steps", "1"]  # fmt: skip
+    done = subprocess.run(
+        args, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).model_max_length == model.config.max_position_embeddings
+
+
+def test_dataloader_as_documented_yields_chunk_shuffled_batches(run: Path):
+    from torch.utils.data import DataLoader
+
+    from logitcache.integrations.hf_trainer import ChunkShuffleSampler
+    from logitcache.pipeline.data_order import block_shuffled_order
+
+    dataset = logitcache.open_dataset(_config(run).run_dir / "cache")
+    sampler = ChunkShuffleSampler(len(dataset), block=dataset.windows_per_chunk, seed=0)
+    sampler.set_epoch(1)
+    loader = DataLoader(dataset, batch_size=8, sampler=sampler, collate_fn=logitcache.collate_batches)
+    order = block_shuffled_order(len(dataset), 0, 1, block=dataset.windows_per_chunk, buffer_blocks=4)
+    assert sorted(order.tolist()) == list(range(len(dataset)))
+    for step, batch in zip(range(3), loader, strict=False):
+        expected = dataset.__getitems__(order[step * 8 : (step + 1) * 8].tolist())
+        assert set(batch) == set(expected)
+        for name in batch:
+            assert torch.equal(batch[name], expected[name]), name
