@@ -389,3 +389,63 @@ def test_dataloader_as_documented_yields_chunk_shuffled_batches(run: Path):
         assert set(batch) == set(expected)
         for name in batch:
             assert torch.equal(batch[name], expected[name]), name
+
+
+DDP_TRAINER = """
+import sys
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+import logitcache
+from logitcache.pipeline.config import load_config
+from logitcache.pipeline.models import build_model
+from logitcache.pipeline.prepare import PreparedData
+
+config_path, out = sys.argv[1], sys.argv[2]
+config = load_config(config_path, sys.argv[3:])
+data = PreparedData.open(config.run_dir / "data")
+model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=3)
+args = TrainingArguments(
+    output_dir=out, per_device_train_batch_size=4, max_steps=1, optim="sgd", learning_rate=0.5,
+    lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+    save_strategy="no", report_to="none", use_cpu=True, seed=5, disable_tqdm=True,
+)
+trainer = logitcache.DistillationTrainer(
+    model=model, args=args, train_dataset=logitcache.open_dataset(config.run_dir / "cache")
+)
+trainer.train()
+trainer.save_model(out)
+"""
+
+
+def test_trainer_under_torchrun_equals_one_step_on_the_whole_batch(run: Path, tmp_path: Path):
+    """2 DDP processes x 4 windows: the same SGD update as our loss on the 8 windows by hand."""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from logitcache.integrations.hf_trainer import ChunkShuffleSampler
+
+    config = _config(run)
+    data = PreparedData.open(config.run_dir / "data")
+    dataset = logitcache.open_dataset(config.run_dir / "cache")
+    sampler = ChunkShuffleSampler(len(dataset), block=dataset.windows_per_chunk, seed=5)
+    batch = dataset.__getitems__(list(sampler)[:8])  # the first global batch of 2 processes x 4
+    by_hand = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=3)
+    StudentObjective(by_hand, LossOptions.from_config(config))(batch).backward()
+    expected = {name: p.detach() - 0.5 * p.grad for name, p in by_hand.named_parameters()}
+
+    script = tmp_path / "ddp_trainer.py"
+    script.write_text(DDP_TRAINER)
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29547",
+            str(script), str(run), str(out), *TEACHER_STEPS]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_file(str(out / "model.safetensors"))
+    for name, value in expected.items():
+        if name in trained:  # a tied output layer is saved once
+            # two half-batches and an all-reduce: float32 rounding at ~1e-6 of the update
+            torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert len(trained) >= len(expected) - 1
