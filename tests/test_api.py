@@ -154,6 +154,10 @@ def test_dataset_of_other_windows_is_refused_in_one_line(run: Path):
     assert "\n" not in str(info.value)
     with pytest.raises(StageError, match="Run `pipe prepare-data"):
         logitcache.open_dataset(config.run_dir / "cache", config.run_dir / "nowhere")
+    with pytest.raises(CacheError, match="Expected tail 'ghost' or 'renormalize'. Got 'renormalized'"):
+        logitcache.open_dataset(config.run_dir / "cache", tail="renormalized")
+    with pytest.raises(StageError, match="Expected a logit cache at .*elsewhere"):
+        logitcache.open_dataset(config.run_dir / "elsewhere", config.run_dir / "data")
 
 
 # ----------------------------------------------------------------------------------------------
