@@ -356,6 +356,15 @@ def test_trainer_loss_and_accumulation_equal_the_projects_loss(run: Path, tmp_pa
             # float32 sums in another order (two micro-batches): rounding at ~1e-6 of the update
             torch.testing.assert_close(value.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
+    # Evaluation goes through the same loss: 16 windows in two batches of 8 = our loss on all 16.
+    held_out = torch.utils.data.Subset(dataset, range(100, 116))
+    metrics = trained.evaluate(eval_dataset=held_out)
+    with torch.no_grad():
+        whole = StudentObjective(model, LossOptions.from_config(config))(
+            dataset.__getitems__(range(100, 116))
+        )
+    assert metrics["eval_loss"] == pytest.approx(whole.item(), rel=1e-5)
+
 
 def test_example_script_trains_the_student_and_the_loss_decreases(run: Path, tmp_path: Path):
     pytest.importorskip("accelerate")
