@@ -330,7 +330,9 @@ def build_cache(
     store = Path(out)
     ctx = init_distributed(device)
     ensemble = TeacherEnsemble(names, tokens, ctx.device, cache=settings_checked, seed=seed)
-    metadata = cache_metadata(settings_checked, tokens, ensemble, seed=seed, base=store.parent.parent)
+    metadata = cache_metadata(
+        settings_checked, tokens, ensemble, seed=seed, base=store.resolve().parent.parent
+    )
     write_cache(
         store,
         ensemble,
@@ -487,7 +489,7 @@ def recompute_check(store: Path, data: PreparedData, count: int, *, seed: int, d
     """
     reader = open_cache(store)
     meta = reader.metadata
-    base = store.parent.parent  # the run directory of RUN/cache/logits.zarr
+    base = Path(store).resolve().parent.parent  # the run directory of RUN/cache/logits.zarr
     dirs = {t.name: resolve_teacher_path(t.path, base) for t in meta.teachers}
     cache_cfg = CacheConfig(
         k=meta.k,

@@ -20,7 +20,7 @@ from logitcache.kernels import sparse_kd_loss_reference
 from logitcache.pipeline.cache_logits import cache_logits, verify
 from logitcache.pipeline.cli import main as pipe_main
 from logitcache.pipeline.config import load_config
-from logitcache.pipeline.errors import CacheError, DataError, StageError
+from logitcache.pipeline.errors import CacheError, ConfigError, DataError, StageError, TeacherError
 from logitcache.pipeline.models import build_model
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.student import LossOptions, StudentObjective, train_student
@@ -228,15 +228,18 @@ def test_build_cache_refuses_bad_input_before_writing(run: Path, tmp_path: Path)
     windows = PreparedData.open(config.run_dir / "data").windows("train")
     cases = [
         (dict(windows=windows), StageError, "Expected the tokenizer"),
-        (dict(windows=windows, tokenizer=config.run_dir / "data", k=0), Exception, "cache.k"),
+        (dict(windows=windows, tokenizer=config.run_dir / "data", k=0), ConfigError, "cache.k"),
+        (dict(data=config.run_dir / "data", kk=3), ConfigError, "cache.kk"),
         (dict(windows=windows.astype(np.int64) + 10_000, tokenizer=config.run_dir / "data"), DataError,
          r"Expected token ids in \[0, "),
         (dict(data=config.run_dir / "data", windows=windows), StageError, "Got both"),
-        (dict(data=config.run_dir / "data", mode="nope"), Exception, "cache.mode"),
+        (dict(data=config.run_dir / "data", mode="nope"), ConfigError, "cache.mode"),
     ]  # fmt: skip
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             logitcache.build_cache(teachers, out, progress=False, **kwargs)
+    with pytest.raises(TeacherError, match="has no tokenizer.json"):
+        logitcache.build_cache([tmp_path / "missing"], out, data=config.run_dir / "data", progress=False)
     assert not out.parent.exists()
 
 
