@@ -14,7 +14,7 @@ from logitcache import DistillationTrainer, open_dataset
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="run directory (RUN/data, RUN/cache)")
 parser.add_argument("--out", type=Path, default=None, help="default: RUN/students/hf_trainer")
-parser.add_argument("--max-steps", type=int, default=-1, help="default: 2 epochs")
+parser.add_argument("--max-steps", type=int, default=-1, help="default: 8 epochs")
 parser.add_argument("--log-steps", type=int, default=10)
 parser.add_argument("--alpha", type=float, default=0.5, help="(1 - alpha) * CE + alpha * T^2 * KL")
 args = parser.parse_args()
@@ -28,7 +28,7 @@ student = LlamaForCausalLM(LlamaConfig(  # the demo student ([student.model] of 
     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
 training = TrainingArguments(
     output_dir=str(args.out or args.run / "students" / "hf_trainer"), per_device_train_batch_size=32,
-    num_train_epochs=2, max_steps=args.max_steps, learning_rate=3e-3, weight_decay=0.1, warmup_steps=20,
+    num_train_epochs=8, max_steps=args.max_steps, learning_rate=2e-3, weight_decay=0.1, warmup_steps=20,
     lr_scheduler_type="cosine", logging_steps=args.log_steps, save_steps=100, report_to="none", seed=1234)  # fmt: skip
 trainer = DistillationTrainer(model=student, args=training, train_dataset=dataset, alpha=args.alpha)
 trainer.train()
