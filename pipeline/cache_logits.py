@@ -25,9 +25,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,20 @@ from logitcache.cache.encoding import decode_entries, encode_entries, weight_err
 from logitcache.cache.layout import sharded_names
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.cache.select import tail_cdf, tail_uniforms
-from logitcache.cache.storage import is_url, key_size, list_keys
+from logitcache.cache.storage import StoreLike, is_url, key_size, list_keys
 from logitcache.cache.writer import Selection, existing_cache
 from logitcache.pipeline import __version__
-from logitcache.pipeline.config import CacheConfig, Config, cache_fingerprint, cache_settings
+from logitcache.pipeline.config import (
+    CacheConfig,
+    Config,
+    _validate_cache,
+    cache_fingerprint,
+    cache_settings,
+    from_dict,
+)
 from logitcache.pipeline.distributed import DistContext, init_distributed, resolve_device
 from logitcache.pipeline.errors import CacheError, StageError
-from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.prepare import PreparedData, TokenWindows
 from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.rundir import (
     CACHE_STORE,
@@ -67,20 +74,49 @@ from logitcache.pipeline.rundir import (
     read_marker,
     write_provenance,
 )
-from logitcache.pipeline.teacher_signal import TeacherEnsemble
+from logitcache.pipeline.teacher_signal import TeacherEnsemble, resolve_teacher_path
 
 
 def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble) -> CacheMetadata:
-    cache = config.cache
+    """The metadata of ``RUN/cache``: :func:`cache_metadata` of the prepared training windows."""
+    resolved = config.to_dict()
+    return cache_metadata(
+        config.cache,
+        TokenWindows.from_prepared(data),
+        teachers,
+        seed=config.run.seed,
+        base=config.run_dir,
+        # Sections that decide the cache's content (not run.dir or cache.store: where the cache
+        # lives changes nothing, so a moved run or a cache uploaded elsewhere has the same bytes).
+        config_sections={
+            "data": resolved["data"],
+            "teachers": resolved["teachers"],
+            "cache": cache_settings(config),
+        },
+    )
+
+
+def cache_metadata(
+    cache: CacheConfig,
+    tokens: TokenWindows,
+    teachers: TeacherEnsemble,
+    *,
+    seed: int,
+    base: Path | None,
+    config_sections: dict[str, Any] | None = None,
+) -> CacheMetadata:
+    """What a cache of ``tokens`` by ``teachers`` with the ``cache`` settings records about itself.
+
+    Teacher folders inside ``base`` (the run directory) are recorded relative to it.
+    """
     sampled = cache.mode == "sampled"
     encoding = SAMPLED_ENCODING if sampled else Encoding(id_code=cache.id_code, value_code=cache.value_code)
-    resolved = config.to_dict()
     num_samples = {"sampled": cache.samples, "hybrid": cache.tail_samples}.get(cache.mode)
     return CacheMetadata(
-        vocab_size=data.vocab_size,
-        tokenizer_sha256=data.manifest["tokenizer_sha256"],
-        dataset_sha256=data.windows_sha256("train"),
-        teachers=teachers.infos(),
+        vocab_size=tokens.vocab_size,
+        tokenizer_sha256=tokens.tokenizer_sha256,
+        dataset_sha256=tokens.windows_sha256,
+        teachers=teachers.infos(base),
         k=cache.samples if sampled else cache.k,
         package_version=__version__,
         ensemble=cache.ensemble,
@@ -88,11 +124,9 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
         temperature=cache.temperature,
         mode=cache.mode,
         num_samples=num_samples,
-        seed=config.run.seed,
+        seed=seed,
         encoding=encoding,
-        # Sections that decide the cache's content (not run.dir or cache.store: where the cache
-        # lives changes nothing, so a cache uploaded elsewhere has the same bytes).
-        config={"data": resolved["data"], "teachers": resolved["teachers"], "cache": cache_settings(config)},
+        config=config_sections or {"cache": asdict(cache)},
     )
 
 
@@ -115,16 +149,15 @@ def _shard_selections(
         yield shard, _concat(parts)
 
 
-def _chunking(config: Config, shape: tuple[int, ...], k: int) -> dict[str, int | None]:
-    """Chunk/shard sizes: the cache library's defaults unless the config sets a shard size.
+def _chunking(windows_per_shard: int, shape: tuple[int, ...], k: int) -> dict[str, int | None]:
+    """Chunk/shard sizes: the cache library's defaults unless a shard size is set (0 = default).
 
     A configured shard size keeps the default chunk size where it divides the shard (their gcd).
     """
-    shard = config.cache.windows_per_shard
-    if not shard:
+    if not windows_per_shard:
         return {"windows_per_chunk": None, "windows_per_shard": None}
     default = default_layout(num_windows=shape[0], seq_len=shape[1], k=k).windows_per_chunk
-    return {"windows_per_chunk": math.gcd(default, shard), "windows_per_shard": shard}
+    return {"windows_per_chunk": math.gcd(default, windows_per_shard), "windows_per_shard": windows_per_shard}
 
 
 def _move_aside(out: Path, aside: Path) -> None:
@@ -155,6 +188,7 @@ def cache_logits(
     but a logitcache cache. ``overwrite`` moves an existing ``RUN/cache`` to ``RUN/cache.replaced``
     and deletes that only after the new cache is complete; after an interruption ``RUN/cache``
     holds the unfinished new cache (rerun to resume it) and ``RUN/cache.replaced`` the old one.
+    The writing itself is :func:`write_cache`, as for :func:`build_cache` (the Python API).
     A remote store (``cache.store``) cannot be moved aside: ``overwrite`` deletes its objects when
     the new cache is created, after every check above.
     """
@@ -172,17 +206,71 @@ def cache_logits(
             raise CacheError(
                 f"Expected a folder for the cache at {folder}. Got a file; move it away or use another --run-dir."
             )
-    store = layout.cache_location
-    existing_cache(store)  # refuses foreign content (and an unreachable remote store), even with --overwrite
     teachers = TeacherEnsemble.load(config, data, ctx.device)
     metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
-    windows = data.windows("train")  # (N, T)
-    chunking = _chunking(config, windows.shape, metadata.width)
-    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.width, **chunking)
-    if ctx.is_main:
+
+    def setup() -> None:  # main process, once everything is validated
         if overwrite:
             _move_aside(out, aside)
         out.mkdir(parents=True, exist_ok=True)
+
+    def created() -> None:  # main process, once the store is accepted
+        for stale in (out / COMPLETE_MARKER, layout.verify_report):  # of an earlier cache being replaced
+            stale.unlink(missing_ok=True)
+        write_provenance(out, config, "cache-logits")
+
+    summary = write_cache(
+        layout.cache_location,
+        teachers,
+        data.windows("train"),
+        metadata,
+        batch_size=config.cache.batch_size,
+        windows_per_shard=config.cache.windows_per_shard,
+        overwrite=overwrite,
+        ctx=ctx,
+        progress=progress,
+        setup=setup,
+        created=created,
+    )
+    if ctx.is_main:
+        if layout.cache_url:  # a remote store: `verify-cache RUN/cache` follows this
+            summary["store"] = layout.cache_url
+        mark_complete(out, fingerprint, summary)
+        if aside.exists():
+            shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
+    ctx.barrier()
+    return out
+
+
+def write_cache(
+    store: StoreLike,
+    teachers: TeacherEnsemble,
+    windows: np.ndarray,
+    metadata: CacheMetadata,
+    *,
+    batch_size: int,
+    windows_per_shard: int = 0,
+    overwrite: bool = False,
+    ctx: DistContext,
+    progress: bool | None = None,
+    setup: Callable[[], None] | None = None,
+    created: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``teachers`` over ``windows`` (N, T) and write their entries into the cache ``store``.
+
+    The one writing path of `pipe cache-logits` and :func:`build_cache`. Validates the store
+    (nothing but a logitcache cache there) and the layout first; then, on the main process,
+    ``setup()``, the store's creation (refusing a complete or different cache unless
+    ``overwrite``; an unfinished identical one is resumed) and ``created()``. Shards are split
+    over the ranks of ``ctx``. Returns the cache's summary (every rank; only the main process
+    finalises the store).
+    """
+    existing_cache(store)  # refuses foreign content at the store's path, even with --overwrite
+    chunking = _chunking(windows_per_shard, windows.shape, metadata.width)
+    default_layout(num_windows=windows.shape[0], seq_len=windows.shape[1], k=metadata.width, **chunking)
+    if ctx.is_main:
+        if setup is not None:
+            setup()
         writer = create_cache(  # refuses (changing nothing) a complete or different cache unless overwrite
             store,
             metadata,
@@ -191,9 +279,8 @@ def cache_logits(
             **chunking,
             overwrite=overwrite,
         )
-        for stale in (out / COMPLETE_MARKER, layout.verify_report):  # of an earlier cache being replaced
-            stale.unlink(missing_ok=True)
-        write_provenance(out, config, "cache-logits")
+        if created is not None:
+            created()
     ctx.barrier()
     if not ctx.is_main:
         writer = open_cache_writer(store, metadata=metadata)
@@ -207,9 +294,7 @@ def cache_logits(
     # shard s+1. At most two shards wait in memory, so a slow disk throttles the teachers.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as pool, bar:
         pending: list[Future[None]] = []
-        for shard, selection in _shard_selections(
-            teachers, windows, writer, shards, config.cache.batch_size, bar
-        ):
+        for shard, selection in _shard_selections(teachers, windows, writer, shards, batch_size, bar):
             pending.append(pool.submit(writer.write_shard, shard, selection))
             while len(pending) > 1:
                 pending.pop(0).result()
@@ -217,18 +302,90 @@ def cache_logits(
             future.result()
     elapsed = time.perf_counter() - started
     ctx.barrier()
+    summary: dict[str, Any] = {}
     if ctx.is_main:
         summary = writer.finalize() | {
             "seconds": elapsed,
             "tokens_per_s_this_run": total / max(elapsed, 1e-9),
         }
-        if layout.cache_url:  # a remote store: `verify-cache RUN/cache` follows this
-            summary["store"] = layout.cache_url
-        mark_complete(out, fingerprint, summary)
-        if aside.exists():
-            shutil.rmtree(aside)  # the new cache is complete: only now the old one goes
     ctx.barrier()
-    return out
+    return summary
+
+
+def build_cache(
+    teachers: Mapping[str, str | Path] | Sequence[str | Path],
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    windows: Any = None,
+    tokenizer: str | Path | None = None,
+    cache: CacheConfig | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    **settings: Any,
+) -> Path:
+    """Build a cache at ``out`` (a Zarr v3 store) from Hugging Face teacher folders; return ``out``.
+
+    ``teachers``: ``{name: folder}`` or a list of folders (named by their folder names). The
+    token windows: ``data`` (a prepared ``RUN/data`` folder: its train split) or ``windows``
+    (N, T) with the ``tokenizer`` (``tokenizer.json`` or its folder) that made them; every
+    teacher's tokenizer must equal it. What is stored: ``cache`` (a :class:`CacheConfig`) with
+    ``settings`` overriding its fields, e.g. ``k=32, temperature=2.0``. Resumes an interrupted
+    build; ``overwrite`` replaces a complete or different cache. Runs on one process (under
+    torchrun, every rank writes its shards). Everything is validated before anything is written.
+    """
+    if (data is None) == (windows is None):
+        raise StageError("Expected either data (a prepared RUN/data folder) or windows with a tokenizer. Got "
+                         + ("both." if data is not None else "neither."))  # fmt: skip
+    if windows is not None and tokenizer is None:
+        raise StageError("Expected the tokenizer the windows were made with (tokenizer=...). Got none.")
+    names = _teacher_names(teachers)
+    raw = {**asdict(cache or CacheConfig()), **settings}
+    settings_checked = from_dict(CacheConfig, raw, where="cache")
+    _validate_cache(settings_checked, len(names))
+    tokens = (
+        TokenWindows.from_prepared(PreparedData.open(data))
+        if data is not None
+        else TokenWindows.of(windows, tokenizer)  # type: ignore[arg-type]
+    )
+    store = Path(out)
+    ctx = init_distributed(device)
+    ensemble = TeacherEnsemble(names, tokens, ctx.device, cache=settings_checked, seed=seed)
+    metadata = cache_metadata(
+        settings_checked, tokens, ensemble, seed=seed, base=store.resolve().parent.parent
+    )
+    write_cache(
+        store,
+        ensemble,
+        tokens.windows,
+        metadata,
+        batch_size=settings_checked.batch_size,
+        windows_per_shard=settings_checked.windows_per_shard,
+        overwrite=overwrite,
+        ctx=ctx,
+        progress=progress,
+        setup=lambda: store.parent.mkdir(parents=True, exist_ok=True),
+    )
+    return store
+
+
+def _teacher_names(teachers: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[str, Path]:
+    if isinstance(teachers, Mapping):
+        named = {str(name): Path(path) for name, path in teachers.items()}
+    else:
+        named = {}
+        for path in map(Path, teachers):
+            if path.name in named:
+                raise StageError(
+                    f"Expected teacher folders with distinct names. Got {path.name!r} twice; pass a dict "
+                    "{name: folder} instead."
+                )
+            named[path.name] = path
+    if not named:
+        raise StageError("Expected at least one teacher folder. Got none.")
+    return named
 
 
 def describe_cache(out: Path) -> str:
@@ -297,7 +454,10 @@ def dry_run(config: Config, *, batches: int = 4) -> DryRunEstimate:
     windows = data.windows("train")  # (N, T)
     num_windows, seq_len = windows.shape
     real = default_layout(
-        num_windows=num_windows, seq_len=seq_len, k=metadata.k, **_chunking(config, windows.shape, metadata.k)
+        num_windows=num_windows,
+        seq_len=seq_len,
+        k=metadata.width,
+        **_chunking(config.cache.windows_per_shard, windows.shape, metadata.width),
     )
     batch = min(config.cache.batch_size, num_windows)
     starts = np.linspace(0, num_windows - batch, num=max(2, batches)).round().astype(np.int64)
@@ -542,7 +702,8 @@ def recompute_check(
     """
     reader = open_cache(store)
     meta = reader.metadata
-    dirs = {t.name: Path(t.path) for t in meta.teachers}
+    base = Path(store).resolve().parent.parent  # the run directory of RUN/cache/logits.zarr
+    dirs = {t.name: resolve_teacher_path(t.path, base) for t in meta.teachers}
     cache_cfg = CacheConfig(
         k=meta.k,
         mode=meta.mode,

@@ -702,7 +702,11 @@ def _validate_store(store: str) -> None:
     if missing:
         raise ConfigError(
             f"Expected the {missing} package for cache.store = {store!r}. It is not installed: "
-            + ("pip install 'logitcache[s3]'." if parts.scheme.lower() in ("s3", "s3a") else f"pip install {missing}.")
+            + (
+                "pip install 'logitcache[s3]'."
+                if parts.scheme.lower() in ("s3", "s3a")
+                else f"pip install {missing}."
+            )
         )
     if parts.username or parts.password:
         raise ConfigError(

@@ -251,3 +251,65 @@ class PreparedData:
         """``vocab 4096, train 1200 windows, dev 60 windows, test 60 windows`` (what `pipe prepare-data` prints)."""
         splits = ", ".join(f"{name} {s['windows']} windows" for name, s in self.manifest["splits"].items())
         return f"vocab {self.vocab_size}, {splits}"
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Token windows (N, T) and the tokenizer that made them: what a cache is computed over.
+
+    The cache records ``tokenizer_sha256`` (of ``tokenizer.json``), ``windows_sha256``
+    (:func:`~logitcache.cache.array_sha256` of the windows as given, dtype included) and
+    ``vocab_size`` (the tokenizer's, added tokens included), so that readers can check that they
+    pair the cache with the same windows. :meth:`from_prepared` gives a prepared split with the
+    values its manifest recorded (identical to what :meth:`of` computes from the same arrays).
+    """
+
+    windows: np.ndarray  # (N, T) integer token ids
+    tokenizer_path: Path
+    vocab_size: int
+    tokenizer_sha256: str
+    windows_sha256: str
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.windows.shape[1])
+
+    @classmethod
+    def from_prepared(cls, data: PreparedData, split: str = "train") -> TokenWindows:
+        return cls(
+            windows=data.windows(split),
+            tokenizer_path=data.tokenizer_path,
+            vocab_size=data.vocab_size,
+            tokenizer_sha256=str(data.manifest["tokenizer_sha256"]),
+            windows_sha256=data.windows_sha256(split),
+        )
+
+    @classmethod
+    def of(cls, windows: Any, tokenizer: str | Path) -> TokenWindows:
+        """Windows (N, T) of ids from ``tokenizer`` (a ``tokenizer.json`` or a folder holding one).
+
+        Refused (:class:`DataError`): a tokenizer file that is missing, windows that are not a
+        2-D integer array with ``T >= 2``, ids outside ``[0, vocab_size)``.
+        """
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise DataError(
+                f"Expected a tokenizer.json at {path}. Found none; pass the tokenizer the windows were made with."
+            )
+        array = np.asarray(windows)
+        if array.ndim != 2 or array.shape[1] < 2 or array.shape[0] < 1 or array.dtype.kind not in "iu":
+            raise DataError(
+                f"Expected windows of shape (N, T) with N >= 1, T >= 2 and an integer dtype. "
+                f"Got shape {array.shape}, dtype {array.dtype}."
+            )
+        vocab_size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= vocab_size:
+            raise DataError(
+                f"Expected token ids in [0, {vocab_size}) (the vocabulary of {path}). Got ids in [{low}, {high}]."
+            )
+        return cls(array, path, vocab_size, file_sha256(path), array_sha256(array))

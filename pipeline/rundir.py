@@ -3,11 +3,11 @@
 Layout (``RUN`` = ``run.dir``); :class:`RunLayout` is the one place that knows these paths::
 
     RUN/data/                  prepared corpus: tokenizer.json, windows.zarr, manifest.json
-    RUN/teachers/NAME/         a trained teacher (HF model + tokenizer), checkpoints/ inside
+    RUN/teachers/NAME/         a trained teacher (HF model + tokenizer), checkpoints/ inside until complete
     RUN/cache/logits.zarr      the logit cache (Zarr v3); RUN/cache/verify.json once verified
                                (with ``cache.store`` = a URL the store is remote; RUN/cache keeps
                                the markers, provenance and verify report)
-    RUN/students/NAME/         a trained student, checkpoints/ inside
+    RUN/students/NAME/         a trained student, checkpoints/ inside until complete
     RUN/eval/results.json      evaluation results; RUN/eval/report.html and figures/ the report
 
 A stage's folder counts as complete only when it holds ``COMPLETE.json`` (written last) with the

@@ -28,7 +28,8 @@ its tail draws' importance weights ``tail * count / m``, already sum to 1 and ar
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
-``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training, ``COMPLETE.json`` last.
+``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
+``COMPLETE.json`` last.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from logitcache.kernels import SparseKDParams, dense_kd_loss, fused_linear_sparse_kd_loss, resolve_backend
+from logitcache.kernels import (
+    SparseKDParams,
+    dense_kd_loss,
+    fused_linear_sparse_kd_loss,
+    resolve_backend,
+    sparse_kd_loss,
+)
 from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
 from logitcache.pipeline.data_order import OrderFn, make_block_order
 from logitcache.pipeline.distributed import DistContext, init_distributed
@@ -51,9 +58,14 @@ from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import count_parameters, output_vocab_size
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, stage_is_done, write_provenance
-from logitcache.pipeline.student_data import StudentDataset, chunks_per_two_buffers, default_block
+from logitcache.pipeline.student_data import (
+    StudentDataset,
+    chunks_per_two_buffers,
+    default_block,
+    tail_weights,
+)
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
-from logitcache.pipeline.teachers import finalize_model_dir, init_model
+from logitcache.pipeline.teachers import finalize_model_dir, init_model, remove_checkpoints
 from logitcache.pipeline.training import train_model
 
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
@@ -155,6 +167,54 @@ class StudentObjective(torch.nn.Module):
             )
 
 
+def distillation_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], params: SparseKDParams, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The distillation loss of a batch of :class:`~logitcache.pipeline.student_data.DistillationDataset`.
+
+    ``logits`` (B, T, V): the student's output for ``batch["input_ids"]`` (B, T). Position ``t``
+    predicts token ``t + 1``: ``logits[:, :-1]`` go with ``labels[:, 1:]`` (``input_ids[:, 1:]``
+    when the batch has no labels; -100 = ignored) and the teacher entries (B, T - 1, k) as read.
+    ``params``: the loss options, e.g. ``SparseKDParams.from_alpha(0.5, temperature=2.0)``.
+    """
+    targets = batch.get("labels", batch["input_ids"])[:, 1:]  # (B, T-1)
+    return sparse_kd_loss(
+        logits[:, :-1],  # (B, T-1, V)
+        targets,
+        batch["teacher_ids"],
+        batch["teacher_weights"],
+        batch.get("teacher_tail"),
+        **params.keywords(),
+        backend=backend,
+    )
+
+
+def fused_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    params: SparseKDParams,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``logits = hidden @ weight.T`` without the (B, T, V) logits.
+
+    ``hidden`` (B, T, H): the student's last hidden states (after its final norm) for
+    ``batch["input_ids"]``; ``weight`` (V, H): its output projection (``get_output_embeddings()``).
+    """
+    targets = batch.get("labels", batch["input_ids"])[:, 1:]  # (B, T-1)
+    return fused_linear_sparse_kd_loss(
+        hidden[:, :-1],  # (B, T-1, H)
+        weight,
+        targets,
+        batch["teacher_ids"],
+        batch["teacher_weights"],
+        batch.get("teacher_tail"),
+        **params.keywords(),
+        backend=backend,
+    )
+
+
 def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
     return module(batch)
@@ -228,11 +288,7 @@ def make_dataset(config: Config, data: PreparedData, windows: Any) -> StudentDat
     if student.mode != "cache":
         return StudentDataset(windows, None)
     reader = open_student_cache(config, data)
-    # Sampled and hybrid caches need no tail bucket (count/n, or head + tail draws, already sum to 1):
-    # the tail setting applies to topk.
-    weights = (
-        "ghost" if student.distill.tail == "ghost" and reader.metadata.mode == "topk" else "renormalized"
-    )
+    weights = tail_weights(student.distill.tail, reader.metadata.mode)
     cached_chunks = chunks_per_two_buffers(
         block=_shuffle_block(config, windows.shape[0], windows.shape[1]),
         buffer_blocks=student.loader.shuffle_buffer_blocks,
@@ -265,6 +321,7 @@ def train_student(
     out = student_dir(config)
     fingerprint = student_fingerprint(config)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a student '{student_name(config)}'"):
+        remove_checkpoints(out)  # left by a crash between the marker and their removal
         return out
     ctx = ctx or init_distributed(config.run.device)
     data = PreparedData.open(RunLayout.of(config).data)

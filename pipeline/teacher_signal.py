@@ -46,11 +46,12 @@ from logitcache.cache import (
     select_sampled,
     verify_cache,
 )
+from logitcache.cache.storage import StoreLike
 from logitcache.cache.writer import existing_cache
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
 from logitcache.pipeline.models import DTYPES, check_model_fits, load_model
-from logitcache.pipeline.prepare import PreparedData
+from logitcache.pipeline.prepare import PreparedData, TokenWindows
 from logitcache.pipeline.rundir import RunLayout, locate_cache_store
 from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
 
@@ -130,7 +131,9 @@ def vocab_differences(ours: Mapping[str, int], theirs: Mapping[str, int], *, sho
     return f"{len(differing)} of {len(ids)} token ids differ (id: data's token vs the model's): {first}{more}"
 
 
-def check_tokenizer(who: str, model_dir: Path, data: PreparedData, *, required: bool = True) -> None:
+def check_tokenizer(
+    who: str, model_dir: Path, data: PreparedData | TokenWindows, *, required: bool = True
+) -> None:
     """Refuse a model folder whose tokenizer differs from the prepared data's (ids would mean other
     tokens), naming the first differing ids; ``required``: refuse a folder without a tokenizer too.
     ``who`` starts the message, e.g. "Teacher 'llama'" or "student.model"."""
@@ -151,12 +154,14 @@ def check_tokenizer(who: str, model_dir: Path, data: PreparedData, *, required: 
         )
 
 
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData) -> None:
+def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData | TokenWindows) -> None:
     """Refuse a teacher whose tokenizer differs from the prepared data's (see :func:`check_tokenizer`)."""
     check_tokenizer(f"Teacher '{name}'", model_dir, data)
 
 
-def check_model_folder(who: str, model_dir: Path, data: PreparedData, *, weights: bool) -> None:
+def check_model_folder(
+    who: str, model_dir: Path, data: PreparedData | TokenWindows, *, weights: bool
+) -> None:
     """The HF folder a teacher or student is built from (``model.path``): its tokenizer, when it has one,
     must be the data's; ``weights``: it must hold safetensors weights (they are loaded)."""
     if not (model_dir / "config.json").is_file():
@@ -169,7 +174,12 @@ def check_model_folder(who: str, model_dir: Path, data: PreparedData, *, weights
 
 
 def load_teacher(
-    name: str, model_dir: Path, data: PreparedData, device: torch.device, *, dtype: str = "auto"
+    name: str,
+    model_dir: Path,
+    data: PreparedData | TokenWindows,
+    device: torch.device,
+    *,
+    dtype: str = "auto",
 ) -> PreTrainedModel:
     """One teacher, checked against the data (tokenizer, vocabulary, weights format), frozen, in eval mode.
 
@@ -181,6 +191,24 @@ def load_teacher(
     model.requires_grad_(False)
     check_model_fits(model, vocab_size=data.vocab_size, seq_len=data.seq_len, where=f"teacher '{name}'")
     return model
+
+
+def stored_teacher_path(path: Path, base: Path | None) -> str:
+    """``path`` as a cache records it: POSIX and relative to ``base`` when inside it, else absolute."""
+    absolute = Path(path).resolve()
+    if base is not None:
+        try:
+            return absolute.relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return str(absolute)
+
+
+def resolve_teacher_path(stored: str, base: Path) -> Path:
+    """A teacher folder recorded in cache metadata: relative paths are relative to ``base`` (the
+    run directory, two levels above the store ``RUN/cache/logits.zarr``); absolute ones as they are."""
+    path = Path(stored)
+    return path if path.is_absolute() else Path(base) / path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +228,7 @@ class TeacherEnsemble:
     def __init__(
         self,
         dirs: Mapping[str, Path],
-        data: PreparedData,
+        data: PreparedData | TokenWindows,
         device: torch.device,
         *,
         cache: CacheConfig,
@@ -251,10 +279,19 @@ class TeacherEnsemble:
             dtypes=dtypes,
         )
 
-    def infos(self) -> tuple[TeacherInfo, ...]:
-        """What a cache records of each teacher: name, folder, SHA-256 of the weights, compute dtype."""
+    def infos(self, base: Path | None = None) -> tuple[TeacherInfo, ...]:
+        """What a cache records of each teacher: name, folder, SHA-256 of the weights, compute dtype.
+
+        A folder inside ``base`` (the run directory) is recorded relative to it, so that a moved
+        run still finds its teachers (:func:`resolve_teacher_path`); others stay absolute.
+        """
         return tuple(
-            TeacherInfo(name=name, path=str(path), weights_sha256=weights_sha256(path), dtype=dtype)
+            TeacherInfo(
+                name=name,
+                path=stored_teacher_path(path, base),
+                weights_sha256=weights_sha256(path),
+                dtype=dtype,
+            )
             for (name, path), dtype in zip(self.dirs.items(), self.dtypes, strict=True)
         )
 
@@ -366,16 +403,22 @@ def cache_store(config: Config) -> str | Path:
     return layout.cache_url or locate_cache_store(layout.cache)
 
 
-def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
-    """Open ``RUN/cache`` and refuse it unless it was made for this data and these ``[cache]`` settings.
+def open_checked_cache(
+    store: StoreLike,
+    *,
+    tokenizer_sha256: str | None,
+    dataset_sha256: str,
+    vocab_size: int | None,
+    num_windows: int,
+    seq_len: int,
+) -> CacheReader:
+    """Open the cache ``store`` and refuse it unless it is intact and made for these windows.
 
     Checked: the cache's integrity (``verify_cache(quick=True)``: metadata, file set, chunk
-    indexes and digests, so an emptied or truncated shard is refused before training), tokenizer,
-    vocabulary, training windows (:meth:`CacheReader.check_compatible`), then
-    the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
+    indexes and digests, so an emptied or truncated shard is refused before training), then
+    tokenizer, vocabulary and windows (:meth:`CacheReader.check_compatible`; None = not checked).
     """
-    store = cache_store(config)
-    if not (existing_cache(store) if isinstance(store, str) else store.exists()):  # a URL: any objects
+    if not (existing_cache(store) if isinstance(store, str) else Path(store).exists()):  # a URL: any objects
         raise StageError(
             f"Expected a logit cache at {store}. Found none: run `pipe cache-logits CONFIG` first."
         )
@@ -389,6 +432,24 @@ def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
         )
     reader = open_cache(store)
     reader.check_compatible(
+        tokenizer_sha256=tokenizer_sha256,
+        dataset_sha256=dataset_sha256,
+        vocab_size=vocab_size,
+        num_windows=num_windows,
+        seq_len=seq_len,
+    )
+    return reader
+
+
+def open_student_cache(config: Config, data: PreparedData) -> CacheReader:
+    """Open ``RUN/cache`` and refuse it unless it was made for this data and these ``[cache]`` settings.
+
+    Checked: what :func:`open_checked_cache` checks against the prepared training windows, then
+    the settings of :func:`cache_settings_differences`, all in one line naming the differing fields.
+    """
+    store = cache_store(config)
+    reader = open_checked_cache(
+        store,
         tokenizer_sha256=data.manifest["tokenizer_sha256"],
         dataset_sha256=data.windows_sha256("train"),
         vocab_size=data.vocab_size,

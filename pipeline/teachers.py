@@ -3,7 +3,8 @@
 The finished teacher is a Hugging Face model folder, ``RUN/teachers/NAME``, holding the weights
 (safetensors), config and tokenizer, so ``AutoModelForCausalLM.from_pretrained(RUN/teachers/NAME)``
 and ``AutoTokenizer.from_pretrained(RUN/teachers/NAME)`` load it; checkpoints live in
-``RUN/teachers/NAME/checkpoints/`` and a rerun after a crash resumes from the last one. A teacher
+``RUN/teachers/NAME/checkpoints/`` while it trains (a rerun after a crash resumes from the last
+one) and are removed once the model is complete. A teacher
 whose config names ``path`` is an existing HF model folder: nothing is trained, later stages read
 it from there (its tokenizer must match the prepared data, checked when it is used). A teacher that
 is trained may start from an HF folder's architecture or weights (``teachers.NAME.model.path``,
@@ -27,7 +28,7 @@ from logitcache.pipeline.errors import ConfigError
 from logitcache.pipeline.models import build_model, count_parameters
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete, stage_is_done, write_provenance
-from logitcache.pipeline.training import causal_lm_loss, train_model
+from logitcache.pipeline.training import CHECKPOINT_DIR, causal_lm_loss, train_model
 
 
 def teacher_config(config: Config, name: str) -> TeacherConfig:
@@ -72,6 +73,7 @@ def train_teacher(
         return out
     fingerprint = teacher_fingerprint(config, name)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a teacher '{name}'"):
+        remove_checkpoints(out)  # left by a crash between the marker and their removal
         return out
     data = PreparedData.open(RunLayout.of(config).data)
     seed = config.run.seed + _name_seed(name)
@@ -144,9 +146,29 @@ def describe_training(out: Path) -> str:
 def finalize_model_dir(
     out: Path, model: torch.nn.Module, data: PreparedData, summary: dict[str, Any], fingerprint: str
 ) -> None:
-    """Save the final model + tokenizer as an HF folder, then mark it complete (last)."""
+    """Save the final model + tokenizer as an HF folder, mark it complete, then drop its checkpoints.
+
+    The tokenizer's ``model_max_length`` and the generation config's ``max_length`` are the
+    model's number of positions, so that transformers (truncation, pipelines, lm-eval-harness,
+    ``generate()`` by default) never feed it longer inputs. The checkpoints are
+    removed only after the marker: a crash before it still resumes from them.
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions, aliased
+    if positions and getattr(model, "generation_config", None) is not None:
+        # generate() without max_new_tokens stops at the last position the model has (GPT-2's
+        # learned positions end there; past it, an IndexError).
+        model.generation_config.max_length = positions
     model.save_pretrained(out, safe_serialization=True)
-    data.hf_tokenizer().save_pretrained(out)
+    tokenizer = data.hf_tokenizer()
+    if positions:  # what the model can take, not the tokenizer's "unlimited" default
+        tokenizer.model_max_length = positions
+    tokenizer.save_pretrained(out)
     shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")  # byte-identical to the data's tokenizer
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     mark_complete(out, fingerprint, {"dev_loss": summary["dev_loss"], "steps": summary["steps"]})
+    remove_checkpoints(out)
+
+
+def remove_checkpoints(out: Path) -> None:
+    """Delete the training checkpoints of a complete model folder (they only serve a resume)."""
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)

@@ -47,8 +47,19 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int) -> T
     return tokenizer
 
 
-def load_hf_tokenizer(tokenizer_json: Path):  # -> PreTrainedTokenizerFast
-    """The tokenizer as a transformers ``PreTrainedTokenizerFast`` (for save_pretrained/from_pretrained)."""
+# transformers' own "no limit" value (VERY_LARGE_INTEGER would be 1e30); for the prepared data's
+# tokenizer, which belongs to no model. Model folders get the model's real limit.
+UNLIMITED_LENGTH = 1_000_000
+
+
+def load_hf_tokenizer(
+    tokenizer_json: Path, *, model_max_length: int = UNLIMITED_LENGTH
+):  # -> PreTrainedTokenizerFast
+    """The tokenizer as a transformers ``PreTrainedTokenizerFast`` (for save_pretrained/from_pretrained).
+
+    ``model_max_length``: the most positions of the model it is saved with (what truncation and
+    pipelines use); unlimited for the prepared data's copy.
+    """
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(
@@ -57,7 +68,7 @@ def load_hf_tokenizer(tokenizer_json: Path):  # -> PreTrainedTokenizerFast
         eos_token=EOS,
         pad_token=PAD,
         unk_token=None,
-        model_max_length=1_000_000,
+        model_max_length=model_max_length,
     )
 
 

@@ -483,6 +483,7 @@ def test_resume_after_kill_reproduces_trajectory(run: Path, tmp_path: Path):
     resumed = _losses(run_b / "students" / "resume" / "metrics.jsonl")
     assert [s for s, _ in resumed] == [s for s, _ in expected]
     assert resumed == expected  # bit-exact on CPU: same data order, optimizer and RNG state
+    assert not checkpoints.exists()  # resumed from them, then removed once the model was complete
 
 
 def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
