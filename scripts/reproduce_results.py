@@ -230,6 +230,11 @@ def main() -> None:
     parser.add_argument(
         "--hybrid-tail-candidates", default="8,16,32,48,64,96,128", help="tail draw counts to try, ascending"
     )
+    parser.add_argument(
+        "--settings-note",
+        default="",
+        help="a doc (path relative to docs/) recording how the student's settings were chosen, linked from --out",
+    )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
         "--render-only",
@@ -243,6 +248,8 @@ def main() -> None:
             sys.exit(f"error: {recorded} does not exist; run without --render-only first.")
         document = json.loads(recorded.read_text())
         meta = document["meta"]
+        if args.settings_note:
+            meta["settings_note"] = args.settings_note
         config = load_config(meta["config"], [*meta["overrides"], BASE_STUDENTS], run_dir=meta["run_dir"])
         write_markdown(document, config, Path(args.out))
         return
@@ -306,6 +313,7 @@ def main() -> None:
         "config": str(args.config),
         "overrides": args.set,
         "run_dir": str(args.run_dir),
+        "settings_note": args.settings_note,
     }
     document = {
         "meta": meta,
@@ -483,6 +491,12 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         f"student loss (1 - alpha) CE + alpha T² KL with alpha = {config.student.distill.alpha:g}, "
         f"T = {config.student.distill.temperature:g}, tail `{config.student.distill.tail}`."
     )
+    if meta.get("settings_note"):
+        add(
+            "- Student training settings (lr, weight decay, epochs, dropout): the CE twin's best on the dev split; "
+            f"every setting tried, with its dev loss per seed: [{meta['settings_note']}]({meta['settings_note']}). "
+            "The distilled students use the same settings and only add the teacher term."
+        )
     add("")
 
     # Table 1: the `pipe run` models, one seed
