@@ -108,10 +108,9 @@ def _hf_config(
         return hf_config, None
     positions = config.max_position_embeddings or seq_len
     common = dict(vocab_size=vocab_size, tie_word_embeddings=config.tie_word_embeddings, **token_ids)
-    if config.family not in BUILT_IN_FAMILIES:
-        # Any other transformers causal LM, given the Llama-style names most of them share.
-        hf_config = AutoConfig.for_model(
-            config.family,
+    if config.family != "gpt2":
+        # Llama, or any other transformers causal LM given the Llama-style names most of them share.
+        llama_style = dict(
             hidden_size=config.hidden_size,
             num_hidden_layers=config.num_layers,
             num_attention_heads=config.num_heads,
@@ -122,19 +121,9 @@ def _hf_config(
             attention_dropout=config.dropout,
             **common,
         )
-        return hf_config, None
-    if config.family == "llama":
-        hf_config = LlamaConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads or config.num_heads,
-            intermediate_size=config.intermediate_size,
-            max_position_embeddings=positions,
-            rope_theta=config.rope_theta,
-            attention_dropout=config.dropout,
-            **common,
-        )
+        if config.family not in BUILT_IN_FAMILIES:
+            return AutoConfig.for_model(config.family, **llama_style), None
+        hf_config = LlamaConfig(**llama_style)
         model_cls: type[PreTrainedModel] = LlamaForCausalLM
     else:
         hf_config = GPT2Config(
