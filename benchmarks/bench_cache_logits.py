@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -60,7 +61,7 @@ def main() -> None:
         help="prepare data and initialise the teachers in a temporary run instead of --run-dir",
     )
     parser.add_argument("--set", action="append", default=[], help="config override, as for pipe run")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats of each measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds after one warm-up round")
     parser.add_argument("--csv", default="benchmarks/results/cache_logits.csv")
     args = parser.parse_args()
     if bool(args.run_dir) == args.untrained_teachers:
@@ -129,13 +130,36 @@ def measure(args: argparse.Namespace) -> None:
             shutil.rmtree(out)
         return tokens / seconds, summary
 
-    forward_rates, select_rates, stage_rates, summary = [], [], [], {}
-    for _ in range(args.repeats):
-        forward_rates.append(plain_forward())
-        select_rates.append(forward_and_select())
-        rate, summary = whole_stage()
-        stage_rates.append(rate)
-    forward, selected, stage = max(forward_rates), max(select_rates), max(stage_rates)
+    # Steady state: one warm-up round (not counted), then `repeats` rounds in which the three
+    # measurements alternate, so a change in the machine's load hits all three alike. Every
+    # round is printed with the load average; the row reports the medians.
+    plain_forward(), forward_and_select(), whole_stage()
+    rounds, summary = [], {}
+    for index in range(args.repeats):
+        forward_rate = plain_forward()
+        select_rate = forward_and_select()
+        stage_rate, summary = whole_stage()
+        rounds.append(
+            {
+                "round": index + 1,
+                "forward_tokens_per_s": round(forward_rate),
+                "forward_select_tokens_per_s": round(select_rate),
+                "cache_logits_tokens_per_s": round(stage_rate),
+                "ratio": round(stage_rate / forward_rate, 3),
+                "load_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    print_table(rounds, list(rounds[0]))
+    print()
+    forward, selected, stage, ratio = (
+        float(np.median([r[key] for r in rounds]))
+        for key in (
+            "forward_tokens_per_s",
+            "forward_select_tokens_per_s",
+            "cache_logits_tokens_per_s",
+            "ratio",
+        )
+    )
     row = {
         "date": dt.date.today().isoformat(),
         "commit": git_commit(),
@@ -151,7 +175,8 @@ def measure(args: argparse.Namespace) -> None:
         "forward_tokens_per_s": round(forward),
         "forward_select_tokens_per_s": round(selected),
         "cache_logits_tokens_per_s": round(stage),
-        "ratio": round(stage / forward, 3),
+        "ratio": round(ratio, 3),  # median of the per-round ratios
+        "rounds": args.repeats,
         "bytes_per_position": round(summary.get("bytes_per_position", float("nan")), 1),
         "shards": summary.get("num_shards", ""),
     }

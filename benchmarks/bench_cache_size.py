@@ -48,11 +48,12 @@ from logitcache.cache import (
     create_cache,
     ensemble_logprobs,
     open_cache,
+    select_hybrid,
     select_sampled,
     select_topk,
 )
 from logitcache.cache.metadata import VALUE_CODES as FORMAT_VALUE_CODES
-from logitcache.cache.select import SampledSelection, TopkSelection
+from logitcache.cache.select import HybridSelection, SampledSelection, TopkSelection
 
 # every value code of the format except the sampled mode's counts and the uncompressed float32 reference
 VALUE_CODES = tuple(code for code in FORMAT_VALUE_CODES if code not in ("count", "logp_fp32"))
@@ -135,7 +136,7 @@ def stored_bytes(root: Path, name: str) -> int:
 
 
 def write_cache(root: Path, metadata: CacheMetadata, selection, per_chunk: int, per_shard: int) -> float:  # noqa: ANN001
-    num_windows, seq_len = selection.ids.shape[:2]
+    num_windows, seq_len = selection.entropy.shape  # (N, T) in every mode
     start_time = time.perf_counter()
     writer = create_cache(
         root,
@@ -176,7 +177,7 @@ def fidelity(
     root: Path,
     teacher_logp: torch.Tensor,
     student_logp: torch.Tensor,
-    exact: TopkSelection | SampledSelection,
+    exact: TopkSelection | SampledSelection | HybridSelection,
     chunk: int = 512,
 ) -> dict[str, float]:
     """Errors per position (means), see the module docstring. All in float64."""
@@ -187,7 +188,7 @@ def fidelity(
     flat = lambda x: x.reshape(-1, x.shape[-1]) if x.dim() == 3 else x.reshape(-1)  # noqa: E731
     p_all, q_all = flat(teacher_logp), flat(student_logp)
     ids_c, w_c = flat(renorm.ids), flat(renorm.weights).double()
-    ids_x = flat(exact.ids)
+    ids_x = flat(exact.ids) if isinstance(exact, TopkSelection) else None
     sums = {
         key: 0.0
         for key in ("q_loss", "q_loss_g", "q_grad", "full_loss", "full_loss_g", "full_grad", "full_grad_g")
@@ -232,7 +233,7 @@ def fidelity(
             sums["full_grad_g"] += float((p - target).abs().sum())
     del vocab
     out = {key: value / n for key, value in sums.items()}
-    if isinstance(exact, SampledSelection):
+    if not isinstance(exact, TopkSelection):  # sampled, hybrid: no exact top-k to compare with
         for key in ("q_loss", "q_loss_g", "q_grad", "full_loss_g", "full_grad_g"):
             out[key] = float("nan")
     return out
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         "--chunk-sweep", default="1,4,16,64", help="windows_per_chunk values for the read-rate sweep"
     )
     parser.add_argument("--sampled", action="store_true", help="also write sampled-mode caches (n = k)")
+    parser.add_argument(
+        "--hybrid", default="", help="hybrid caches to write, as HEAD+DRAWS pairs, e.g. 32+32,32+64"
+    )
     parser.add_argument(
         "--csv", default="bench_cache_size.csv", help="CSV file to append rows to ('' = none)"
     )
@@ -304,8 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     per_chunk = min(args.chunk_windows, num_windows)
 
     def run(
-        k: int, encoding: Encoding, selection, mode: str, codec: str, chunk_windows: int, with_fidelity: bool
-    ) -> dict:  # noqa: ANN001
+        k: int,
+        encoding: Encoding,
+        selection,  # noqa: ANN001
+        mode: str,
+        codec: str,
+        chunk_windows: int,
+        with_fidelity: bool,
+        tail_draws: int = 0,
+    ) -> dict:
         metadata = CacheMetadata(
             vocab_size=vocab,
             tokenizer_sha256=FAKE_SHA,
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             k=k,
             package_version="bench",
             mode=mode,
-            num_samples=k if mode == "sampled" else None,
+            num_samples={"sampled": k, "hybrid": tail_draws}.get(mode),
             encoding=encoding,
         )
         with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             "codec": codec,
             "windows_per_chunk": chunk_windows,
             "B_pos": sum(sizes.values()) / positions,
-            "B_entry": sum(sizes.values()) / positions / k,
+            "B_entry": sum(sizes.values()) / positions / metadata.width,
             "ids_B_pos": sizes["ids"] / positions,
             "values_B_pos": sizes["values"] / positions,
             "tail_B_pos": sizes["tail"] / positions,
@@ -369,6 +380,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.sampled:
             sampled = select_sampled(teacher_logp, num_samples=k, seed=args.seed, window_indices=window_ids)
             run(k, SAMPLED_ENCODING, sampled, "sampled", DEFAULT_CODEC, per_chunk, with_fidelity=True)
+    for spec in filter(None, args.hybrid.split(",")):
+        head, draws = (int(x) for x in spec.split("+"))
+        hybrid = select_hybrid(
+            teacher_logp, k=head, num_samples=draws, seed=args.seed, window_indices=window_ids
+        )
+        print(f"  (next row: hybrid, k = head {head}, plus {draws} tail draws)")
+        run(
+            head, Encoding(), hybrid, "hybrid", DEFAULT_CODEC, per_chunk, with_fidelity=True, tail_draws=draws
+        )
     k_ref = 64 if 64 in ks else ks[-1]
     selection = select_topk(teacher_logp, k=k_ref)
     default = Encoding()

@@ -34,7 +34,13 @@ needs no scale: the top entry always stores ``2^B - 1``. ``count`` is used as ``
 
 The quantised codes are computed in float32; ``rint`` rounds half to even.
 
-Tail mass (topk mode): float32, exact as computed.
+Tail mass (topk and hybrid modes): float32, exact as computed.
+
+Hybrid mode (format version 2): ``ids`` and ``values`` have ``k + m`` slots per position in two
+segments, each sorted gaps of its own: slots ``[0, k)`` the head (ids and a 16-bit probability
+code, as topk), slots ``[k, k + m)`` the unique ids drawn from the tail and their ``count``s
+(padding as in sampled mode). Decoded weights: head ``u / sum(u) * (1 - tail)``, tail
+``tail * count / m`` (the importance weights: unbiased for the tail, see cache/select.py).
 """
 
 from __future__ import annotations
@@ -261,11 +267,30 @@ def _sorted_gaps(ids: object, values: object) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries:
-    """Encode a :class:`TopkSelection` or :class:`SampledSelection` (torch or NumPy fields)."""
-    from logitcache.cache.select import SampledSelection, TopkSelection
+    """Encode a :class:`TopkSelection`, :class:`SampledSelection` or :class:`HybridSelection`
+    (torch or NumPy fields)."""
+    from logitcache.cache.select import HybridSelection, SampledSelection, TopkSelection
 
     id_dtype = np.dtype(metadata.id_dtype)
     enc = metadata.encoding
+    if isinstance(selection, HybridSelection):
+        if metadata.mode != "hybrid":
+            raise CacheError(
+                f"Expected a {'TopkSelection' if metadata.mode == 'topk' else 'SampledSelection'} for a "
+                f"cache in mode {metadata.mode!r}. Got a HybridSelection."
+            )
+        head_ids, head_logp = _sorted_gaps(_to_numpy(selection.head_ids), _to_numpy(selection.head_logprobs))
+        head_values = encode_values(head_logp, value_code=enc.value_code, logp_floor=enc.logp_floor)
+        tail_ids, counts = _sorted_gaps(  # already ascending; stable keeps padding last
+            _to_numpy(selection.tail_ids).astype(np.int64, copy=False),
+            _to_numpy(selection.tail_counts).astype(np.int64, copy=False),
+        )
+        tail = _to_numpy(selection.tail).astype(np.float32)
+        return EncodedEntries(
+            ids=np.concatenate([head_ids, tail_ids], axis=-1).astype(id_dtype),  # (R, T, k + m)
+            values=np.concatenate([head_values.astype(np.uint16), counts.astype(np.uint16)], axis=-1),
+            tail=np.clip(tail, 0.0, 1.0),
+        )
     if isinstance(selection, TopkSelection):
         if metadata.mode != "topk":
             raise CacheError(
@@ -287,7 +312,9 @@ def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries
         counts = _to_numpy(selection.counts).astype(np.int64, copy=False)
         ids, counts = _sorted_gaps(ids, counts)  # already ascending; stable keeps padding last
         return EncodedEntries(ids=ids.astype(id_dtype), values=counts.astype(np.uint16), tail=None)
-    raise CacheError(f"Expected a TopkSelection or SampledSelection. Got {type(selection).__name__}.")
+    raise CacheError(
+        f"Expected a TopkSelection, SampledSelection or HybridSelection. Got {type(selection).__name__}."
+    )
 
 
 def decode_entries(
@@ -303,9 +330,13 @@ def decode_entries(
     ``weights="renormalized"``: per position the weights sum to 1 (tail returned as None).
     ``weights="ghost"``: the weights sum to ``1 - tail`` and the tail is returned (topk mode only).
     Sampled mode: weights = count / n (they sum to 1), tail None.
+    Hybrid mode: head weights ``u / sum(u) * (1 - tail)``, tail weights ``tail * count / m``
+    (together they sum to 1), tail None; ``"ghost"`` is refused (the drawn ids carry the tail).
     """
     if weights not in ("renormalized", "ghost"):
         raise CacheError(f"Expected weights='renormalized' or 'ghost'. Got {weights!r}.")
+    if metadata.mode == "hybrid":
+        return _decode_hybrid(ids, values, tail, metadata, weights=weights)
     ids64 = ids.astype(np.int64)
     if metadata.encoding.id_code == "sorted_gaps":
         ids64 = np.cumsum(ids64, axis=-1)
@@ -331,3 +362,33 @@ def decode_entries(
             ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=tail.astype(np.float32)
         )
     return DecodedEntries(ids=ids64, weights=(unnormalized * scale).astype(np.float32), tail=None)
+
+
+def split_hybrid(array: np.ndarray, metadata: CacheMetadata) -> tuple[np.ndarray, np.ndarray]:
+    """The head slots ``[..., :k]`` and the tail slots ``[..., k:]`` of a hybrid cache's ids or values."""
+    return array[..., : metadata.k], array[..., metadata.k :]
+
+
+def _decode_hybrid(
+    ids: np.ndarray, values: np.ndarray, tail: np.ndarray | None, metadata: CacheMetadata, *, weights: str
+) -> DecodedEntries:
+    """Hybrid mode: each segment (head, tail draws) is sorted gaps of its own; see decode_entries."""
+    if weights == "ghost":
+        raise CacheError(
+            "Expected weights='renormalized' for a hybrid cache (its tail draws carry the tail mass). Got 'ghost'."
+        )
+    if tail is None:
+        raise CacheError("Expected a tail array in a hybrid cache. Got none: the cache is damaged.")
+    head_gaps, tail_gaps = split_hybrid(ids.astype(np.int64), metadata)
+    head_values, counts = split_hybrid(values, metadata)
+    u = decode_probs(
+        head_values, value_code=metadata.encoding.value_code, logp_floor=metadata.encoding.logp_floor
+    ).astype(np.float64)  # (R, T, k)
+    kept = 1.0 - tail.astype(np.float64)[..., None]  # (R, T, 1) exact head mass
+    head_w = u * (kept / np.maximum(u.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny))
+    tail_w = counts.astype(np.float64) * (tail.astype(np.float64)[..., None] / metadata.num_samples)
+    return DecodedEntries(
+        ids=np.concatenate([np.cumsum(head_gaps, axis=-1), np.cumsum(tail_gaps, axis=-1)], axis=-1),
+        weights=np.concatenate([head_w, tail_w], axis=-1).astype(np.float32),  # (R, T, k + m)
+        tail=None,
+    )

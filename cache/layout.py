@@ -6,7 +6,7 @@ Group layout (see docs/cache-format.md)::
                     and "logitcache_complete" once finalized
     ids/            (N, T, k)  uint16 | int32   sharded
     values/         (N, T, k)  see encoding     sharded
-    tail/           (N, T)     float32          sharded, topk mode only
+    tail/           (N, T)     float32          sharded, topk and hybrid modes
     shard_stats/    (S, 3)     float64          chunk (1, 3): positions, sum captured mass, sum entropy
     shard_digests/  (S, A, 32) uint8            chunk (1, A, 32): SHA-256 of each file of shard s
     done/           (S,)       uint8            chunk (1,): 1 once shard s is fully written
@@ -132,14 +132,17 @@ class ArraySpec:
 
 
 def array_specs(metadata: CacheMetadata, layout: Layout) -> list[ArraySpec]:
-    """The arrays of a cache, in creation order (``done`` last: its existence means all exist)."""
+    """The arrays of a cache, in creation order (``done`` last: its existence means all exist).
+
+    ``layout.k`` is the stored width (:attr:`CacheMetadata.width`: ``k + num_samples`` in hybrid mode).
+    """
     n, t, k = layout.num_windows, layout.seq_len, layout.k
     c, s = layout.windows_per_chunk, layout.windows_per_shard
     specs = [
         ArraySpec("ids", (n, t, k), np.dtype(metadata.id_dtype), (c, t, k), (s, t, k), True),
         ArraySpec("values", (n, t, k), value_dtype(metadata.encoding.value_code), (c, t, k), (s, t, k), True),
     ]
-    if metadata.mode == "topk":
+    if metadata.has_tail:
         specs.append(ArraySpec("tail", (n, t), np.dtype("float32"), (c, t), (s, t), True))
     specs.append(ArraySpec(STATS_ARRAY, (layout.num_shards, 3), np.dtype("float64"), (1, 3), None, False))
     width = len(digested_names(metadata))
@@ -152,7 +155,7 @@ def array_specs(metadata: CacheMetadata, layout: Layout) -> list[ArraySpec]:
 
 
 def sharded_names(metadata: CacheMetadata) -> tuple[str, ...]:
-    return ("ids", "values", "tail") if metadata.mode == "topk" else ("ids", "values")
+    return ("ids", "values", "tail") if metadata.has_tail else ("ids", "values")
 
 
 def digested_names(metadata: CacheMetadata) -> tuple[str, ...]:

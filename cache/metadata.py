@@ -20,13 +20,15 @@ from typing import Any, Final, Literal, get_args
 
 from logitcache.cache.errors import CacheError
 
-FORMAT_VERSION: Final = 1
-"""Version of the on-disk layout. Bumped on any change a v1 reader could misread."""
+FORMAT_VERSION: Final = 2
+"""Version of the on-disk layout written now. Bumped on any change an older reader could misread
+(version 2 added the ``hybrid`` mode; docs/cache-format.md, "Versioning")."""
 
-SUPPORTED_FORMAT_VERSIONS: Final = (1,)
+SUPPORTED_FORMAT_VERSIONS: Final = (1, 2)
+HYBRID_MIN_FORMAT_VERSION: Final = 2
 
 EnsembleRule = Literal["mean_logits", "mean_probs"]
-Mode = Literal["topk", "sampled"]
+Mode = Literal["topk", "sampled", "hybrid"]
 IdCode = Literal["sorted_gaps", "rank"]
 ValueCode = Literal[
     "logp_q8",
@@ -51,6 +53,9 @@ VALUE_CODES: Final = get_args(ValueCode)
 TEACHER_DTYPES: Final = ("float32", "bfloat16", "float16")
 BLOSC_CNAMES: Final = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 BLOSC_SHUFFLES: Final = ("bitshuffle", "shuffle", "noshuffle")
+# Hybrid mode stores head probabilities and tail counts in one uint16 values array: head codes
+# must be stored as uint16 too (counts need up to 16 bits).
+HYBRID_VALUE_CODES: Final = ("ratio_q10", "ratio_q12", "ratio_q16", "logp_q10", "logp_q12", "logp_q16")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -275,7 +280,11 @@ class CacheMetadata:
     Mode ``"topk"`` stores, per position, the ``k`` most probable ids of the ensemble distribution
     at ``temperature``, their probabilities and the tail mass. Mode ``"sampled"`` stores the unique
     ids among ``num_samples`` draws and their counts; ``k`` is then the stored width and must equal
-    ``num_samples`` (positions with fewer unique ids are padded).
+    ``num_samples`` (positions with fewer unique ids are padded). Mode ``"hybrid"`` (format
+    version 2) stores the ``k`` most probable ids with their probabilities and the tail mass, as
+    ``topk``, and the unique ids among ``num_samples`` draws from the tail distribution (the
+    distribution restricted to the other ids, renormalised) with their counts; the stored width
+    is ``k + num_samples`` (:attr:`width`).
     """
 
     vocab_size: int
@@ -323,7 +332,9 @@ class CacheMetadata:
             object.__setattr__(self, "encoding", Encoding.from_dict(self.encoding))
         if not isinstance(self.encoding, Encoding):
             raise _fail("encoding", "an Encoding", self.encoding)
-        if self.mode == "sampled":
+        if self.mode == "hybrid":
+            self._check_hybrid(vocab, k)
+        elif self.mode == "sampled":
             n = parse_positive_int(self.num_samples, "num_samples")
             if n != k:
                 raise CacheError(
@@ -344,6 +355,37 @@ class CacheMetadata:
                 raise _fail("encoding.value_code", "a probability code (not 'count') in topk mode", "count")
         parse_nonnegative_int(self.seed, "seed")
         object.__setattr__(self, "config", parse_json_dict(self.config, "config"))
+
+    def _check_hybrid(self, vocab: int, k: int) -> None:
+        if self.format_version < HYBRID_MIN_FORMAT_VERSION:
+            raise _fail(
+                "format_version", f">= {HYBRID_MIN_FORMAT_VERSION} in hybrid mode", self.format_version
+            )
+        m = parse_positive_int(self.num_samples, "num_samples")
+        if m > 65535:
+            raise _fail("num_samples", "at most 65535 (counts are stored as uint16)", m)
+        if k + m >= vocab:
+            raise CacheError(
+                f"Expected k + num_samples < vocab_size in hybrid mode (the stored width). Got k={k}, "
+                f"num_samples={m}, vocab_size={vocab}. Choose fewer entries."
+            )
+        if self.encoding.id_code != "sorted_gaps" or self.encoding.value_code not in HYBRID_VALUE_CODES:
+            raise CacheError(
+                f"Expected encoding id_code='sorted_gaps' and value_code in {list(HYBRID_VALUE_CODES)} in "
+                f"hybrid mode (head values share a uint16 array with the tail counts). Got "
+                f"id_code={self.encoding.id_code!r}, value_code={self.encoding.value_code!r}."
+            )
+
+    @property
+    def width(self) -> int:
+        """Stored entries per position (the last dim of ``ids`` and ``values``): ``k``, or
+        ``k + num_samples`` in hybrid mode."""
+        return self.k + (self.num_samples or 0) if self.mode == "hybrid" else self.k
+
+    @property
+    def has_tail(self) -> bool:
+        """Whether the cache stores the tail mass (array ``tail``): topk and hybrid modes."""
+        return self.mode in ("topk", "hybrid")
 
     @property
     def id_dtype(self) -> str:

@@ -206,9 +206,11 @@ def _open(zstore: Any) -> CacheReader:
         present = set(storage.list_keys(zstore, f"{name}/c/"))
         missing = [s for s in range(layout.num_shards) if shard_key(name, s, ndim) not in present]
         if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise CacheError(
-                f"Expected every shard file of array '{name}'. Got shards {missing[:10]} missing "
-                "(they would read back as zeros). Run `pipe verify-cache` and rebuild the cache."
+                f"Expected every shard file of array '{name}'. Got {shard_key(name, missing[0], ndim)}{more} "
+                f"missing (shards {missing[:10]}; they would read back as zeros). Run `pipe verify-cache` "
+                "and rebuild the cache."
             )
     return CacheReader(zstore, group, metadata, layout, summary)
 

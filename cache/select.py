@@ -14,6 +14,16 @@ Math (all in float32, whatever dtype the teachers ran in; float64 inputs stay fl
   estimate of ``p``). The draws of window ``w`` use a ``torch.Generator`` seeded with
   :func:`window_seed` ``(seed, w)``, so the result does not depend on how windows are batched or
   split across ranks (for one device type: CPU and CUDA generators differ).
+* ``hybrid`` (head + sampled tail): the top-k head as in ``topk`` (ids, log p, tail mass), and
+  ``m`` draws with replacement from the tail distribution ``p_i / tail`` over the ids not in the
+  head; stored are the unique drawn ids and their counts, and the loss weight of a drawn id is
+  ``tail * count / m``, so ``E[sum_j w_j f(j)] = sum_{i not in head} p_i f(i)`` for any ``f``.
+  Draws are by inverse CDF: window ``w`` takes ``(T, m)`` float64 uniforms ``u`` from a CPU
+  ``torch.Generator`` seeded with :func:`window_seed` ``(seed, w)`` (:func:`tail_uniforms`; the
+  same on every device and for any batching), and the draw of ``u`` is the first id ``v`` whose
+  cumulative tail mass ``C(v) = sum_{i <= v, i not in head} p_i`` exceeds ``u * C(V - 1)``
+  (float64, :func:`tail_cdf`, :func:`draws_from_cdf`). So ``verify-cache --recompute`` can redraw
+  and check every draw from recomputed probabilities.
 
 :func:`ensemble_topk` is the fast path of ``pipe cache-logits`` for ``topk``: the same numbers as
 ``select_topk(ensemble_logprobs(...))`` (the plain reference, kept for tests, the sampled mode and
@@ -56,6 +66,22 @@ class SampledSelection:
 
     ids: torch.Tensor  # (B, T, n) int64
     counts: torch.Tensor  # (B, T, n) int32, sum over the last axis == n
+    entropy: torch.Tensor  # (B, T) float32
+
+
+@dataclass(frozen=True)
+class HybridSelection:
+    """Top-k head (rank order, as :class:`TopkSelection`) and the unique ids drawn from the tail.
+
+    ``tail_ids`` ascend per position and are padded to width ``m`` with count 0 (a padding slot
+    repeats the last real id). Every tail id is outside the head.
+    """
+
+    head_ids: torch.Tensor  # (B, T, k) int64
+    head_logprobs: torch.Tensor  # (B, T, k) float32, log p of each head id
+    tail: torch.Tensor  # (B, T) float32, 1 - sum(p[head]), computed directly
+    tail_ids: torch.Tensor  # (B, T, m) int64, ascending, padded
+    tail_counts: torch.Tensor  # (B, T, m) int32, sum over the last axis == m
     entropy: torch.Tensor  # (B, T) float32
 
 
@@ -307,13 +333,96 @@ def select_sampled(
         generator = torch.Generator(device=logprobs.device)
         generator.manual_seed(window_seed(seed, int(window_indices[b])))
         draws[b] = torch.multinomial(probs[b], num_samples, replacement=True, generator=generator)  # (T, n)
-    ordered, _ = torch.sort(draws, dim=-1)  # (B, T, n)
+    ids, counts = unique_counts(draws)
+    return SampledSelection(ids=ids, counts=counts, entropy=entropy_of(logprobs).to(torch.float32))
+
+
+def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique ids (ascending) and their counts per row of ``draws`` (..., n), padded to width n.
+
+    Padding slots repeat the last real id and have count 0. Returns (ids int64, counts int32).
+    """
+    ordered, _ = torch.sort(draws, dim=-1)  # (..., n)
     is_new = torch.ones_like(ordered, dtype=torch.bool)
     is_new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
-    slot = torch.cumsum(is_new.to(torch.int64), dim=-1) - 1  # (B, T, n) slot of each draw's unique id
+    slot = torch.cumsum(is_new.to(torch.int64), dim=-1) - 1  # (..., n) slot of each draw's unique id
     ids = torch.full_like(ordered, -1).scatter(-1, slot, ordered)  # unfilled slots stay -1
     ids = torch.cummax(ids, dim=-1).values  # padding repeats the last real id (ids ascend)
     counts = torch.zeros_like(ordered, dtype=torch.int32).scatter_add(
         -1, slot, torch.ones_like(ordered, dtype=torch.int32)
     )
-    return SampledSelection(ids=ids, counts=counts, entropy=entropy_of(logprobs).to(torch.float32))
+    return ids, counts
+
+
+def tail_uniforms(seed: int, window_index: int, *, seq_len: int, num_samples: int) -> torch.Tensor:
+    """(T, m) float64 uniforms in [0, 1) of window ``window_index``'s tail draws (CPU, any device's cache)."""
+    generator = torch.Generator()  # always the CPU generator: the same numbers on every device
+    generator.manual_seed(window_seed(seed, int(window_index)))
+    return torch.rand(seq_len, num_samples, generator=generator, dtype=torch.float64)
+
+
+def tail_cdf(logprobs: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative tail mass ``C(v) = sum_{i <= v, i not in head} p_i`` (..., V) float64.
+
+    Rows whose tail mass is 0 in float64 (every non-head log-probability below ~-745) count every
+    non-head id as 1 instead, i.e. a uniform tail: their draws are valid ids, and their weights
+    ``tail * count / m`` are 0 anyway.
+    """
+    probs = logprobs.to(torch.float64).exp().scatter_(-1, head_ids, 0.0)  # (..., V) head removed
+    cdf = torch.cumsum(probs, dim=-1)  # (..., V)
+    empty = cdf[..., -1] <= 0  # (...)
+    if bool(empty.any()):
+        outside = torch.ones_like(probs).scatter_(-1, head_ids, 0.0)  # (..., V)
+        cdf = torch.where(empty.unsqueeze(-1), torch.cumsum(outside, dim=-1), cdf)
+    return cdf
+
+
+def draws_from_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws (..., m) int64: the first id ``v`` with ``cdf[v] > u * cdf[V - 1]``.
+
+    ``cdf`` (..., V) non-decreasing with a positive last entry, ``uniforms`` (..., m) in [0, 1).
+    An id with zero mass never has ``cdf[v] > cdf[v - 1]``, so it is never drawn.
+    """
+    total = cdf[..., -1:]  # (..., 1)
+    # u * total < total for u < 1 up to rounding: keep the target strictly below the last entry
+    target = torch.minimum(uniforms.to(cdf.dtype) * total, total * (1.0 - 2.0**-52))  # (..., m)
+    return torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True)
+
+
+def select_hybrid(
+    logprobs: torch.Tensor,
+    *,
+    k: int,
+    num_samples: int,
+    seed: int,
+    window_indices: Sequence[int] | torch.Tensor,
+) -> HybridSelection:
+    """Top-k head of (B, T, V) log-probabilities and ``num_samples`` draws per position from the tail.
+
+    See the module docstring (mode ``hybrid``). The draws of window ``w`` depend only on ``seed``,
+    ``w`` and its log-probabilities, not on the batch, the rank or the device.
+    """
+    batch, seq_len, vocab = logprobs.shape
+    if num_samples < 1:
+        raise CacheError(f"Expected num_samples >= 1. Got {num_samples}.")
+    if k + num_samples >= vocab:
+        raise CacheError(
+            f"Expected k + num_samples (the stored width) < vocab size. Got {k} + {num_samples} >= {vocab}."
+        )
+    if len(window_indices) != batch:
+        raise CacheError(f"Expected {batch} window indices. Got {len(window_indices)}.")
+    head = select_topk(logprobs, k=k)
+    draws = torch.empty(batch, seq_len, num_samples, dtype=torch.int64, device=logprobs.device)
+    for b in range(batch):  # one window at a time: a (T, V) float64 CDF, not (B, T, V)
+        cdf = tail_cdf(logprobs[b], head.ids[b])  # (T, V)
+        uniforms = tail_uniforms(seed, int(window_indices[b]), seq_len=seq_len, num_samples=num_samples)
+        draws[b] = draws_from_cdf(cdf, uniforms.to(logprobs.device))  # (T, m)
+    tail_ids, tail_counts = unique_counts(draws)
+    return HybridSelection(
+        head_ids=head.ids,
+        head_logprobs=head.logprobs,
+        tail=head.tail,
+        tail_ids=tail_ids,
+        tail_counts=tail_counts,
+        entropy=head.entropy,
+    )

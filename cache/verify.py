@@ -14,7 +14,9 @@ Both passes (``quick=True`` stops after them):
 The full pass then reads every shard file whole: its SHA-256 bound to (array, shard) must match
 ``shard_digests`` (so moved or swapped files with valid checksums are caught), every chunk decodes
 (crc32c), ids in [0, vocab) and unique within a position, values in their code's range, tail in
-[0, 1] and consistent with the stored entries, the stats' captured mass equal to the tail's.
+[0, 1] and consistent with the stored entries, the stats' captured mass equal to the tail's; in
+hybrid mode the head segment as topk, the tail draws as sampled (counts summing to m), and no
+drawn id inside its position's head.
 
 Caches written before the integrity records existed (no ``integrity`` in the summary) get every
 check but the digests, and a note saying so. What no check here can catch: a consistent rewrite
@@ -23,6 +25,7 @@ check but the digests, and a note saying so. What no check here can catch: a con
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +39,14 @@ from zarr.core.buffer.core import default_buffer_prototype
 from zarr.core.sync import sync
 
 from logitcache.cache import storage
-from logitcache.cache.encoding import FLOAT_LOGP_MIN, decode_probs, mass_tolerance, value_bits, value_max
+from logitcache.cache.encoding import (
+    FLOAT_LOGP_MIN,
+    decode_probs,
+    mass_tolerance,
+    split_hybrid,
+    value_bits,
+    value_max,
+)
 from logitcache.cache.errors import CacheError
 from logitcache.cache.hashing import document_sha256, shard_file_sha256
 from logitcache.cache.layout import (
@@ -104,6 +114,8 @@ class VerifyReport:
 
 
 def _check_ids(gaps_or_ids: np.ndarray, values: np.ndarray, metadata: CacheMetadata) -> list[str]:
+    if metadata.mode == "hybrid":
+        return _check_hybrid_ids(gaps_or_ids, values, metadata)
     problems = []
     raw = gaps_or_ids.astype(np.int64)  # (R, T, k)
     if raw.min(initial=0) < 0:
@@ -131,7 +143,45 @@ def _check_ids(gaps_or_ids: np.ndarray, values: np.ndarray, metadata: CacheMetad
     return problems
 
 
+def _check_hybrid_ids(gaps: np.ndarray, values: np.ndarray, metadata: CacheMetadata) -> list[str]:
+    """Hybrid mode: the head slots as a topk cache's, the tail slots as a sampled cache's (each
+    segment its own sorted gaps), and no drawn tail id inside the head."""
+    head_gaps, tail_gaps = split_hybrid(gaps.astype(np.int64), metadata)
+    counts = split_hybrid(values, metadata)[1]
+    problems = []
+    if min(head_gaps.min(initial=0), tail_gaps.min(initial=0)) < 0:
+        problems.append("negative ids")
+    if (head_gaps[..., 1:] < 1).any():
+        problems.append("repeated ids within a position's head")
+    padding = tail_gaps[..., 1:] == 0
+    if (padding[..., :-1] & ~padding[..., 1:]).any():
+        problems.append("repeated ids within a position's tail draws (padding followed by entries)")
+    if (counts[..., 1:][padding] != 0).any():
+        problems.append("tail padding slots with a non-zero count")
+    head, drawn = np.cumsum(head_gaps, axis=-1), np.cumsum(tail_gaps, axis=-1)
+    top = max(int(head.max(initial=0)), int(drawn.max(initial=0)))
+    if top >= metadata.vocab_size:
+        problems.append(f"ids >= vocab_size {metadata.vocab_size} (max {top})")
+    elif not problems:
+        # key every id by its position so that one isin over the shard compares within positions
+        position = np.arange(head.shape[0] * head.shape[1], dtype=np.int64).reshape(head.shape[:2] + (1,))
+        real = counts > 0
+        if np.isin(
+            (drawn + position * metadata.vocab_size)[real], head + position * metadata.vocab_size
+        ).any():
+            problems.append("tail draws of ids inside the head (they must come from outside it)")
+    return problems
+
+
 def _check_values(values: np.ndarray, tail: np.ndarray | None, metadata: CacheMetadata) -> list[str]:
+    if metadata.mode == "hybrid":
+        head, counts = split_hybrid(values, metadata)
+        problems = _check_values(head, tail, dataclasses.replace(metadata, mode="topk", num_samples=None))
+        if counts.max(initial=0) > metadata.num_samples:
+            problems.append(f"tail counts above num_samples={metadata.num_samples} (max {int(counts.max())})")
+        elif (counts.astype(np.int64).sum(axis=-1) != metadata.num_samples).any():
+            problems.append(f"tail counts that do not sum to num_samples={metadata.num_samples}")
+        return problems
     problems = []
     code = metadata.encoding.value_code
     if code in ("logp_fp16", "logp_fp32", "logp_bf16"):
@@ -343,7 +393,7 @@ def _verify_shard(ctx: _Context, shard: int) -> tuple[ShardReport, np.ndarray | 
         ]
     if stats is not None and not ctx.quick:
         captured: float | None = float(positions)
-        if metadata.mode == "topk":  # the writer's own expression: bit-identical on the same tail
+        if metadata.has_tail:  # the writer's own expression: bit-identical on the same tail
             captured = float((1.0 - data["tail"].astype(np.float64)).sum()) if "tail" in data else None
         if captured is not None and stats[1] != captured:
             report.problems.append(

@@ -6,7 +6,7 @@ Protocol (one process, or ``world_size`` ranks under torchrun)::
     writer = open_cache_writer(path, metadata=metadata)               # ranks != 0, after the barrier
     for s in writer.pending_shards(rank=rank, world_size=world_size):
         start, stop = writer.shard_rows(s)
-        selection = ...  # TopkSelection / SampledSelection for windows [start, stop)
+        selection = ...  # Topk/Sampled/HybridSelection for windows [start, stop)
         writer.write_shard(s, selection)
     # barrier
     if rank == 0:
@@ -52,7 +52,9 @@ from logitcache.cache.layout import (
     sharded_names,
 )
 from logitcache.cache.metadata import CacheMetadata, parse_format_version
-from logitcache.cache.select import SampledSelection, TopkSelection
+from logitcache.cache.select import HybridSelection, SampledSelection, TopkSelection
+
+Selection = TopkSelection | SampledSelection | HybridSelection
 
 
 def _create_array(group: zarr.Group, spec: ArraySpec, metadata: CacheMetadata) -> zarr.Array:
@@ -188,23 +190,34 @@ class CacheWriter:
         done = self.done_flags()
         return [s for s in range(rank, self.num_shards, world_size) if done[s] != 1]
 
-    def _check_selection(self, shard: int, selection: TopkSelection | SampledSelection) -> None:
+    def _check_selection(self, shard: int, selection: Selection) -> None:
         start, stop = self.shard_rows(shard)
-        expected = (stop - start, self.layout.seq_len, self.layout.k)
-        shape = tuple(selection.ids.shape)
-        if shape != expected:
-            raise CacheError(
-                f"Expected entries of shape {expected} (windows, positions, k) for shard {shard} "
-                f"(windows {start}..{stop - 1}). Got {shape}."
-            )
-        ids = selection.ids
-        low, high = int(ids.min()), int(ids.max())
+        rows = (stop - start, self.layout.seq_len)
+        if isinstance(selection, HybridSelection):
+            parts = [
+                ("head", selection.head_ids, self.metadata.k),
+                ("tail", selection.tail_ids, self.layout.k - self.metadata.k),
+            ]
+        else:
+            parts = [("", selection.ids, self.layout.k)]
+        for what, ids, width in parts:
+            expected = (*rows, width)
+            shape = tuple(ids.shape)
+            if shape != expected:
+                raise CacheError(
+                    f"Expected {what + ' ' if what else ''}entries of shape {expected} (windows, positions, "
+                    f"entries) for shard {shard} (windows {start}..{stop - 1}). Got {shape}."
+                )
+            self._check_ids(shard, ids)
+
+    def _check_ids(self, shard: int, ids: object) -> None:
+        low, high = int(ids.min()), int(ids.max())  # type: ignore[attr-defined]
         if low < 0 or high >= self.metadata.vocab_size:
             raise CacheError(
                 f"Expected ids in [0, {self.metadata.vocab_size}) for shard {shard}. Got ids in [{low}, {high}]."
             )
 
-    def write_shard(self, shard: int, selection: TopkSelection | SampledSelection) -> None:
+    def write_shard(self, shard: int, selection: Selection) -> None:
         """Encode and write windows ``shard_rows(shard)`` of every array, then set ``done[shard]``.
 
         ``selection`` holds exactly those windows (torch or NumPy fields). On a storage error
@@ -322,7 +335,7 @@ def create_cache(
     layout = default_layout(
         num_windows=num_windows,
         seq_len=seq_len,
-        k=metadata.k,
+        k=metadata.width,
         windows_per_chunk=windows_per_chunk,
         windows_per_shard=windows_per_shard,
     )

@@ -1,4 +1,4 @@
-"""Inputs in the three cache modes and the tolerance rule shared by tests/test_kernels*.py and benchmarks/."""
+"""Inputs in the four cache modes and the tolerance rule shared by tests/test_kernels*.py and benchmarks/."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
-MODES = ("topk", "ghost", "sampled")
+MODES = ("topk", "ghost", "sampled", "hybrid")
 
 
 @dataclass
@@ -32,11 +32,15 @@ def make_case(
     ignore_every: int = 4,
     device: str | torch.device = "cpu",
 ) -> Case:
-    """A batch in one of the three cache modes, in float64.
+    """A batch in one of the four cache modes, in float64.
 
     topk: renormalised teacher top-k (weights sum to 1); ghost: raw top-k probabilities with
     tail = the teacher's mass outside S (a masked sum); sampled: k draws, weights count/k on the
-    distinct ids, padded with id -1. Every ``ignore_every``-th position is ignored.
+    distinct ids, padded with id -1; hybrid (as a hybrid cache decodes): the exact top-``k // 2``
+    probabilities (ascending ids), then the distinct ids of ``m = k - k // 2`` draws from the
+    teacher restricted to the other ids, ascending, weights ``tail * count / m`` (all weights sum
+    to 1), padded by repeating the last drawn id with weight 0. Every ``ignore_every``-th position
+    is ignored.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     kw = dict(generator=gen, device=device)
@@ -55,6 +59,8 @@ def make_case(
             perm = torch.randperm(len(uniq), **kw)
             ids[row, : len(uniq)] = uniq[perm]
             weights[row, : len(uniq)] = counts[perm].double() / k
+    elif mode == "hybrid":
+        ids, weights = _hybrid_entries(teacher, k // 2, k - k // 2, gen)
     else:
         ids = torch.argsort(torch.rand(n, vocab, **kw), dim=1)[:, :k]  # distinct, unsorted
         weights = teacher.gather(1, ids)  # (N, k)
@@ -69,6 +75,26 @@ def make_case(
         ids, order = torch.sort(ids, dim=1)
         weights = weights.gather(1, order)
     return Case(logits, targets, ids, weights, tail)
+
+
+def _hybrid_entries(
+    teacher: torch.Tensor, head: int, draws: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (N, head + draws), weights) of a hybrid cache for teacher probabilities (N, V) float64."""
+    n = teacher.shape[0]
+    head_ids = torch.topk(teacher, head, dim=1).indices.sort(dim=1).values  # (N, head)
+    rest = teacher.scatter(1, head_ids, 0.0)  # (N, V) the tail distribution, unnormalised
+    tail = rest.sum(dim=1)  # (N,) masked sum
+    sample = torch.multinomial(rest, draws, replacement=True, generator=gen)  # (N, m)
+    ids = torch.empty(n, head + draws, dtype=torch.long, device=teacher.device)
+    weights = torch.zeros(n, head + draws, dtype=torch.float64, device=teacher.device)
+    ids[:, :head], weights[:, :head] = head_ids, teacher.gather(1, head_ids)
+    for row in range(n):
+        uniq, counts = torch.unique(sample[row], return_counts=True)  # ascending
+        ids[row, head:] = uniq[-1]  # padding repeats the last drawn id, weight 0
+        ids[row, head : head + len(uniq)] = uniq
+        weights[row, head : head + len(uniq)] = tail[row] * counts.double() / draws
+    return ids, weights
 
 
 def max_err(actual: torch.Tensor, exact: torch.Tensor) -> float:

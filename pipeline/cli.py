@@ -120,6 +120,13 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
     default=None,
     help="Directory of BLiMP .jsonl files (native format): minimal-pair accuracy.",
 )
+@click.option(
+    "--blimp-pairs",
+    type=click.IntRange(min=0),
+    default=EvalConfig.blimp_pairs,
+    show_default=True,
+    help="Pairs per BLiMP paradigm, a fixed sample (0 = all).",
+)
 @click.option("--split", type=click.Choice(EVAL_SPLITS), default=EvalConfig.split, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True)
 @click.option("--ece-bins", type=click.IntRange(min=1), default=EvalConfig.ece_bins, show_default=True)
@@ -141,6 +148,7 @@ def evaluate_cmd(
     model_dirs: tuple[Path, ...],
     data_dir: Path | None,
     blimp_dir: Path | None,
+    blimp_pairs: int,
     split: str,
     batch_size: int,
     ece_bins: int,
@@ -154,6 +162,7 @@ def evaluate_cmd(
     options = EvalOptions(
         data_dir=data_dir,
         blimp_dir=blimp_dir,
+        blimp_pairs=blimp_pairs,
         split=split,
         batch_size=batch_size,
         ece_bins=ece_bins,
@@ -189,16 +198,29 @@ def report_cmd(run_dir: Path, results_path: Path | None) -> None:
     help="Replace a complete cache, or one made with other settings. The old one waits in "
     "RUN/cache.replaced and is deleted only once the new one is complete.",
 )
-def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write nothing: run the teachers on a few batches and print the positions, the estimated "
+    "size (compression measured on those batches) and the estimated time (the batches timed, the first "
+    "one excluded as warm-up).",
+)
+def cache_logits_cmd(
+    config: Path, overrides: tuple[str, ...], run_dir: Path | None, overwrite: bool, dry_run: bool
+) -> None:
     """Run the teachers once over the training windows and write their ensemble's top-k (RUN/cache).
 
     Resumable: rerunning after a crash finishes the unfinished shards. Works under torchrun (ranks
     write disjoint shards).
     """
-    from logitcache.pipeline.cache_logits import cache_logits, describe_cache
+    from logitcache.pipeline.cache_logits import cache_logits, describe_cache, dry_run_lines
+    from logitcache.pipeline.cache_logits import dry_run as estimate
     from logitcache.pipeline.distributed import shutdown_distributed
 
     cfg = _load(config, overrides, run_dir)
+    if dry_run:
+        click.echo("\n".join(dry_run_lines(estimate(cfg))))
+        return
     try:
         out = cache_logits(cfg, overwrite=overwrite)
     finally:
@@ -208,7 +230,7 @@ def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | N
 
 
 @cli.command("verify-cache")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")  # a folder, or a store URL (s3://bucket/prefix/logits.zarr): not a click.Path
 @click.option(
     "--data",
     "data_dir",
@@ -229,11 +251,12 @@ def cache_logits_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | N
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify_cache_cmd(
-    path: Path, data_dir: Path | None, recompute: int, seed: int, quick: bool, as_json: bool
+    path: str, data_dir: Path | None, recompute: int, seed: int, quick: bool, as_json: bool
 ) -> None:
     """Check every byte of a cache: metadata documents and their digests, the set of files, every
     shard's index, checksums and digest (bound to its position), ids, values, tail, hashes.
 
+    PATH: RUN/cache, the store folder, or a store URL (s3://bucket/prefix/logits.zarr, gs://...).
     Exits 1 when any check fails, naming the file, array and windows.
     """
     from logitcache.pipeline.cache_logits import report_lines, verify
@@ -268,7 +291,7 @@ def train_student_cmd(
 ) -> None:
     """Train the student (resumes from its last checkpoint). Works under torchrun."""
     from logitcache.pipeline.config import with_student
-    from logitcache.pipeline.distributed import shutdown_distributed
+    from logitcache.pipeline.distributed import launched_rank, shutdown_distributed
     from logitcache.pipeline.student import student_name, train_student
     from logitcache.pipeline.teachers import describe_training
 
@@ -277,7 +300,8 @@ def train_student_cmd(
         out = train_student(cfg, overwrite=overwrite)
     finally:
         shutdown_distributed()
-    click.echo(f"student {student_name(cfg)}: {out} ({describe_training(out)})")
+    if launched_rank() == 0:  # under torchrun, one summary, not one per rank
+        click.echo(f"student {student_name(cfg)}: {out} ({describe_training(out)})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
+import re
 import tomllib
 import types
 import typing
@@ -22,13 +24,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
+from logitcache.cache.metadata import HYBRID_VALUE_CODES
 from logitcache.pipeline.errors import ConfigError
 
-Family = Literal["llama", "gpt2"]
+# A model's architecture: "llama" and "gpt2" are built from the size keys of ModelConfig exactly as
+# before; any other value is the model_type of a transformers causal LM (e.g. "qwen2", "mistral"),
+# built with AutoConfig.for_model from the same keys, or use ModelConfig.path for any config.
+Family = str
+ModelInit = Literal["random", "pretrained"]
+# The dtype a teacher is loaded in: "auto" = the dtype its weights are stored in.
+TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 # How a student gets its teacher signal: "cache" (RUN/cache), "online" (the teachers run at every
 # step) or "ce" (none: cross-entropy only). The one list of student modes.
 StudentMode = Literal["cache", "online", "ce"]
+Tracker = Literal["tensorboard"]
 STUDENT_MODES: Final = typing.get_args(StudentMode)
 EvalSplit = Literal["test", "dev"]
 EVAL_SPLITS: Final = typing.get_args(EvalSplit)
@@ -46,6 +57,24 @@ class RunConfig:
     # The students `pipe run` trains, one per mode, into RUN/students/<mode>: the distilled student
     # and its CE-only twin by default; add "online" for live-teacher distillation (the baseline).
     students: list[StudentMode] = field(default_factory=lambda: ["cache", "ce"])
+    # Experiment trackers beside metrics.jsonl (always written): "tensorboard" writes one event
+    # folder per model under RUN/tensorboard/ (needs the `tensorboard` extra). Off by default.
+    report_to: list[Tracker] = field(default_factory=list)
+
+
+DEFAULT_INCLUDE: Final = tuple(
+    f"*{suffix}{gz}" for suffix in (".txt", ".train", ".dev", ".test") for gz in ("", ".gz")
+)
+DEFAULT_EXCLUDE: Final = (
+    "LICENSE*",
+    "LICENCE*",
+    "COPYING*",
+    "NOTICE*",
+    "AUTHORS*",
+    "ATTRIBUTION*",
+    "README*",
+    "SOURCES*",
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,12 @@ class DataConfig:
     """`pipe prepare-data`: corpus → BPE tokenizer → train/dev/test token windows."""
 
     corpus: str = ""  # a directory of .txt/.train/.dev/.test(.gz) files, or a .jsonl(.gz) file
+    # In a corpus directory, the files read are those whose name matches an `include` pattern and
+    # none of whose path parts (folders or file name) matches an `exclude` pattern (shell-style,
+    # case-insensitive). The default `exclude` keeps license, attribution and readme files out of
+    # the training text.
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     jsonl_field: str = "text"
     max_chars_per_file: int = 0  # 0 = whole files; >0 keeps only the first N characters of each
     on_decode_error: Literal["error", "skip"] = "error"
@@ -63,13 +98,17 @@ class DataConfig:
     seq_len: int = 128
     vocab_size: int = 16000
     min_frequency: int = 2
+    # A Hugging Face tokenizer folder (e.g. the pretrained teachers'): the corpus is encoded with it
+    # instead of a newly trained BPE tokenizer, and the vocabulary is its own (vocab_size and
+    # min_frequency are then unused). "" = train a byte-level BPE tokenizer.
+    tokenizer: str = ""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only LM built with transformers (LlamaForCausalLM or GPT2LMHeadModel)."""
+    """A decoder-only LM built with transformers: from the size keys below, or from an HF folder (`path`)."""
 
-    family: Family = "llama"
+    family: Family = "llama"  # "llama", "gpt2" or another transformers model_type (e.g. "qwen2")
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -79,6 +118,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     dropout: float = 0.0
+    # A Hugging Face model folder (config.json; weights and tokenizer optional): its architecture
+    # replaces family and the size keys above (the vocabulary and special tokens are the data's).
+    path: str = ""
+    # "random": a fresh initialisation; "pretrained": start from the folder's weights (needs `path`).
+    init: ModelInit = "random"
 
 
 @dataclass(frozen=True)
@@ -110,6 +154,7 @@ class TeacherConfig:
     """One teacher: trained from `model` + `train`, or an existing HF model directory (`path`)."""
 
     path: str = ""  # an existing Hugging Face model directory: skip training, use it as is
+    dtype: TeacherDtype = "auto"  # loaded in this dtype; "auto" = as its weights are stored
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -118,9 +163,12 @@ class TeacherConfig:
 class CacheConfig:
     """What `pipe cache-logits` stores per position (used from the cache stage on)."""
 
-    k: int = 64
-    mode: Literal["topk", "sampled"] = "topk"
+    k: int = 64  # top-k entries per position (`topk`), or the exact head of `hybrid`
+    # "topk": exact top-k + tail mass; "sampled": `samples` draws from the whole distribution;
+    # "hybrid": exact top-k head + `tail_samples` draws from the rest (docs/cache-format.md)
+    mode: Literal["topk", "sampled", "hybrid"] = "topk"
     samples: int = 64  # draws per position in `sampled` mode
+    tail_samples: int = 32  # draws per position from the tail (outside the head) in `hybrid` mode
     ensemble: Literal["mean_logits", "mean_probs"] = "mean_logits"
     weights: list[float] = field(default_factory=list)  # per-teacher weights; [] = equal
     temperature: float = 1.0
@@ -133,6 +181,17 @@ class CacheConfig:
         "logp_q8", "logp_q10", "logp_q12", "logp_q16", "logp_fp16", "logp_bf16", "logp_fp32",
     ] = "ratio_q10"  # fmt: skip
     windows_per_shard: int = 0  # 0 = sized by the cache library for shards of tens of MB
+    # Where the cache's Zarr store lives: "" = RUN/cache/logits.zarr; or a URL such as
+    # "s3://bucket/prefix/logits.zarr", "gs://..." (zarr's FsspecStore; credentials come from the
+    # environment, never from here: docs/object-stores.md). RUN/cache keeps the stage's markers.
+    store: str = ""
+
+    @property
+    def width(self) -> int:
+        """Stored entries per position: ``samples`` (sampled), ``k + tail_samples`` (hybrid) or ``k``."""
+        if self.mode == "sampled":
+            return self.samples
+        return self.k + self.tail_samples if self.mode == "hybrid" else self.k
 
 
 @dataclass(frozen=True)
@@ -189,6 +248,7 @@ class EvalConfig:
     """
 
     blimp_dir: str = ""  # a directory of BLiMP .jsonl files (native format); "" = no BLiMP
+    blimp_pairs: int = 0  # pairs per paradigm, a fixed sample (0 = all, e.g. 300 in BLiMP's files)
     split: EvalSplit = "test"
     batch_size: int = 32
     ece_bins: int = 15
@@ -209,15 +269,36 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as fingerprints see it: keys added to the config later are left out while
+        at their default, so that the stages of runs made before those keys existed stay complete."""
+        data = self.to_dict()
+        _drop_default(data["data"], "tokenizer", "")
+        models = [data["student"]["model"]]
+        for teacher in data["teachers"].values():
+            _drop_default(teacher, "dtype", "auto")
+            models.append(teacher["model"])
+        for model in models:
+            _drop_default(model, "path", "")
+            _drop_default(model, "init", "random")
+        if data["cache"]["mode"] != "hybrid":  # tail_samples matters only there
+            data["cache"].pop("tail_samples")
+        return data
+
     def fingerprint(self, *sections: str) -> str:
         """SHA-256 of the named sections (all but `run`/`source` if none): what a stage depends on."""
-        data = self.to_dict()
+        data = self.fingerprint_dict()
         names = sections or tuple(k for k in data if k not in ("run", "source"))
         return digest({name: data[name] for name in names})
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)
+
+
+def _drop_default(table: dict[str, Any], key: str, default: Any) -> None:
+    if table.get(key) == default:
+        del table[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +318,7 @@ def data_fingerprint(config: Config) -> str:
 
 def teacher_fingerprint(config: Config, name: str) -> str:
     """`pipe train-teacher NAME`: the data, the teacher's own table and the run's seed."""
-    teacher = config.to_dict()["teachers"][name]
+    teacher = config.fingerprint_dict()["teachers"][name]
     return digest({"data": data_fingerprint(config), "teacher": teacher, "seed": config.run.seed})
 
 
@@ -245,14 +326,27 @@ def _teachers_fingerprints(config: Config) -> dict[str, str]:
     return {name: teacher_fingerprint(config, name) for name in config.teachers}
 
 
+def cache_settings(config: Config) -> dict[str, Any]:
+    """The ``[cache]`` section without ``store``: what decides the cache's bytes, not where they are."""
+    settings = config.fingerprint_dict()["cache"]
+    settings.pop("store")
+    return settings
+
+
 def cache_fingerprint(config: Config) -> str:
-    """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed."""
+    """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed.
+
+    ``cache.store`` counts only when set (a cache in another place is another output; caches
+    made before the key existed keep their fingerprint).
+    """
     parts = {
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
-        "cache": config.to_dict()["cache"],
+        "cache": cache_settings(config),
         "seed": config.run.seed,
     }
+    if config.cache.store:
+        parts["store"] = config.cache.store
     return digest(parts)
 
 
@@ -262,7 +356,7 @@ def student_fingerprint(config: Config) -> str:
     Left out: the student's name (only the folder) and the loader settings that do not change the
     data order (workers, prefetch); without a teacher (mode "ce") the distillation settings.
     """
-    student = config.to_dict()["student"]
+    student = config.fingerprint_dict()["student"]
     student.pop("name")
     student["loader"] = {k: v for k, v in student["loader"].items() if k.startswith("shuffle")}
     parts: dict[str, Any] = {"data": data_fingerprint(config), "student": student, "seed": config.run.seed}
@@ -270,7 +364,7 @@ def student_fingerprint(config: Config) -> str:
         parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
     else:
         parts["teachers"] = _teachers_fingerprints(config)
-        parts["cache"] = config.to_dict()["cache"]  # the ensemble rule/temperature, and in cache mode k etc.
+        parts["cache"] = cache_settings(config)  # the ensemble rule/temperature, and in cache mode k etc.
     return digest(parts)
 
 
@@ -285,7 +379,7 @@ def run_students(config: Config) -> list[Config]:
 def eval_fingerprint(config: Config) -> str:
     """`pipe run`'s evaluate stage: its settings and every model it evaluates."""
     parts = {
-        "evaluate": config.to_dict()["evaluate"],
+        "evaluate": config.fingerprint_dict()["evaluate"],
         "data": data_fingerprint(config),
         "teachers": _teachers_fingerprints(config),
         "students": [student_fingerprint(c) for c in run_students(config)],
@@ -341,8 +435,17 @@ def with_student(config: Config, *, mode: str | None = None, name: str | None = 
     return dataclasses.replace(config, student=student)
 
 
-# Keys whose values are filesystem paths written relative to the config file.
-_PATH_KEYS = {("run", "dir"), ("data", "corpus"), ("evaluate", "blimp_dir")}
+# Keys whose values are filesystem paths written relative to the config file (section, key): the
+# key anywhere under the section (``student.model.path``, ``teachers.NAME.path``,
+# ``teachers.NAME.model.path``).
+_PATH_KEYS = {
+    ("run", "dir"),
+    ("data", "corpus"),
+    ("data", "tokenizer"),
+    ("evaluate", "blimp_dir"),
+    ("teachers", "path"),
+    ("student", "path"),
+}
 
 
 def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -351,15 +454,16 @@ def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             return str((base / value).resolve())
         return value
 
+    def fix_under(table: Any, key: str) -> None:
+        if isinstance(table, dict):
+            for name, value in table.items():
+                if name == key:
+                    table[name] = fix(value)
+                else:
+                    fix_under(value, key)
+
     for section, key in _PATH_KEYS:
-        table = raw.get(section)
-        if isinstance(table, dict) and key in table:
-            table[key] = fix(table[key])
-    teachers = raw.get("teachers")
-    if isinstance(teachers, dict):
-        for table in teachers.values():
-            if isinstance(table, dict) and "path" in table:
-                table["path"] = fix(table["path"])
+        fix_under(raw.get(section), key)
     return raw
 
 
@@ -495,6 +599,12 @@ def validate(config: Config) -> None:
     empty range) or silently misbehave later is refused before any command touches anything.
     """
     _at_least(config.run.seed, 0, "run.seed")
+    _at_least(config.evaluate.blimp_pairs, 0, "evaluate.blimp_pairs", " (0 = all pairs)")
+    if "tensorboard" in config.run.report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "Expected the tensorboard package for run.report_to = ['tensorboard']. It is not installed: "
+            "pip install 'logitcache[tensorboard]' (or tensorboard), or remove it from run.report_to."
+        )
     data = config.data
     if data.seq_len < 2:
         raise ConfigError(f"Expected data.seq_len >= 2. Got {data.seq_len}.")
@@ -506,6 +616,20 @@ def validate(config: Config) -> None:
             f"Got {data.dev_fraction} and {data.test_fraction}."
         )
     _at_least(data.max_chars_per_file, 0, "data.max_chars_per_file", " (0 = whole files)")
+    _require(
+        bool(data.include),
+        "data.include",
+        "to hold at least one file-name pattern such as '*.txt'",
+        data.include,
+    )
+    for key, patterns in (("data.include", data.include), ("data.exclude", data.exclude)):
+        for pattern in patterns:
+            _require(
+                bool(pattern) and "/" not in pattern,
+                key,
+                "to hold file or folder name patterns (no '/', not empty)",
+                pattern,
+            )
     _at_least(data.document_words, 1, "data.document_words")
     _at_least(data.min_frequency, 0, "data.min_frequency")
     for name, teacher in config.teachers.items():
@@ -536,18 +660,101 @@ def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:
         "in [1, 65535] (counts are stored as uint16)",
         cache.samples,
     )
+    _require(
+        1 <= cache.tail_samples <= 65535,
+        "cache.tail_samples",
+        "in [1, 65535] (counts are stored as uint16)",
+        cache.tail_samples,
+    )
+    if cache.mode == "hybrid":
+        _require(
+            cache.id_code == "sorted_gaps", "cache.id_code", "'sorted_gaps' in hybrid mode", cache.id_code
+        )
+        _require(
+            cache.value_code in HYBRID_VALUE_CODES,
+            "cache.value_code",
+            f"one of {list(HYBRID_VALUE_CODES)} in hybrid mode (a 16-bit code)",
+            cache.value_code,
+        )
     _positive(cache.temperature, "cache.temperature")
     _at_least(cache.batch_size, 1, "cache.batch_size")
     _at_least(cache.windows_per_shard, 0, "cache.windows_per_shard", " (0 = sized by the cache library)")
     for i, weight in enumerate(cache.weights):
         _positive(weight, f"cache.weights[{i}]")
+    if cache.store:
+        _validate_store(cache.store)
     if cache.weights and len(cache.weights) != num_teachers:
         raise ConfigError(
             f"Expected cache.weights to have one weight per teacher ({num_teachers}). Got {len(cache.weights)}."
         )
 
 
+BUILT_IN_FAMILIES: Final = ("llama", "gpt2")  # built from the size keys by pipeline/models.py
+
+
+def causal_lm_families() -> list[str]:
+    """Every ``family`` a model can have: the transformers model types that have a causal-LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _validate_store(store: str) -> None:
+    parts = urlsplit(store)
+    _require(
+        bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.", store)) and parts.scheme.lower() != "file",
+        "cache.store",
+        "to be a URL such as 's3://bucket/prefix/logits.zarr' or 'gs://bucket/prefix' (or \"\" for RUN/cache/logits.zarr)",
+        store,
+    )
+    missing = _missing_filesystem_package(parts.scheme.lower())
+    if missing:
+        raise ConfigError(
+            f"Expected the {missing} package for cache.store = {store!r}. It is not installed: "
+            + (
+                "pip install 'logitcache[s3]'."
+                if parts.scheme.lower() in ("s3", "s3a")
+                else f"pip install {missing}."
+            )
+        )
+    if parts.username or parts.password:
+        raise ConfigError(
+            "Expected cache.store without credentials. Got a URL with user/password: credentials are read "
+            "from the environment only (AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws, ...); remove them from the config."
+        )
+
+
+def _missing_filesystem_package(protocol: str) -> str:
+    """The package a URL of ``protocol`` needs that is not installed ("" when all are)."""
+    if importlib.util.find_spec("fsspec") is None:
+        return "fsspec"
+    from fsspec.registry import known_implementations, registry
+
+    if protocol in registry:  # registered at run time: importable
+        return ""
+    known = known_implementations.get(protocol)
+    if known is None:
+        raise ConfigError(
+            f"Expected cache.store with a protocol fsspec knows (s3, gs, az, memory, ...). Got {protocol!r}."
+        )
+    module = known["class"].split(".")[0]
+    return module if importlib.util.find_spec(module) is None else ""
+
+
 def _validate_model(model: ModelConfig, where: str, seq_len: int) -> None:
+    if model.init == "pretrained" and not model.path:
+        raise ConfigError(
+            f"Expected {where}.path (a Hugging Face model folder) with {where}.init = 'pretrained'. Got no path."
+        )
+    if model.path:  # the folder's config decides the architecture (checked when it is built)
+        return
+    if model.family not in BUILT_IN_FAMILIES and model.family not in causal_lm_families():
+        close = difflib.get_close_matches(model.family, causal_lm_families(), n=3)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(
+            f"Expected {where}.family to be 'llama', 'gpt2' or the model type of a transformers causal LM "
+            f"(e.g. 'qwen2', 'mistral'). Got {model.family!r}.{hint}"
+        )
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         _at_least(getattr(model, name), 1, f"{where}.{name}")
     _at_least(model.num_kv_heads, 0, f"{where}.num_kv_heads", " (0 = num_heads)")

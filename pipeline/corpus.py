@@ -11,15 +11,16 @@ independent of the order files are listed in.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import hashlib
 import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from logitcache.pipeline.config import DataConfig
+from logitcache.pipeline.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DataConfig
 from logitcache.pipeline.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".train", ".dev", ".test")
@@ -46,8 +47,30 @@ def _logical_suffix(path: Path) -> str:
     return Path(name).suffix
 
 
-def list_corpus_files(corpus: Path) -> list[Path]:
-    """The corpus files, sorted by relative path (a stable order on every machine)."""
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name.lower(), pattern.lower()) for pattern in patterns)
+
+
+def is_corpus_file(rel: PurePosixPath, include: list[str], exclude: list[str]) -> bool:
+    """Whether the file at ``rel`` (relative to the corpus root) is training text.
+
+    Its name must match an ``include`` pattern and no part of its path (a folder or the name) an
+    ``exclude`` pattern, so ``LICENSES/austen.txt`` and ``README.txt`` stay out by default.
+    """
+    return _matches(rel.name, include) and not any(_matches(part, exclude) for part in rel.parts)
+
+
+def list_corpus_files(
+    corpus: Path, include: list[str] | None = None, exclude: list[str] | None = None
+) -> list[Path]:
+    """The corpus files, sorted by relative path (a stable order on every machine).
+
+    In a directory, only the files that ``is_corpus_file`` accepts (``data.include`` /
+    ``data.exclude``; the defaults are the text suffixes and the license/attribution names). A
+    single file named as the corpus is read as given.
+    """
+    include = list(DEFAULT_INCLUDE) if include is None else include
+    exclude = list(DEFAULT_EXCLUDE) if exclude is None else exclude
     if not str(corpus):
         raise DataError(
             "Expected data.corpus to name a directory of text files or a JSONL file. Got nothing."
@@ -67,13 +90,18 @@ def list_corpus_files(corpus: Path) -> list[Path]:
             "point data.corpus at its directory instead."
         )
     files = sorted(
-        (p for p in corpus.rglob("*") if p.is_file() and _logical_suffix(p) in TEXT_SUFFIXES),
+        (
+            p
+            for p in corpus.rglob("*")
+            if p.is_file()
+            and is_corpus_file(PurePosixPath(p.relative_to(corpus).as_posix()), include, exclude)
+        ),
         key=lambda p: p.relative_to(corpus).as_posix(),
     )
     if not files:
         raise DataError(
-            f"Expected text files ({', '.join(TEXT_SUFFIXES)}, optionally .gz) under {str(corpus)!r}. Found none: "
-            "point data.corpus at a folder of text files or a .jsonl file."
+            f"Expected text files matching data.include ({', '.join(include)}) and not data.exclude "
+            f"under {str(corpus)!r}. Found none; check data.corpus or the patterns."
         )
     return files
 
@@ -188,7 +216,7 @@ def _jsonl_documents(path: Path, data: bytes, config: DataConfig, rel: str) -> I
 def read_corpus(config: DataConfig) -> tuple[list[SourceFile], dict[str, list[Document]]]:
     """Read the corpus named by ``config.corpus`` into documents grouped by split."""
     root = Path(config.corpus)
-    files = list_corpus_files(root)
+    files = list_corpus_files(root, config.include, config.exclude)
     sources: list[SourceFile] = []
     splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
     babylm_splits = root.is_dir() and any(_logical_suffix(p) in (".dev", ".test") for p in files)

@@ -19,6 +19,7 @@ student), by ``workers`` processes when > 0, pinned when training on CUDA.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -83,6 +84,28 @@ def make_block_order(*, block: int, buffer_blocks: int) -> OrderFn:
     return order
 
 
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How ``num_windows`` training windows split into optimizer steps and per-rank micro-batches."""
+
+    steps_per_epoch: int  # whole global batches per epoch (the windows past the last are not visited)
+    micro_batch: int  # windows per rank per micro-step
+
+    @classmethod
+    def of(
+        cls, num_windows: int, batch_size: int, *, world_size: int = 1, grad_accum_steps: int = 1
+    ) -> BatchGeometry:
+        if batch_size < 1 or grad_accum_steps < 1 or batch_size % (world_size * grad_accum_steps):
+            raise ConfigError(
+                f"Expected batch_size ({batch_size}) divisible by world size ({world_size}) x "
+                f"grad_accum_steps ({grad_accum_steps})."
+            )
+        return cls(
+            steps_per_epoch=num_windows // batch_size,
+            micro_batch=batch_size // (world_size * grad_accum_steps),
+        )
+
+
 class MicroBatchSampler(Sampler[list[int]]):
     """The micro-batches of one rank, in the loop's order, for one epoch from a given step on.
 
@@ -103,11 +126,9 @@ class MicroBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ):
-        if batch_size < 1 or grad_accum_steps < 1 or batch_size % (world_size * grad_accum_steps):
-            raise ConfigError(
-                f"Expected batch_size ({batch_size}) divisible by world size ({world_size}) x "
-                f"grad_accum_steps ({grad_accum_steps})."
-            )
+        geometry = BatchGeometry.of(
+            num_windows, batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps
+        )
         if not 0 <= rank < world_size:
             raise ConfigError(f"Expected 0 <= rank < world_size. Got rank {rank}, world_size {world_size}.")
         self.num_windows = num_windows
@@ -117,8 +138,8 @@ class MicroBatchSampler(Sampler[list[int]]):
         self.grad_accum_steps = grad_accum_steps
         self.rank = rank
         self.world_size = world_size
-        self.steps_per_epoch = num_windows // batch_size
-        self.micro_batch = batch_size // (world_size * grad_accum_steps)
+        self.steps_per_epoch = geometry.steps_per_epoch
+        self.micro_batch = geometry.micro_batch
         self.epoch = 0
         self.start_step = 0
         self.stop_step = self.steps_per_epoch

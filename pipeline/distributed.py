@@ -50,10 +50,15 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when run alone): for output before or after the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_preference: str) -> DistContext:
     """Join the process group that torchrun describes in the environment (or run alone)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():

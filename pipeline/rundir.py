@@ -3,9 +3,11 @@
 Layout (``RUN`` = ``run.dir``); :class:`RunLayout` is the one place that knows these paths::
 
     RUN/data/                  prepared corpus: tokenizer.json, windows.zarr, manifest.json
-    RUN/teachers/NAME/         a trained teacher (HF model + tokenizer), checkpoints/ inside
+    RUN/teachers/NAME/         a trained teacher (HF model + tokenizer), checkpoints/ inside until complete
     RUN/cache/logits.zarr      the logit cache (Zarr v3); RUN/cache/verify.json once verified
-    RUN/students/NAME/         a trained student, checkpoints/ inside
+                               (with ``cache.store`` = a URL the store is remote; RUN/cache keeps
+                               the markers, provenance and verify report)
+    RUN/students/NAME/         a trained student, checkpoints/ inside until complete
     RUN/eval/results.json      evaluation results; RUN/eval/report.html and figures/ the report
 
 A stage's folder counts as complete only when it holds ``COMPLETE.json`` (written last) with the
@@ -41,10 +43,11 @@ class RunLayout:
     """Every path under a run directory."""
 
     root: Path
+    cache_url: str = ""  # ``cache.store``: the cache's store when it is remote ("" = local)
 
     @classmethod
     def of(cls, config: Config) -> RunLayout:
-        return cls(config.run_dir)
+        return cls(config.run_dir, config.cache.store)
 
     @property
     def data(self) -> Path:
@@ -64,8 +67,13 @@ class RunLayout:
 
     @property
     def cache_store(self) -> Path:
-        """The Zarr v3 store that `pipe cache-logits` writes."""
+        """The local Zarr v3 store of the cache (used unless ``cache_url`` is set)."""
         return self.cache / CACHE_STORE
+
+    @property
+    def cache_location(self) -> str | Path:
+        """The store that `pipe cache-logits` writes and the student reads: ``cache_url`` or ``cache_store``."""
+        return self.cache_url or self.cache_store
 
     @property
     def cache_replaced(self) -> Path:
@@ -75,6 +83,10 @@ class RunLayout:
     @property
     def verify_report(self) -> Path:
         return self.cache / "verify.json"
+
+    def tensorboard(self, group: str, name: str) -> Path:
+        """The TensorBoard event folder of one model (``run.report_to = ["tensorboard"]``)."""
+        return self.root / "tensorboard" / group / name
 
     @property
     def students(self) -> Path:

@@ -7,6 +7,7 @@ config (its fingerprint), so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,15 @@ from logitcache.pipeline.teachers import describe_training, is_teacher_complete,
 class StageResult:
     name: str
     skipped: bool
+    seconds: float = 0.0  # wall time of the stage in this process (0 when skipped)
+
+
+def format_seconds(seconds: float) -> str:
+    """``42.3 s``, ``3 min 07 s``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
 
 
 def run_pipeline(
@@ -39,11 +49,15 @@ def run_pipeline(
 
     def stage(name: str, done: bool, action: Callable[[], object], *, main_only: bool = False) -> None:
         log(f"[{name}] {'complete, skipped' if done else 'running'}")
+        start = time.perf_counter()
         if not done and (ctx.is_main or not main_only):
             action()
         if main_only:
             ctx.barrier()
-        results.append(StageResult(name, done))
+        seconds = 0.0 if done else time.perf_counter() - start
+        if not done:
+            log(f"[{name}] done in {format_seconds(seconds)}")
+        results.append(StageResult(name, done, seconds))
 
     stage(
         "prepare-data",
@@ -83,6 +97,7 @@ def run_pipeline(
             progress=progress,
             log=log,
             teachers=teachers,
+            config=config,
         )
         mark_complete(layout.eval, fingerprint)
 
@@ -91,4 +106,10 @@ def run_pipeline(
     anything_ran = any(not r.skipped for r in results)
     report_done = not anything_ran and layout.report.is_file()
     stage("report", report_done, lambda: build_report(layout.root), main_only=True)
+    ran = [r for r in results if not r.skipped]
+    if ran:
+        log(
+            f"pipe run: {len(ran)} stages ran in {format_seconds(sum(r.seconds for r in ran))}"
+            + (f", {len(results) - len(ran)} complete and skipped" if len(ran) < len(results) else "")
+        )
     return results

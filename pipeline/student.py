@@ -23,15 +23,18 @@ The cache entry of position ``t`` is the teachers' distribution of token ``t + 1
 ``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
 ``distill.tail``: ``renormalize`` (top-k weights rescaled to sum to 1) or ``ghost`` (raw top-k
 probabilities plus the tail mass as one bucket against the student's mass outside the top-k;
-topk caches only: a sampled cache's weights count/n already sum to 1 and are used as they are).
+topk caches only: a sampled cache's weights count/n, and a hybrid cache's head probabilities plus
+its tail draws' importance weights ``tail * count / m``, already sum to 1 and are used as they are).
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
-``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training, ``COMPLETE.json`` last.
+``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
+``COMPLETE.json`` last.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +44,18 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from logitcache.kernels import SparseKDParams, dense_kd_loss, fused_linear_sparse_kd_loss, resolve_backend
+from logitcache.kernels import (
+    SparseKDParams,
+    dense_kd_loss,
+    fused_linear_sparse_kd_loss,
+    resolve_backend,
+    sparse_kd_loss,
+)
 from logitcache.pipeline.config import STUDENT_MODES, Config, student_fingerprint
 from logitcache.pipeline.data_order import OrderFn, make_block_order
 from logitcache.pipeline.distributed import DistContext, init_distributed
 from logitcache.pipeline.errors import ConfigError
-from logitcache.pipeline.models import build_model, count_parameters
+from logitcache.pipeline.models import count_parameters, output_vocab_size
 from logitcache.pipeline.preflight import (
     StageLock,
     check_writable,
@@ -56,9 +65,14 @@ from logitcache.pipeline.preflight import (
 )
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import RunLayout, is_complete, read_marker, stage_is_done, write_provenance
-from logitcache.pipeline.student_data import StudentDataset, chunks_per_two_buffers, default_block
+from logitcache.pipeline.student_data import (
+    StudentDataset,
+    chunks_per_two_buffers,
+    default_block,
+    tail_weights,
+)
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
-from logitcache.pipeline.teachers import finalize_model_dir
+from logitcache.pipeline.teachers import finalize_model_dir, init_model, remove_checkpoints
 from logitcache.pipeline.training import make_plan, train_model
 
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
@@ -113,18 +127,28 @@ class StudentObjective(torch.nn.Module):
     synchronises exactly the student's gradients.
     """
 
-    def __init__(self, model: PreTrainedModel, options: LossOptions, teachers: TeacherEnsemble | None = None):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        options: LossOptions,
+        teachers: TeacherEnsemble | None = None,
+        *,
+        vocab_size: int | None = None,
+    ):
         super().__init__()
         self.model = model
         self.options = options
         self._teachers = [teachers] if teachers is not None else []  # a list: not a submodule
+        # The tokenizer's vocabulary V: output rows beyond it (a padded output layer) take no part in
+        # the loss, as the teachers' padded ids take none in their signal. None = every row.
+        self.vocab_size = vocab_size
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         o = self.options
         input_ids = batch["input_ids"]  # (B, T)
         targets = input_ids[:, 1:]  # (B, T-1)
         hidden = self.model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T-1, H)
-        weight = self.model.get_output_embeddings().weight  # (V, H)
+        weight = self.model.get_output_embeddings().weight[: self.vocab_size]  # (V, H)
         if o.mode == "online":
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
@@ -150,6 +174,54 @@ class StudentObjective(torch.nn.Module):
             )
 
 
+def distillation_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], params: SparseKDParams, *, backend: str = "auto"
+) -> torch.Tensor:
+    """The distillation loss of a batch of :class:`~logitcache.pipeline.student_data.DistillationDataset`.
+
+    ``logits`` (B, T, V): the student's output for ``batch["input_ids"]`` (B, T). Position ``t``
+    predicts token ``t + 1``: ``logits[:, :-1]`` go with ``labels[:, 1:]`` (``input_ids[:, 1:]``
+    when the batch has no labels; -100 = ignored) and the teacher entries (B, T - 1, k) as read.
+    ``params``: the loss options, e.g. ``SparseKDParams.from_alpha(0.5, temperature=2.0)``.
+    """
+    targets = batch.get("labels", batch["input_ids"])[:, 1:]  # (B, T-1)
+    return sparse_kd_loss(
+        logits[:, :-1],  # (B, T-1, V)
+        targets,
+        batch["teacher_ids"],
+        batch["teacher_weights"],
+        batch.get("teacher_tail"),
+        **params.keywords(),
+        backend=backend,
+    )
+
+
+def fused_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    params: SparseKDParams,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`distillation_loss` of ``logits = hidden @ weight.T`` without the (B, T, V) logits.
+
+    ``hidden`` (B, T, H): the student's last hidden states (after its final norm) for
+    ``batch["input_ids"]``; ``weight`` (V, H): its output projection (``get_output_embeddings()``).
+    """
+    targets = batch.get("labels", batch["input_ids"])[:, 1:]  # (B, T-1)
+    return fused_linear_sparse_kd_loss(
+        hidden[:, :-1],  # (B, T-1, H)
+        weight,
+        targets,
+        batch["teacher_ids"],
+        batch["teacher_weights"],
+        batch.get("teacher_tail"),
+        **params.keywords(),
+        backend=backend,
+    )
+
+
 def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
     return module(batch)
@@ -173,16 +245,57 @@ def _check_loader(config: Config) -> None:
         )
 
 
+def build_student(config: Config, data: PreparedData) -> PreTrainedModel:
+    """The student before training: built from ``student.model`` (sizes, an HF config folder, or its
+    pretrained weights), checked against the data (tokenizer, vocabulary, positions) and the loss
+    (its logits must be its output layer applied to its last hidden states)."""
+    seed = student_seed(config) + STUDENT_SEED_OFFSET
+    model = init_model(config.student.model, data, seed=seed, where="student.model")
+    check_logits_are_linear(model, where="student.model")
+    return model
+
+
+def check_logits_are_linear(model: PreTrainedModel, *, where: str) -> None:
+    """Refuse a model whose logits are not ``last_hidden_state @ output_weight.T``.
+
+    The student's loss (:class:`StudentObjective`) fuses the output projection into the loss, so it
+    computes logits from the base model's hidden states and the output weight alone; an architecture
+    that scales, soft-caps or biases its logits (Gemma 2's soft-cap, Cohere's logit scale, ...)
+    would be trained on other logits than it predicts. Checked once on a few tokens, with the output weight scaled by a
+    power of two (exact, undone after) so that the logits are ~100: a soft-cap shows at that size.
+    """
+    head = model.get_output_embeddings()
+    input_ids = torch.arange(4).unsqueeze(0) % output_vocab_size(model)  # (1, 4)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (1, 4, H)
+        size = float(F.linear(hidden, head.weight).abs().max())
+        factor = 2.0 ** round(math.log2(100.0 / size)) if 0 < size < math.inf else 1.0
+        head.weight.mul_(factor)  # a tied input embedding is scaled too: hidden is recomputed
+        try:
+            hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (1, 4, H)
+            fused = F.linear(hidden, head.weight).float()  # (1, 4, V)
+            logits = model(input_ids=input_ids).logits.float()  # (1, 4, V)
+        finally:
+            head.weight.div_(factor)
+    model.train(was_training)
+    scale = float(fused.abs().max()) + 1e-6
+    if getattr(head, "bias", None) is not None or float((logits - fused).abs().max()) > 1e-4 * scale:
+        raise ConfigError(
+            f"Expected {where} to compute its logits as its output layer applied to its last hidden states "
+            f"(the fused loss needs that). Got a {type(model).__name__}, which transforms them (bias, scaling "
+            "or soft-capping): choose another architecture."
+        )
+
+
 def make_dataset(config: Config, data: PreparedData, windows: Any) -> StudentDataset:
     """The student's training data: ``windows`` (N, T) and, in cache mode, their cache rows."""
     student = config.student
     if student.mode != "cache":
         return StudentDataset(windows, None)
     reader = open_student_cache(config, data)
-    # A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
-    weights = (
-        "ghost" if student.distill.tail == "ghost" and reader.metadata.mode == "topk" else "renormalized"
-    )
+    weights = tail_weights(student.distill.tail, reader.metadata.mode)
     cached_chunks = chunks_per_two_buffers(
         block=_shuffle_block(config, windows.shape[0], windows.shape[1]),
         buffer_blocks=student.loader.shuffle_buffer_blocks,
@@ -198,8 +311,7 @@ def make_order(config: Config, num_windows: int, seq_len: int) -> OrderFn:
 
 
 def _shuffle_block(config: Config, num_windows: int, seq_len: int) -> int:
-    cache_k = config.cache.samples if config.cache.mode == "sampled" else config.cache.k
-    return config.student.loader.shuffle_block or default_block(num_windows, seq_len, cache_k)
+    return config.student.loader.shuffle_block or default_block(num_windows, seq_len, config.cache.width)
 
 
 def train_student(
@@ -227,16 +339,16 @@ def train_student(
     fingerprint = student_fingerprint(config)
     if stage_is_done(out, fingerprint, overwrite=overwrite, what=f"a student '{student_name(config)}'"):
         shutil.rmtree(aside, ignore_errors=True)  # an earlier --overwrite finished all but its cleanup
+        remove_checkpoints(out)  # left by a crash between the marker and their removal
         return out
     check_writable(out, what)
+    ctx = ctx or init_distributed(config.run.device)
     data = PreparedData.open(RunLayout.of(config).data)
+    model = build_student(config, data)  # refused here, before --overwrite moves anything
     windows = data.windows("train")  # (N, T) stored dtype; rows = cache rows
     dev_windows = torch.from_numpy(data.windows("dev").astype("int64"))  # (N_dev, T)
-    ctx = ctx or init_distributed(config.run.device)
     train = config.student.train
     make_plan(train, windows.shape[0], ctx.world_size)  # a batch that does not fit: refused now
-    seed = student_seed(config) + STUDENT_SEED_OFFSET
-    model = build_model(config.student.model, vocab_size=data.vocab_size, seq_len=data.seq_len, seed=seed)
     options = LossOptions.from_config(config)
     teachers = TeacherEnsemble.load(config, data, ctx.device) if options.mode == "online" else None
     dataset = make_dataset(config, data, windows)
@@ -267,7 +379,9 @@ def train_student(
             order=make_order(config, windows.shape[0], data.seq_len),
             workers=config.student.loader.workers,
             prefetch_factor=config.student.loader.prefetch_factor,
-            wrap=lambda m: StudentObjective(m, options, teachers),
+            report_to=config.run.report_to,
+            tracker_dir=RunLayout.of(config).tensorboard("students", student_name(config)),
+            wrap=lambda m: StudentObjective(m, options, teachers, vocab_size=data.vocab_size),
         )
         summary |= {"mode": options.mode, "parameters": count_parameters(model)}
         if ctx.is_main:

@@ -38,6 +38,8 @@ from logitcache.cache.encoding import DecodedEntries
 from logitcache.cache.errors import CacheError, LogitcacheError
 from logitcache.pipeline.data_order import Batch, WindowsDataset
 
+IGNORE_INDEX = -100  # labels that are no target (the kernels' and transformers' default ignore_index)
+
 
 class StudentDataset(WindowsDataset):
     """Item ``i`` = window ``i`` and its cached teacher targets; ``__getitems__`` reads a micro-batch.
@@ -50,7 +52,7 @@ class StudentDataset(WindowsDataset):
     def __init__(
         self,
         windows: np.ndarray,
-        cache_store: Path | None,
+        cache_store: Path | str | None,  # a path or a store URL (s3://...)
         weights: str = "renormalized",
         *,
         cached_chunks: int = 16,
@@ -86,6 +88,11 @@ class StudentDataset(WindowsDataset):
         if cache.tail is not None:
             batch["teacher_tail"] = torch.from_numpy(cache.tail)  # (B, T-1) float32
         return batch
+
+    @property
+    def windows_per_chunk(self) -> int:
+        """Windows per cache chunk (what one read decompresses); 1 without a cache."""
+        return self._cache().layout.windows_per_chunk if self.cache_store is not None else 1
 
     def read(self, indices: torch.Tensor | Sequence[int]) -> Batch:
         """The batch of window ``indices`` (tests and tools; the loader calls ``__getitems__``)."""
@@ -176,3 +183,94 @@ def default_block(num_windows: int, seq_len: int, k: int) -> int:
     from logitcache.cache import default_layout
 
     return default_layout(num_windows=num_windows, seq_len=seq_len, k=k).windows_per_chunk
+
+
+def tail_weights(tail: str, cache_mode: str) -> str:
+    """How the reader gives a cache's weights for the loss's ``tail`` setting ("ghost" | "renormalize").
+
+    A sampled cache has no tail (count/n already sums to 1): the tail setting applies to topk.
+    """
+    if tail not in ("ghost", "renormalize"):
+        raise CacheError(f"Expected tail 'ghost' or 'renormalize'. Got {tail!r}.")
+    return "ghost" if tail == "ghost" and cache_mode == "topk" else "renormalized"
+
+
+class DistillationDataset(StudentDataset):
+    """The public dataset of a cache (:func:`open_dataset`): the student's batches plus ``labels``.
+
+    Item ``i`` (``dataset[i]``) or a micro-batch (``dataset.__getitems__(indices)``, what a
+    ``DataLoader`` with a batch size calls)::
+
+        input_ids        (T,)         int64    window i of the cached token windows
+        labels           (T,)         int64    input_ids with labels[0] = -100 (never a target)
+        teacher_ids      (T - 1, k)   int32    entries of positions 0..T-2: the teachers'
+        teacher_weights  (T - 1, k)   float32  distribution of tokens 1..T-1
+        teacher_tail     (T - 1,)     float32  mass outside the entries (tail "ghost" only)
+
+    (with a leading batch dimension B for micro-batches). A causal LM's logits ``(T, V)`` of
+    ``input_ids`` pair as ``logits[:-1]`` with ``labels[1:]`` and the teacher arrays. Reads keep
+    the last ``cached_chunks`` decompressed chunks, so items read in order decompress each cache
+    chunk once.
+    """
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        batch = super().__getitems__(indices)
+        labels = batch["input_ids"].clone()  # (B, T)
+        # Position 0 is never predicted; marking it keeps transformers' count of target tokens
+        # (num_items_in_batch) equal to the B * (T - 1) predicted positions, shifted or not.
+        labels[:, 0] = IGNORE_INDEX
+        return {**batch, "labels": labels}
+
+
+def collate_batches(items: Sequence[Batch] | Batch) -> Batch:
+    """A DataLoader's ``collate_fn`` for :class:`DistillationDataset`: items stacked into a batch.
+
+    Given what ``__getitems__`` returns (already a batch dict), it is returned as it is.
+    """
+    if isinstance(items, dict):
+        return items
+    if not items:
+        raise CacheError("Expected at least one item to collate. Got none.")
+    return {name: torch.stack([item[name] for item in items]) for name in items[0]}
+
+
+def open_dataset(
+    cache: str | Path,
+    data: str | Path | None = None,
+    *,
+    windows: np.ndarray | None = None,
+    tail: str = "ghost",
+    cached_chunks: int = 16,
+) -> DistillationDataset:
+    """Open a cache for training: a :class:`DistillationDataset` of its windows and entries.
+
+    ``cache``: a cache stage folder (``RUN/cache``) or the store itself. The token windows the
+    cache was computed over: ``windows`` (N, T) as given to :func:`build_cache`, else the train
+    split of ``data`` (a prepared ``RUN/data`` folder; default: ``data`` beside ``RUN/cache``).
+    Refused with one line: a cache that is damaged (quick verification) or made for other
+    windows, another tokenizer or vocabulary. ``tail``: "ghost" (raw top-k probabilities plus the
+    tail mass) or "renormalize" (top-k weights scaled to sum to 1); a sampled cache has no tail.
+    """
+    from logitcache.pipeline.prepare import PreparedData
+    from logitcache.pipeline.rundir import locate_cache_store
+    from logitcache.pipeline.teacher_signal import open_checked_cache
+
+    store = locate_cache_store(cache)
+    if windows is not None:
+        from logitcache.cache import array_sha256
+
+        windows = np.asarray(windows)
+        if windows.ndim != 2:
+            raise CacheError(f"Expected windows of shape (N, T). Got shape {windows.shape}.")
+        expected = {"tokenizer_sha256": None, "dataset_sha256": array_sha256(windows), "vocab_size": None}
+    else:
+        prepared = PreparedData.open(data if data is not None else store.parent.parent / "data")
+        windows = prepared.windows("train")
+        expected = {
+            "tokenizer_sha256": prepared.manifest["tokenizer_sha256"],
+            "dataset_sha256": prepared.windows_sha256("train"),
+            "vocab_size": prepared.vocab_size,
+        }
+    reader = open_checked_cache(store, num_windows=windows.shape[0], seq_len=windows.shape[1], **expected)
+    weights = tail_weights(tail, reader.metadata.mode)
+    return DistillationDataset(windows, store, weights, cached_chunks=cached_chunks)

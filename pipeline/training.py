@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +41,18 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
 from logitcache.pipeline.config import TrainConfig
-from logitcache.pipeline.data_order import Batch, MicroBatchSampler, OrderFn, epoch_order, make_loader
+from logitcache.pipeline.data_order import (
+    Batch,
+    BatchGeometry,
+    MicroBatchSampler,
+    OrderFn,
+    epoch_order,
+    make_loader,
+)
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, LogitcacheError, StageError, error_line
 from logitcache.pipeline.progress import progress_bar
+from logitcache.pipeline.tracking import MetricsLog
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
 # loss over the batch's target tokens as a scalar tensor.
@@ -72,26 +80,23 @@ class TrainPlan:
 
 
 def make_plan(train: TrainConfig, num_windows: int, world_size: int) -> TrainPlan:
-    if train.batch_size % (world_size * train.grad_accum_steps):
-        raise ConfigError(
-            f"Expected batch_size ({train.batch_size}) divisible by world size ({world_size}) x "
-            f"grad_accum_steps ({train.grad_accum_steps})."
-        )
-    steps_per_epoch = num_windows // train.batch_size
-    if steps_per_epoch < 1:
+    geometry = BatchGeometry.of(
+        num_windows, train.batch_size, world_size=world_size, grad_accum_steps=train.grad_accum_steps
+    )
+    if geometry.steps_per_epoch < 1:
         raise ConfigError(
             f"Expected at least one batch of {train.batch_size} windows. The training split holds "
             f"{num_windows} windows: lower train.batch_size or use more data."
         )
-    total = steps_per_epoch * train.epochs
+    total = geometry.steps_per_epoch * train.epochs
     if train.max_steps > 0:
         total = min(total, train.max_steps) if train.epochs > 0 else train.max_steps
     return TrainPlan(
         num_windows=num_windows,
         batch_size=train.batch_size,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=geometry.steps_per_epoch,
         total_steps=total,
-        micro_batch=train.batch_size // (world_size * train.grad_accum_steps),
+        micro_batch=geometry.micro_batch,
     )
 
 
@@ -418,6 +423,8 @@ def train_model(
     workers: int = 0,
     prefetch_factor: int = 2,
     wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
+    report_to: Sequence[str] = (),
+    tracker_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place, resuming from the last checkpoint in ``out_dir`` if there is one.
 
@@ -429,7 +436,8 @@ def train_model(
     process); batches are pinned when training on CUDA and copied without blocking.
     ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to ``loss_fn``
     (e.g. the model plus its loss), sharing the model's parameters. Returns a summary (steps,
-    tokens, final dev loss). Only rank 0 writes files.
+    tokens, final dev loss). Only rank 0 writes files. Metrics go to ``out_dir/metrics.jsonl`` and
+    to the trackers of ``report_to`` (:mod:`~logitcache.pipeline.tracking`, in ``tracker_dir``).
     """
     num_windows = len(dataset)  # type: ignore[arg-type]
     plan = make_plan(train, num_windows, ctx.world_size)
@@ -476,7 +484,7 @@ def train_model(
     clock = StepClock(ctx.device)  # training steps only: dev evaluation and checkpoints excluded
     start_step = state.global_step
     dev_loss = math.nan
-    metrics = open(metrics_path, "a") if ctx.is_main else None  # noqa: SIM115 (closed below)
+    metrics = MetricsLog(metrics_path, report_to=report_to, tracker_dir=tracker_dir) if ctx.is_main else None
     try:
         while state.global_step < plan.total_steps:
             # The rest of this epoch from the step we are at (a resumed run: from its checkpoint).
@@ -526,8 +534,7 @@ def train_model(
                     }
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
                     if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
+                        metrics.write(record)
                 if state.global_step % train.checkpoint_every == 0 and state.global_step < plan.total_steps:
                     clock.stop()
                     if ctx.is_main:
@@ -538,10 +545,7 @@ def train_model(
             epoch_done = state.step_in_epoch >= plan.steps_per_epoch
             dev_loss = evaluate_loss(model, dev_windows, train.eval_batch_size, ctx, autocast)
             if metrics is not None:
-                metrics.write(
-                    json.dumps({"step": state.global_step, "epoch": state.epoch, "dev_loss": dev_loss}) + "\n"
-                )
-                metrics.flush()
+                metrics.write({"step": state.global_step, "epoch": state.epoch, "dev_loss": dev_loss})
             if epoch_done:
                 state.epoch += 1
                 state.step_in_epoch = 0

@@ -12,8 +12,12 @@
    ghost tail), ``topk-renormalize``, ``sampled`` (Sparse Logit Sampling at about the top-k cache's
    storage: the draw count among --sampled-candidates whose cache size is closest), the same
    sampled cache with alpha = 1 (no CE term; compared with the sweep's top-k cell at alpha = 1),
-   and the sweep k x T x alpha (cache and distillation at temperature T; alpha = KL weight, CE
-   weight 1 - alpha).
+   ``hybrid`` (exact top-k head + importance-weighted tail draws, docs/cache-format.md) for each
+   head size in --hybrid-heads (default: half the config's k), with the tail draw count among
+   --hybrid-tail-candidates whose cache size is closest to the top-k cache's, at the config's
+   alpha and at alpha = 1, ``online-a1`` (online at alpha = 1, what hybrid at alpha 1 is compared
+   with), and the sweep k x T x alpha (cache and distillation at temperature T; alpha = KL weight,
+   CE weight 1 - alpha).
 3. RUN/experiments/experiments.json holds every number; the markdown goes to --out.
 
 Everything lives under RUN/experiments/CACHE/ (data and teachers linked from RUN); a finished
@@ -28,10 +32,13 @@ import collections
 import dataclasses
 import datetime as dt
 import json
+import multiprocessing
+import os
 import platform
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +82,23 @@ class Variant:
         return "cache-" + "-".join(o.split(".", 1)[1].replace("=", "") for o in self.cache)
 
 
+def train_and_evaluate(config: Config) -> dict[str, Any]:
+    """Train one student (or reuse it when complete) and evaluate it on the held-out split."""
+    model_dir = train_student(config, progress=False)
+    run = config.run_dir
+    result = evaluate_models([model_dir], options=EvalOptions(data_dir=RunLayout(run).data), progress=False)
+    held = result["models"][0]["held_out"]
+    return {
+        "perplexity": held["perplexity"],
+        "loss": held["loss"],
+        "ece": held["ece"],
+        "tokens": held["tokens"],
+        "model_dir": str(model_dir),
+        # the code that trained it (a student reused from an earlier invocation keeps its own)
+        "trained_at": json.loads((model_dir / PROVENANCE_FILE).read_text()).get("git_commit", "")[:7],
+    }
+
+
 def _link_base(base: Path, run: Path) -> None:
     run.mkdir(parents=True, exist_ok=True)
     for name in ("data", "teachers"):
@@ -101,11 +125,8 @@ class Experiment:
             self.cache_summaries[variant.cache_key()] = (read_marker(out) or {}).get("summary", {})
         return run
 
-    def train(self, variant: Variant, seed: int) -> dict[str, Any]:
-        if variant.same_as:
-            twin = next(r for r in self.rows if r["variant"] == variant.same_as and r["seed"] == seed)
-            self.rows.append(twin | {"variant": variant.name})
-            return self.rows[-1]
+    def student_job(self, variant: Variant, seed: int) -> tuple[Config, str]:
+        """What ``train_and_evaluate`` needs for one student: its config, and its cache's key."""
         run = self.ensure_cache(variant)
         overrides = [
             *(variant.cache or ()),
@@ -113,30 +134,43 @@ class Experiment:
             f"student.seed={seed}",
             f"student.name={variant.name}-s{seed}",
         ]
-        model_dir = train_student(self.config(run, overrides), progress=False)
-        result = evaluate_models(
-            [model_dir], options=EvalOptions(data_dir=RunLayout(run).data), progress=False
-        )
-        held = result["models"][0]["held_out"]
-        row = {
-            "variant": variant.name,
-            "seed": seed,
-            "cache": variant.cache_key(),
-            "bytes_per_position": self.cache_summaries.get(variant.cache_key(), {}).get("bytes_per_position"),
-            "perplexity": held["perplexity"],
-            "loss": held["loss"],
-            "ece": held["ece"],
-            "tokens": held["tokens"],
-            "model_dir": str(model_dir),
-            # the code that trained it (a student reused from an earlier invocation keeps its own)
-            "trained_at": json.loads((model_dir / PROVENANCE_FILE).read_text()).get("git_commit", "")[:7],
-        }
-        self.rows.append(row)
-        print(
-            f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}",
-            flush=True,
-        )
-        return row
+        return self.config(run, overrides), variant.cache_key()
+
+    def train_all(self, tasks: list[tuple[Variant, int]], jobs: int) -> None:
+        """Train and evaluate every (variant, seed), ``jobs`` at a time; rows in the order of ``tasks``.
+
+        Caches are built first, one after another (each uses all cores); then the students run in
+        ``jobs`` worker processes with ``cores / jobs`` threads each (small models use two single-
+        threaded processes on two cores better than one two-threaded one).
+        """
+        own = [(v, s) for v, s in tasks if not v.same_as]
+        configs = [self.student_job(v, s) for v, s in own]
+        if jobs <= 1:
+            results = [train_and_evaluate(config) for config, _ in configs]
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,)
+            ) as pool:
+                results = list(pool.map(train_and_evaluate, [config for config, _ in configs]))
+        done = {}
+        for (variant, seed), (_, key), result in zip(own, configs, results, strict=True):
+            row = {
+                "variant": variant.name,
+                "seed": seed,
+                "cache": key,
+                "bytes_per_position": self.cache_summaries.get(key, {}).get("bytes_per_position"),
+                **result,
+            }
+            done[(variant.name, seed)] = row
+        for variant, seed in tasks:
+            row = done[(variant.same_as or variant.name, seed)]
+            self.rows.append(row | {"variant": variant.name})
+            print(
+                f"{variant.name} seed {seed}: perplexity {row['perplexity']:.2f}, ECE {row['ece']:.4f}",
+                flush=True,
+            )
 
     def sampled_variant(self, topk_bytes: float) -> Variant:
         """The sampled cache whose storage is closest to the top-k cache's.
@@ -147,6 +181,22 @@ class Experiment:
         sizes: list[tuple[float, Variant]] = []
         for n in [int(x) for x in self.args.sampled_candidates.split(",")]:
             variant = Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ())
+            self.ensure_cache(variant)
+            sizes.append((self.cache_summaries[variant.cache_key()]["bytes_per_position"], variant))
+            if sizes[-1][0] >= topk_bytes:
+                break
+        return min(sizes[-2:], key=lambda pair: abs(pair[0] - topk_bytes))[1]
+
+    def hybrid_variant(self, topk_bytes: float, head: int) -> Variant:
+        """The hybrid cache with a top-``head`` head whose storage is closest to the top-k cache's.
+
+        As :meth:`sampled_variant`: tail draw counts in ascending order until a cache is at least
+        as large as the top-k cache; of it and the one before, the closer one.
+        """
+        sizes: list[tuple[float, Variant]] = []
+        for m in [int(x) for x in self.args.hybrid_tail_candidates.split(",")]:
+            overrides = ("cache.mode=hybrid", f"cache.k={head}", f"cache.tail_samples={m}")
+            variant = Variant(f"hybrid-k{head}-m{m}", overrides, ())
             self.ensure_cache(variant)
             sizes.append((self.cache_summaries[variant.cache_key()]["bytes_per_position"], variant))
             if sizes[-1][0] >= topk_bytes:
@@ -168,6 +218,23 @@ def main() -> None:
     parser.add_argument(
         "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="students trained at once, in processes of cores/jobs threads each",
+    )
+    parser.add_argument(
+        "--hybrid-heads", default="", help="head sizes k of the hybrid caches (default: half the config's k)"
+    )
+    parser.add_argument(
+        "--hybrid-tail-candidates", default="8,16,32,48,64,96,128", help="tail draw counts to try, ascending"
+    )
+    parser.add_argument(
+        "--settings-note",
+        default="",
+        help="a doc (path relative to docs/) recording how the student's settings were chosen, linked from --out",
+    )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
         "--render-only",
@@ -181,6 +248,8 @@ def main() -> None:
             sys.exit(f"error: {recorded} does not exist; run without --render-only first.")
         document = json.loads(recorded.read_text())
         meta = document["meta"]
+        if args.settings_note:
+            meta["settings_note"] = args.settings_note
         config = load_config(meta["config"], [*meta["overrides"], BASE_STUDENTS], run_dir=meta["run_dir"])
         write_markdown(document, config, Path(args.out))
         return
@@ -203,6 +272,15 @@ def main() -> None:
     sampled = exp.sampled_variant(topk_bytes)
     # alpha = 1 (no CE term) isolates what the cache teaches: top-k at alpha 1 is in the sweep
     main_variants += [sampled, dataclasses.replace(sampled, name=f"{sampled.name}-a1", student=ALPHA_1)]
+    heads = (
+        [int(x) for x in args.hybrid_heads.split(",")]
+        if args.hybrid_heads
+        else [max(1, base_config.cache.k // 2)]
+    )
+    for head in heads:
+        hybrid = exp.hybrid_variant(topk_bytes, head)
+        main_variants += [hybrid, dataclasses.replace(hybrid, name=f"{hybrid.name}-a1", student=ALPHA_1)]
+    main_variants.append(Variant("online-a1", None, ("student.mode=online", *ALPHA_1)))
     sweep = []
     cache, distill = base_config.cache, base_config.student.distill
     for k in [int(x) for x in args.ks.split(",")]:
@@ -222,9 +300,7 @@ def main() -> None:
                         same_as="topk" if is_default else "",
                     )
                 )
-    for seed in seeds:
-        for variant in [*main_variants, *sweep]:
-            exp.train(variant, seed)
+    exp.train_all([(variant, seed) for seed in seeds for variant in [*main_variants, *sweep]], args.jobs)
 
     meta = {
         "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -237,6 +313,7 @@ def main() -> None:
         "config": str(args.config),
         "overrides": args.set,
         "run_dir": str(args.run_dir),
+        "settings_note": args.settings_note,
     }
     document = {
         "meta": meta,
@@ -342,6 +419,15 @@ def _sampled_label(name: str) -> str:
     return f"sampled cache, {draws} draws per position" + (f", alpha {alpha} (no CE term)" if alpha else "")
 
 
+def _hybrid_label(name: str) -> str:
+    """``hybrid-k32-m48`` / ``hybrid-k32-m48-a1``: the table's description."""
+    head, _, rest = name.removeprefix("hybrid-k").partition("-m")
+    draws, _, alpha = rest.partition("-a")
+    return f"hybrid cache, top-{head} head + {draws} tail draws" + (
+        f", alpha {alpha} (no CE term)" if alpha else ""
+    )
+
+
 def _sweep_verdicts(sweep: list[dict], rows: list[dict]) -> list[str]:
     """For each factor (k, T, alpha): every pair of sweep cells that differ in it alone."""
     cells = {_sweep_cell(v): v["name"] for v in sweep}
@@ -405,6 +491,12 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         f"student loss (1 - alpha) CE + alpha T² KL with alpha = {config.student.distill.alpha:g}, "
         f"T = {config.student.distill.temperature:g}, tail `{config.student.distill.tail}`."
     )
+    if meta.get("settings_note"):
+        add(
+            "- Student training settings (lr, weight decay, epochs, dropout): the CE twin's best on the dev split; "
+            f"every setting tried, with its dev loss per seed: [{meta['settings_note']}]({meta['settings_note']}). "
+            "The distilled students use the same settings and only add the teacher term."
+        )
     add("")
 
     # Table 1: the `pipe run` models, one seed
@@ -448,10 +540,18 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         "online": "online (live teachers, full vocabulary)",
         "topk": f"top-{cache.k} cache, ghost tail (default)",
         "topk-renormalize": f"top-{cache.k} cache, renormalised",
+        "online-a1": "online, alpha 1 (no CE term)",
     }
     for name in document["variants"]["main"]:
         group = [r for r in rows if r["variant"] == name]
-        label = descriptions.get(name, _sampled_label(name) if name.startswith("sampled") else name)
+        label = descriptions.get(
+            name,
+            _sampled_label(name)
+            if name.startswith("sampled")
+            else _hybrid_label(name)
+            if name.startswith("hybrid")
+            else name,
+        )
         size = group[0]["bytes_per_position"]
         add(
             f"| {label} | {'-' if size is None else f'{size:.1f}'} | {_spreads(rows, name, 'perplexity').format(1)} | "
@@ -546,6 +646,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
                 "of the ensemble's probability here; without a CE term nothing else does. Sampled entries are an "
                 "unbiased estimate of the whole distribution (Anshumann et al., ACL 2025)."
             )
+    lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, cache.k))
     add(
         "- "
         + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)
@@ -590,6 +691,50 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add("file (pass a larger config to the same command on a GPU machine).")
     add("")
     return "\n".join(lines)
+
+
+def _hybrid_verdicts(
+    document: dict,
+    rows: list[dict],
+    ppl: dict[str, SeedSpread],
+    sampled: str,
+    sampled_a1: str | None,
+    topk_a1: str | None,
+    k: int,
+) -> list[str]:
+    """Each hybrid cache against top-k and sampled at about equal storage (the config's alpha and
+    alpha = 1), and at alpha = 1 against online distillation (the <= 1 % target of issue 15)."""
+    out = []
+    sizes = {r["variant"]: r["bytes_per_position"] for r in rows}
+    hybrids = [n for n in document["variants"]["main"] if n.startswith("hybrid") and not n.endswith("-a1")]
+    for name in hybrids:
+        label = _hybrid_label(name).removeprefix("hybrid cache, ")
+        size = sizes[name]
+        out.append(
+            f"- Hybrid ({label}, {size:.1f} bytes/position) at the config's alpha: "
+            + _variants_sentence(rows, "hybrid", name, f"top-{k}", "topk", "perplexity", 1)
+            + "; "
+            + _variants_sentence(rows, "hybrid", name, "sampled", sampled, "perplexity", 1)
+            + "."
+        )
+        name_a1 = f"{name}-a1"
+        if name_a1 not in ppl:
+            continue
+        parts = []
+        if topk_a1:
+            parts.append(_variants_sentence(rows, "hybrid", name_a1, f"top-{k}", topk_a1, "perplexity", 1))
+        if sampled_a1:
+            parts.append(_variants_sentence(rows, "hybrid", name_a1, "sampled", sampled_a1, "perplexity", 1))
+        if "online-a1" in ppl:
+            gap = 100 * relative_difference(ppl[name_a1], ppl["online-a1"])
+            met = "met" if abs(gap) <= 1.0 else "not met"
+            parts.append(
+                f"vs online at alpha 1 (target within 1 %): {gap:+.1f} % on the means, **{met}**; "
+                + _pair_text(_paired(rows, name_a1, "online-a1", "perplexity"))
+            )
+        if parts:
+            out.append(f"- Hybrid ({label}) at alpha = 1 (no CE term): " + "; ".join(parts) + ".")
+    return out
 
 
 if __name__ == "__main__":

@@ -426,7 +426,7 @@ def pickle_only_teacher(b: Bench):
     return ["cache-logits", b.base.config, "--set", f"teachers.gpt.path='{b.base.models['pickled']}'"]
 
 
-@case("cache-logits", r"to use the tokenizer of the prepared data.*different tokenizer")
+@case("cache-logits", r"uses a different tokenizer than the prepared data.*token ids differ")
 def teacher_with_another_tokenizer(b: Bench):
     return ["cache-logits", b.base.config, "--set", f"teachers.gpt.path='{b.base.models['alien']}'"]
 
@@ -535,7 +535,7 @@ def online_pickle_only_teacher(b: Bench):
     ]  # fmt: skip
 
 
-@case("train-student", r"to use the tokenizer of the prepared data.*different tokenizer")
+@case("train-student", r"uses a different tokenizer than the prepared data.*token ids differ")
 def online_teacher_with_another_tokenizer(b: Bench):
     return [
         "train-student", b.base.config, "--mode", "online", "--name", "o",
@@ -661,7 +661,7 @@ def truncated_model(b: Bench):
     return ["evaluate", b.base.models["truncated"], "--data", b.base.run / "data"]
 
 
-@case("evaluate", r"to use the tokenizer of the prepared data.*different tokenizer")
+@case("evaluate", r"uses a different tokenizer than the prepared data.*token ids differ")
 def model_with_another_tokenizer(b: Bench):
     return [
         "evaluate",

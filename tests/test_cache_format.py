@@ -30,6 +30,7 @@ from logitcache.cache import (
     open_cache_writer,
     select_sampled,
     select_topk,
+    verify_cache,
 )
 from logitcache.cache.encoding import decode_probs, encode_values
 from logitcache.cache.metadata import VALUE_CODES
@@ -117,7 +118,7 @@ def test_metadata_round_trips_exactly() -> None:
     again = CacheMetadata.from_dict(json.loads(json.dumps(md.to_dict())))
     assert again == md
     assert again.to_dict() == md.to_dict()
-    assert md.format_version == FORMAT_VERSION == 1
+    assert md.format_version == FORMAT_VERSION == 2
     sampled = make_metadata(mode="sampled", num_samples=K, encoding=SAMPLED_ENCODING)
     assert CacheMetadata.from_dict(sampled.to_dict()) == sampled
 
@@ -149,7 +150,9 @@ def test_metadata_rejects_unknown_keys_and_versions() -> None:
     with pytest.raises(CacheError, match="unknown keys"):
         CacheMetadata.from_dict({**data, "encoding": {**data["encoding"], "delta": True}})
     with pytest.raises(CacheError, match="format_version"):
-        CacheMetadata.from_dict({**data, "format_version": 2})
+        CacheMetadata.from_dict({**data, "format_version": 3})
+    # a version-1 document is still read (format 2 only added the hybrid mode)
+    assert CacheMetadata.from_dict({**data, "format_version": 1}).format_version == 1
     with pytest.raises(CacheError, match="k < vocab_size"):
         make_metadata(k=VOCAB)
 
@@ -521,3 +524,34 @@ def test_v1_regression_fixture(name: str) -> None:
     np.testing.assert_allclose(batch.weights.numpy(), np.array(expected["weights"]), rtol=0, atol=1e-3)
     if name == "topk":
         np.testing.assert_allclose(batch.tail.numpy(), np.array(expected["tail"]), rtol=1e-6)
+
+
+FIXTURES_V2 = REPO / "tests" / "fixtures" / "cache_v2"
+
+
+@pytest.mark.parametrize("name", ["topk", "sampled", "hybrid"])
+def test_v2_regression_fixture(name: str) -> None:
+    """A cache written by format v2 (tests/fixtures/cache_v2/make_fixture.py) still reads back and
+    verifies; hybrid: head + tail draws, weights summing to 1."""
+    expected = json.loads((FIXTURES_V2 / f"{name}.expected.json").read_text())
+    reader = open_cache(FIXTURES_V2 / name)
+    assert reader.metadata.format_version == 2 and reader.metadata.mode == name
+    reader.check_compatible(
+        dataset_sha256=expected["dataset_sha256"], tokenizer_sha256=expected["tokenizer_sha256"]
+    )
+    batch = reader.read_windows(slice(None), weights="ghost" if name == "topk" else "renormalized")
+    np.testing.assert_array_equal(batch.ids.numpy(), np.array(expected["ids"]))
+    # expected weights are exact float64 values; the head code is ratio_q12 (as for v1), the
+    # tail weights tail * count / m carry only the float32 rounding of the stored tail
+    np.testing.assert_allclose(batch.weights.numpy(), np.array(expected["weights"]), rtol=0, atol=1e-3)
+    if name == "topk":
+        np.testing.assert_allclose(batch.tail.numpy(), np.array(expected["tail"]), rtol=1e-6)
+    if name == "hybrid":
+        k = reader.metadata.k
+        tail = np.array(expected["tail"])[..., None]
+        np.testing.assert_allclose(
+            batch.weights.numpy()[..., k:], np.array(expected["weights"])[..., k:], rtol=1e-6, atol=1e-9
+        )
+        np.testing.assert_allclose(batch.weights.numpy()[..., :k].sum(-1, keepdims=True), 1 - tail, rtol=1e-6)
+    report = verify_cache(FIXTURES_V2 / name)
+    assert report.ok, (report.problems, [s.problems for s in report.shards])

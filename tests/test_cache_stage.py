@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -305,3 +306,88 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(base_run, t
     cache_logits(other, progress=False)  # resumes the new cache; only then the old one goes
     assert open_cache(run / "cache" / "logits.zarr").k == 8 and is_cache_complete(other)
     assert not (run / "cache.replaced").exists()
+
+
+HYBRID_SETTINGS = ["cache.mode=hybrid", "cache.k=8", "cache.tail_samples=12", "cache.windows_per_shard=128"]
+
+
+def test_hybrid_cache_is_deterministic_verifies_and_trains_a_student(base_run, tmp_path: Path):
+    """`pipe cache-logits` in hybrid mode: the same entries at any teacher batch size (the draws are
+    keyed by run seed and window), verify-cache and --recompute pass (every draw checked against
+    the recomputed tail CDF), a student trains on it at alpha = 1."""
+    from logitcache.pipeline.cache_logits import TAIL_CDF_SLACK
+    from logitcache.pipeline.student import train_student
+
+    def arrays(store: Path) -> dict[str, str]:  # the root zarr.json records the config (batch size)
+        return {key: value for key, value in _tree(store).items() if key != "zarr.json"}
+
+    reference = _fresh_run(base_run, tmp_path, "reference")
+    cache_logits(
+        load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=16"], run_dir=reference), progress=False
+    )
+    run = _fresh_run(base_run, tmp_path)
+    config = load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=5"], run_dir=run)
+    cache_logits(config, progress=False)
+    store = run / "cache" / "logits.zarr"
+    assert arrays(store) == arrays(reference / "cache" / "logits.zarr")
+    reader = open_cache(store)
+    assert reader.metadata.mode == "hybrid" and reader.metadata.format_version == 2 and reader.k == 20
+    data = PreparedData.open(run / "data")
+    rows = np.array([0, 5, reader.num_windows - 1])
+    ref_ids, _ = _reference_topk(run, data.windows("train")[rows], k=8)
+    batch = reader.read_windows(rows)
+    assert torch.equal(batch.ids[..., :8], ref_ids.sort(-1).values)
+    assert torch.allclose(batch.weights.sum(-1), torch.ones(()), atol=1e-5)
+    assert verify_stage(config)["ok"]
+    report = verify(run / "cache", recompute=4, seed=1)
+    recompute = report["recompute"]
+    assert report["ok"] and recompute["ok"], recompute
+    assert recompute["tail_draws_outside_their_interval"] == 0
+    assert recompute["tail_draw_worst_distance"] <= TAIL_CDF_SLACK / 10, recompute
+
+    student = load_config(
+        base_run[0],
+        [
+            *HYBRID_SETTINGS,
+            "cache.batch_size=5",
+            "student.distill.alpha=1.0",
+            "student.model.hidden_size=32",
+            "student.model.num_layers=1",
+            "student.model.intermediate_size=64",
+            "student.train.batch_size=8",
+            "student.train.max_steps=2",
+        ],
+        run_dir=run,
+    )
+    out = train_student(student, progress=False)
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line
+    ]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_recompute_fails_on_rewritten_hybrid_draws(base_run, tmp_path: Path):
+    """Tail counts moved between drawn ids (still summing to m, so every structural check passes):
+    the redrawn uniforms no longer fall in the CDF intervals of the stored draws."""
+    from .test_cache_verify import rewrite_consistently
+
+    run = _fresh_run(base_run, tmp_path)
+    config = load_config(base_run[0], [*HYBRID_SETTINGS, "cache.batch_size=16"], run_dir=run)
+    cache_logits(config, progress=False)
+    store = run / "cache" / "logits.zarr"
+
+    def swap_counts(values: np.ndarray) -> np.ndarray:
+        first, second = values[..., 8].copy(), values[..., 9].copy()
+        swap = (second > 0) & (first != second)  # two real tail slots with different counts
+        values[..., 8] = np.where(swap, second, first)
+        values[..., 9] = np.where(swap, first, second)
+        return values
+
+    summary = rewrite_consistently(store, "values", slice(0, open_cache(store).num_windows), swap_counts)
+    mark_complete(run / "cache", cache_fingerprint(config), summary)
+    assert verify(run / "cache")["ok"]
+    report = verify(run / "cache", recompute=4)
+    assert report["ok"] is False and report["recompute"]["ok"] is False
+    assert report["recompute"]["tail_draws_outside_their_interval"] > 0

@@ -109,7 +109,7 @@ def test_int_accepted_for_float_but_not_reverse():
             r"'teachers.llama.model.hiden_size'. Did you mean 'hidden_size'\?",
         ),
         ("data.seq_len=abc", r"Expected 'data.seq_len' to be an integer. Got 'abc'"),
-        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled'. Got 'dense'"),
+        ("cache.mode=dense", r"Expected 'cache.mode' to be one of 'topk', 'sampled', 'hybrid'. Got 'dense'"),
         ("student.distill.alpha=1.5", r"alpha in \[0, 1\]"),
         ("data.seq_len", r"Expected --set section.key=value"),
         ("teachers.llama.train.batch_size=10", r"multiple of grad_accum_steps|batch_size"),
@@ -118,6 +118,27 @@ def test_int_accepted_for_float_but_not_reverse():
 def test_bad_overrides_are_named(override: str, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "demo.toml", [override, "teachers.llama.train.grad_accum_steps=4"])
+
+
+def test_hybrid_cache_settings_are_checked_at_load():
+    demo = REPO / "configs" / "demo.toml"
+    hybrid = ["cache.mode=hybrid", "cache.k=32", "cache.tail_samples=24"]
+    assert load_config(demo, hybrid).cache.width == 56
+    assert load_config(demo, ["cache.mode=sampled", "cache.samples=40"]).cache.width == 40
+    # tail_samples counts for the hybrid cache's fingerprint only: topk and sampled runs made before
+    # the key existed keep theirs (the fingerprint is the section without it)
+    topk = load_config(demo)
+    assert cache_fingerprint(topk) == cache_fingerprint(load_config(demo, ["cache.tail_samples=7"]))
+    assert cache_fingerprint(load_config(demo, hybrid)) != cache_fingerprint(
+        load_config(demo, [*hybrid, "cache.tail_samples=7"])
+    )
+    for override, message in [
+        ("cache.value_code=ratio_q8", r"Expected cache.value_code one of \['ratio_q10'.*in hybrid mode"),
+        ("cache.id_code=rank", r"Expected cache.id_code 'sorted_gaps' in hybrid mode"),
+        ("cache.tail_samples=0", r"Expected cache.tail_samples in \[1, 65535\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(demo, [*hybrid, override])
 
 
 def test_unknown_key_in_file(tmp_path: Path):
@@ -143,6 +164,29 @@ def test_relative_paths_resolve_against_config_file(tmp_path: Path):
     config = load_config(path)
     assert config.run_dir == tmp_path / "out"
     assert Path(config.data.corpus) == tmp_path / "sub" / "texts"
+
+
+def test_hf_model_paths_resolve_like_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """data.tokenizer, teachers.NAME.path, teachers.NAME.model.path, student.model.path: relative to
+    the config file when written there, to the working directory when given with --set."""
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.toml"
+    path.write_text(
+        '[data]\ntokenizer = "hf/tok"\n[teachers.a]\npath = "hf/a"\n[teachers.b.model]\npath = "hf/b"\n'
+        '[student.model]\npath = "hf/s"\ninit = "pretrained"\n'
+    )
+    config = load_config(path)
+    hf = tmp_path / "sub" / "hf"
+    assert Path(config.data.tokenizer) == hf / "tok" and Path(config.teachers["a"].path) == hf / "a"
+    assert Path(config.teachers["b"].model.path) == hf / "b" and Path(config.student.model.path) == hf / "s"
+    assert config.student.model.init == "pretrained" and config.teachers["a"].dtype == "auto"
+    monkeypatch.chdir(tmp_path)
+    overridden = load_config(path, ["student.model.path=here", "teachers.a.path=there", "data.tokenizer=t"])
+    assert Path(overridden.student.model.path) == tmp_path / "here"
+    assert Path(overridden.teachers["a"].path) == tmp_path / "there"
+    assert Path(overridden.data.tokenizer) == tmp_path / "t"
+    with pytest.raises(ConfigError, match="'teachers.a.dtype' to be one of 'auto', 'bfloat16'"):
+        load_config(path, ["teachers.a.dtype=fp8"])
 
 
 def test_default_run_dir_from_config_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -193,7 +237,33 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on():
     )
     assert student_fingerprint(ce) != student_fingerprint(base)
     assert [c.student.mode for c in run_students(base)] == base.run.students
-    assert data_fingerprint(base) == base.fingerprint("data") == digest({"data": base.to_dict()["data"]})
+    assert (
+        data_fingerprint(base)
+        == base.fingerprint("data")
+        == digest({"data": base.fingerprint_dict()["data"]})
+    )
+    # The HF-model keys change what they decide, and nothing else.
+    assert changed("data.tokenizer=/hf/tok") == {"data", "teacher", "cache", "student", "eval"}
+    assert changed("teachers.llama.dtype=bfloat16") == {"teacher", "cache", "student", "eval"}
+    assert changed("student.model.path=/hf/model") == {"student", "eval"}
+    assert changed("student.model.path=/hf/model", "student.model.init=pretrained") == {"student", "eval"}
+
+
+def test_keys_added_later_leave_old_fingerprints_alone():
+    """At their defaults, the keys of HF teachers/students are left out of every fingerprint: runs made
+    before they existed keep their fingerprints (computed here as the code before those keys did)."""
+    config = load_config(REPO / "configs" / "demo.toml")
+    data = config.to_dict()
+    del data["data"]["tokenizer"]
+    for table in [data["student"], *data["teachers"].values()]:
+        table.pop("dtype", None)
+        del table["model"]["path"], table["model"]["init"]
+    assert data_fingerprint(config) == digest({"data": data["data"]})
+    assert teacher_fingerprint(config, "llama") == digest(
+        {"data": data_fingerprint(config), "teacher": data["teachers"]["llama"], "seed": config.run.seed}
+    )
+    changed = load_config(REPO / "configs" / "demo.toml", ["data.tokenizer=/hf/tok"])
+    assert data_fingerprint(changed) != data_fingerprint(config)
 
 
 def test_modes_and_eval_defaults_are_defined_once():
@@ -243,7 +313,7 @@ RANGE_RULES = [
     ("student.model.num_layers=0", "student.model.num_layers >= 1"),
     ("student.model.intermediate_size=0", "student.model.intermediate_size >= 1"),
     ("student.model.num_kv_heads=-1", "student.model.num_kv_heads >= 0"),
-    ("teachers.gpt2.model.num_heads=3", r"hidden_size \(128\) divisible by num_heads \(3\)"),
+    ("teachers.gpt2.model.num_heads=5", r"hidden_size \(192\) divisible by num_heads \(5\)"),
     ("teachers.llama.model.num_kv_heads=3", r"num_heads \(4\) divisible by num_kv_heads \(3\)"),
     ("teachers.gpt2.model.num_kv_heads=2", "GPT-2 has no grouped-query attention"),
     ("teachers.llama.model.hidden_size=12", r"head size\) to be even"),

@@ -22,7 +22,9 @@ from logitcache.pipeline.evaluation.blimp import (
     read_blimp,
     sentence_log_probs,
     sentence_log_probs_reference,
+    subset_per_paradigm,
 )
+from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, evaluate_run, read_results
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import load_tokenizer
@@ -414,7 +416,7 @@ def test_tokenizer_or_vocabulary_mismatch_with_the_data(
     tokenizer.save(str(other / "tokenizer.json"))
     load_hf_tokenizer(other / "tokenizer.json").save_pretrained(other)
     err = run_cli_error(capsys, str(other), "--data", str(prepared.root))
-    assert "to use the tokenizer of the prepared data" in err
+    assert "uses a different tokenizer than the prepared data" in err
 
     # A model whose output layer is smaller than the data's vocabulary.
     small = tmp_path / "small-vocab"
@@ -453,6 +455,22 @@ def test_blimp_dev_data(model_dirs):
     np.testing.assert_allclose(result.good_scores[::100], direct, atol=1e-4)
 
 
+def test_blimp_subset_is_a_fixed_sample_per_paradigm():
+    pairs = read_blimp(BLIMP_DEV)
+    subset = subset_per_paradigm(pairs, 100)
+    counts: dict[str, int] = {}
+    for pair in subset:
+        counts[pair.paradigm] = counts.get(pair.paradigm, 0) + 1
+    assert len(counts) == 67 and set(counts.values()) == {100}
+    positions = {id(p): i for i, p in enumerate(pairs)}
+    assert [positions[id(p)] for p in subset] == sorted(positions[id(p)] for p in subset)  # file order kept
+    assert subset == subset_per_paradigm(pairs, 100)  # the same pairs every time
+    first = [p for p in subset if p.paradigm == pairs[0].paradigm]
+    assert first != [p for p in pairs if p.paradigm == pairs[0].paradigm][:100]  # a sample, not the head
+    assert subset_per_paradigm(pairs, 100, seed=1) != subset
+    assert subset_per_paradigm(pairs, 0) == pairs and subset_per_paradigm(pairs, 1000) == pairs
+
+
 def test_evaluate_section_of_the_config(tmp_path: Path, small_corpus: Path):
     config_path = write_config(
         tmp_path / "c.toml",
@@ -467,3 +485,61 @@ def test_evaluate_section_of_the_config(tmp_path: Path, small_corpus: Path):
     assert options.blimp_dir == tmp_path / "blimp"
     assert (options.split, options.batch_size, options.ece_bins) == ("dev", 32, 15)
     assert EvalOptions.from_config(load_config(config_path, ["evaluate.blimp_dir="])).blimp_dir is None
+
+
+# ----------------------------------------------------------------------------------------------
+# References of a run: the teachers' ensemble and a unigram model
+
+
+def test_references_match_a_direct_computation(prepared: PreparedData, model_dirs, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(prepared.root, run / "data")
+    for name, family in (("llama", "llama"), ("gpt", "gpt2")):
+        shutil.copytree(model_dirs[family], run / "teachers" / name)
+    config = load_config(write_config(tmp_path / "c.toml", tmp_path, run))
+    assert sorted(config.teachers) == ["gpt", "llama"]
+    teachers = {name: run / "teachers" / name for name in config.teachers}
+    results = read_results(
+        evaluate_run(run, options=EvalOptions(split="dev", batch_size=16), teachers=teachers, config=config)
+    )
+    references = {r["name"]: r["held_out"] for r in results["references"]}
+    assert sorted(references) == ["teachers/ensemble", "unigram"]
+
+    dev = torch.from_numpy(prepared.windows("dev").astype(np.int64))
+    targets = dev[:, 1:]
+    with torch.no_grad():  # mean of the two teachers' logits, then log-softmax (cache.ensemble = mean_logits)
+        mean_logits = sum(load(run / "teachers" / f)[0](input_ids=dev).logits for f in ("llama", "gpt")) / 2
+    logp = mean_logits[:, :-1].double().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert references["teachers/ensemble"]["loss"] == pytest.approx(float(-logp.mean()), rel=1e-5)
+    assert references["teachers/ensemble"]["tokens"] == targets.numel()
+
+    train = prepared.windows("train")[:, 1:].reshape(-1).astype(np.int64)
+    counts = np.bincount(train, minlength=prepared.vocab_size).astype(np.float64) + 1.0
+    unigram_loss = -np.log(counts / counts.sum())[targets.numpy()].mean()
+    assert references["unigram"]["loss"] == pytest.approx(unigram_loss, rel=1e-6)
+    lines = headline_lines(results)
+    assert any(line.startswith("weakest teacher teachers/") and "unigram" in line for line in lines)
+
+
+def test_headline_lines_compare_students_with_the_ce_twin_and_the_teachers():
+    def entry(name: str, perplexity: float) -> dict:
+        return {"name": name, "held_out": {"split": "test", "perplexity": perplexity}}
+
+    results = {
+        "models": [
+            entry("teachers/llama", 318.0),
+            entry("teachers/gpt2", 260.0),
+            entry("students/cache", 240.0),
+            entry("students/ce", 266.0),
+            entry("students/online", 236.0),
+        ],  # fmt: skip
+        "references": [entry("teachers/ensemble", 250.0), entry("unigram", 800.0)],
+    }
+    assert headline_lines(results) == [
+        "students/cache: test perplexity 240.00 vs 266.00 for students/ce (-9.8%)",
+        "students/online: test perplexity 236.00 vs 266.00 for students/ce (-11.3%)",
+        "best student students/online (236.00) vs best teacher teachers/gpt2 (260.00): -9.2%; "
+        "vs the teachers' ensemble (250.00): -5.6%",
+        "weakest teacher teachers/llama (318.00) vs a unigram model (800.00): -60.2%",
+    ]
+    assert headline_lines({"models": [entry("students/ce", 266.0)]}) == []

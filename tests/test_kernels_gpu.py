@@ -44,7 +44,7 @@ pytestmark = [
 needs_cuda = pytest.mark.skipif(TINY, reason="measures CUDA memory / compiles for CUDA: GPU run only")
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-MODES = ["topk", "ghost", "sampled"]
+MODES = ["topk", "ghost", "sampled", "hybrid"]
 TEMPERATURES = [1.0, 2.0]
 # (N, V, k): the benchmark's V = 16000, V = 32000, Llama-3's V = 128256 (streamed in chunks), an odd V.
 SHAPES = [(4096, 16000, 64), (1024, 32000, 64), (512, 128256, 64), (333, 32003, 100)]

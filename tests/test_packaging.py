@@ -38,6 +38,9 @@ def test_wheel_installs_only_under_logitcache(tmp_path: Path):
         for source in (REPO / sub).rglob("*.py"):
             assert f"logitcache/{sub}/{source.relative_to(REPO / sub).as_posix()}" in names, source
     assert not {"kernels", "cache", "pipeline"} & top
+    for source in (REPO / "logitcache").rglob("*.py"):  # the package root: public API, integrations
+        assert f"logitcache/{source.relative_to(REPO / 'logitcache').as_posix()}" in names, source
+    assert "logitcache/integrations/hf_trainer.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "pipe = logitcache.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from logitcache.cache.hashing import array_sha256
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.corpus import group_documents
-from logitcache.pipeline.errors import DataError, StageError
+from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.prepare import PreparedData, prepare_data
 
 from .conftest import write_config
@@ -129,6 +130,44 @@ def test_babylm_files_and_jsonl(tmp_path: Path, small_corpus: Path):
     config = load_config(write_config(tmp_path / "j.toml", jsonl, tmp_path / "r2"), ["data.jsonl_field=body"])
     data = PreparedData.open(prepare_data(config))
     assert data.manifest["splits"]["train"]["windows"] > 0 and data.manifest["splits"]["dev"]["windows"] > 0
+
+
+def test_license_and_attribution_files_are_not_training_text(tmp_path: Path, small_corpus: Path):
+    """The include/exclude rule: only corpus text is read; license texts, READMEs and SOURCES stay out."""
+    root = tmp_path / "with-licenses"
+    shutil.copytree(small_corpus, root)
+    (root / "LICENSES").mkdir()
+    (root / "LICENSES" / "austen.txt").write_text("Permission is hereby granted " * 50)
+    (root / "README.txt").write_text("readme words " * 50)
+    (root / "SOURCES.md").write_text("sources")
+    (root / "nested").mkdir()
+    (root / "nested" / "COPYING.txt.gz").write_bytes(gzip.compress(b"copying words " * 50))
+    (root / "nested" / "extra.txt").write_text(" ".join(f"extra{i}" for i in range(100)))
+    config = load_config(write_config(tmp_path / "c.toml", root, tmp_path / "r"))
+    out = prepare_data(config)
+    data = PreparedData.open(out)
+    expected = sorted(p.name for p in small_corpus.glob("*.txt")) + ["nested/extra.txt"]
+    assert sorted(i["path"] for i in data.manifest["inputs"]) == sorted(expected)
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not any("Permission" in token or "readme" in token for token in vocab)
+
+    # Explicit patterns: only *.txt under folders not named 'nested'.
+    config = load_config(
+        config.source,
+        ['data.exclude=["nested"]', 'data.include=["*.txt"]', "run.dir=" + str(tmp_path / "r2")],
+    )
+    data = PreparedData.open(prepare_data(config))
+    assert sorted(i["path"] for i in data.manifest["inputs"]) == sorted(
+        ["LICENSES/austen.txt", "README.txt"] + [p.name for p in small_corpus.glob("*.txt")]
+    )
+
+
+def test_corpus_patterns_are_validated(tmp_path: Path, small_corpus: Path):
+    path = write_config(tmp_path / "c.toml", small_corpus, tmp_path / "r")
+    with pytest.raises(ConfigError, match="data.include"):
+        load_config(path, ["data.include=[]"])
+    with pytest.raises(ConfigError, match="no '/'"):
+        load_config(path, ['data.exclude=["a/b"]'])
 
 
 def test_group_documents_cuts_long_line_files():

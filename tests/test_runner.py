@@ -64,6 +64,14 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     for model in results_json["models"]:
         assert model["blimp"]["overall"] is not None and model["held_out"]["perplexity"] > 1
     assert (run / "eval" / "report.html").is_file()
+    assert all(r.seconds > 0 for r in results)
+    assert sum(line.startswith("[") and " done in " in line for line in lines) == len(STAGES)
+    assert lines[-1].startswith(f"pipe run: {len(STAGES)} stages ran in ")
+    # references and the headline comparisons are logged by the evaluate stage
+    assert any(line.startswith("teachers/ensemble: test perplexity") for line in lines)
+    assert any(
+        line.startswith("students/cache: test perplexity") and "for students/ce" in line for line in lines
+    )
 
     lines.clear()
     again = run_pipeline(config, progress=False, log=lines.append)

@@ -484,6 +484,7 @@ def test_resume_after_kill_reproduces_trajectory(run: Path, tmp_path: Path):
     resumed = _losses(run_b / "students" / "resume" / "metrics.jsonl")
     assert [s for s, _ in resumed] == [s for s, _ in expected]
     assert resumed == expected  # bit-exact on CPU: same data order, optimizer and RNG state
+    assert not checkpoints.exists()  # resumed from them, then removed once the model was complete
 
 
 def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
@@ -502,6 +503,7 @@ def test_ddp_two_ranks_match_one_rank(run: Path, tmp_path: Path):
         args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("student ddp:") == 1, done.stdout  # rank 0 prints the summary, once
     got = _losses(run_b / "students" / "ddp" / "metrics.jsonl")
     assert [s for s, _ in got] == [s for s, _ in expected]
     for (_, a), (_, b) in zip(got, expected, strict=True):  # two half-batches + all-reduce: fp32 rounding

@@ -100,6 +100,7 @@ def test_resume_after_kill_reproduces_trajectory(tiny_config: Path, tmp_path: Pa
     resumed = _losses(run_b / "teachers" / "llama" / "metrics.jsonl")
     assert [s for s, _ in resumed] == [s for s, _ in expected]
     assert resumed == expected  # bit-exact on CPU: same data order, optimizer and RNG state
+    assert not checkpoints.exists()  # resumed from them, then removed once the model was complete
 
 
 def test_ddp_two_ranks_match_one_rank(tiny_config: Path, tmp_path: Path):

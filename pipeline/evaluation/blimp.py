@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -86,6 +87,28 @@ def read_blimp(directory: str | Path) -> list[BlimpPair]:
     if not pairs:
         raise DataError(f"Expected BLiMP pairs in the .jsonl files of {directory}. Got only empty files.")
     return pairs
+
+
+def subset_per_paradigm(pairs: list[BlimpPair], per_paradigm: int, *, seed: int = 0) -> list[BlimpPair]:
+    """At most ``per_paradigm`` pairs of each paradigm (0 = all), the same ones on every machine.
+
+    Each paradigm keeps the pairs with the smallest SHA-256 of (seed, paradigm, position in the
+    paradigm): a uniform sample that does not depend on the other paradigms, in file order.
+    """
+    if per_paradigm <= 0:
+        return pairs
+    by_paradigm: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        by_paradigm.setdefault(pair.paradigm, []).append(index)
+
+    def rank(paradigm: str, position: int) -> bytes:
+        return hashlib.sha256(f"blimp-subset:{seed}:{paradigm}:{position}".encode()).digest()
+
+    keep: set[int] = set()
+    for paradigm, indices in by_paradigm.items():
+        ranked = sorted(range(len(indices)), key=lambda position: rank(paradigm, position))
+        keep.update(indices[position] for position in ranked[:per_paradigm])
+    return [pair for index, pair in enumerate(pairs) if index in keep]
 
 
 def _parse_line(line: str, source: str) -> BlimpPair:

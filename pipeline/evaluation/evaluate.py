@@ -7,7 +7,8 @@ The results document (``RUN/eval/results.json`` for a run; ``--out`` on the comm
      "settings":   {data, split, blimp, batch_size, ece_bins, device, ...},
      "models": [{"name", "path", "architecture", "parameters", "seconds",
                  "held_out": {split, windows, tokens, loss, perplexity, ece, reliability{...}} | null,
-                 "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...]}
+                 "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...],
+     "references": [{"name", "description", "held_out": {...}}, ...]}   (a run's evaluate stage only)
 
 ``held_out`` is null without prepared data, ``blimp`` null without a BLiMP directory. Non-finite
 numbers are written as null (JSON has no NaN).
@@ -29,7 +30,8 @@ from typing import Any
 from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.errors import ConfigError, DataError, StageError
-from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp
+from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp, subset_per_paradigm
+from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
 from logitcache.pipeline.evaluation.loading import (
     check_model_matches_data,
@@ -63,6 +65,7 @@ class EvalOptions:
 
     data_dir: Path | None = None  # a prepared RUN/data folder: held-out perplexity and ECE
     blimp_dir: Path | None = None  # a directory of BLiMP .jsonl files
+    blimp_pairs: int = _DEFAULTS.blimp_pairs  # pairs per paradigm (a fixed sample); 0 = all
     split: EvalSplit = _DEFAULTS.split
     batch_size: int = _DEFAULTS.batch_size
     ece_bins: int = _DEFAULTS.ece_bins
@@ -75,6 +78,7 @@ class EvalOptions:
         return cls(
             data_dir=RunLayout.of(config).data,
             blimp_dir=Path(section.blimp_dir) if section.blimp_dir else None,
+            blimp_pairs=section.blimp_pairs,
             split=section.split,
             batch_size=section.batch_size,
             ece_bins=section.ece_bins,
@@ -141,14 +145,18 @@ def evaluate_models(
                 f"Expected windows in the {options.split} split of {data.root}. Got none: "
                 "use --split dev, or prepare the data with a larger data.test_fraction."
             )
-    pairs: list[BlimpPair] | None = read_blimp(options.blimp_dir) if options.blimp_dir is not None else None
+    if options.blimp_pairs < 0:
+        raise ConfigError(f"Expected blimp_pairs >= 0 (0 = all). Got {options.blimp_pairs}.")
+    pairs: list[BlimpPair] | None = None
+    if options.blimp_dir is not None:
+        pairs = subset_per_paradigm(read_blimp(options.blimp_dir), options.blimp_pairs)
     # Every model folder is checked before the first is evaluated: safetensors only (pickle files are
     # never opened), intact headers, and, against prepared data, the same tokenizer and vocabulary
     # (the checks the teachers of every other path get).
     for i, model_dir in enumerate(map(Path, model_dirs)):
         label = names[i] if names is not None else model_name(model_dir)
         if data is not None:
-            check_teacher(label, model_dir, data, tokenizer_required=False)
+            check_teacher(f"Model '{label}'", model_dir, data, tokenizer_required=False)
         else:
             check_model_dir(model_dir)
 
@@ -186,6 +194,7 @@ def evaluate_models(
         settings["data_tokenizer_sha256"] = data.manifest.get("tokenizer_sha256")
     if pairs is not None:
         settings["blimp_pairs"] = len(pairs)
+        settings["blimp_pairs_per_paradigm"] = options.blimp_pairs or "all"
         settings["blimp_paradigms"] = len({p.paradigm for p in pairs})
     return {
         "format": RESULTS_FORMAT,
@@ -328,11 +337,14 @@ def evaluate_run(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     teachers: Mapping[str, str | Path] | None = None,
+    config: Config | None = None,
 ) -> Path:
     """Evaluate every finished model of a run on ``RUN/data``; write ``RUN/eval/results.json`` (or ``out``).
 
     ``teachers``: the config's teacher folders by name (``teacher_dir``). Those outside the run (a
     configured ``teachers.NAME.path``, e.g. a pretrained model) are evaluated too, as ``teachers/NAME``.
+    ``config``: the run's config; with it, the results also hold ``references`` on the held-out
+    split: the teachers' ensemble (two or more teachers) and a unigram model (see :mod:`.references`).
     """
     layout = RunLayout(Path(run_dir))
     found = {model_name(p): p for p in find_run_models(layout.root)}
@@ -351,6 +363,27 @@ def evaluate_run(
     target = Path(out) if out is not None else layout.eval_results
     check_results_path(target)
     results = evaluate_models(models, options=options, progress=progress, log=log, names=names)
+    if config is not None and options.data_dir is not None:
+        from logitcache.pipeline.evaluation.references import reference_entries
+
+        teacher_dirs = {
+            name: found[f"teachers/{name}"] for name in config.teachers if f"teachers/{name}" in found
+        }
+        results["references"] = reference_entries(
+            config,
+            PreparedData.open(options.data_dir),
+            split=options.split,
+            batch_size=options.batch_size,
+            num_bins=options.ece_bins,
+            device=resolve_device(options.device),
+            teacher_dirs=teacher_dirs,
+            progress=progress,
+        )
+        if log is not None:
+            for entry in results["references"]:
+                log(summary_line(entry))
+            for line in headline_lines(results):
+                log(line)
     return write_results(results, target)
 
 

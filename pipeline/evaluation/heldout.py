@@ -14,6 +14,7 @@ softmax; the loss sum is accumulated in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +65,7 @@ def evaluate_held_out(
     progress: bool | None = None,
 ) -> HeldOutMetrics:
     """Loss, perplexity and reliability diagram of ``model`` on ``windows`` (num_windows, seq_len)."""
-    ids = torch.as_tensor(np.asarray(windows).astype(np.int64))  # (W, T)
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
-        raise DataError(
-            f"Expected the {split or 'held-out'} split to hold windows of >= 2 tokens. Got shape {tuple(ids.shape)}: "
-            "use the other split (--split) or prepare more data."
-        )
+    ids = _check_windows(windows, split)
     limit = max_positions(model)
     if limit is not None and ids.shape[1] > limit:
         raise TeacherError(
@@ -82,13 +78,50 @@ def evaluate_held_out(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    try:
+        return held_out_metrics(
+            lambda batch: model(input_ids=batch.to(device)).logits,
+            ids,
+            split=split,
+            batch_size=batch_size,
+            num_bins=num_bins,
+            progress=progress,
+            device=device,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _check_windows(windows: np.ndarray | torch.Tensor, split: str) -> torch.Tensor:
+    ids = torch.as_tensor(np.asarray(windows).astype(np.int64))  # (W, T)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+        raise DataError(
+            f"Expected the {split or 'held-out'} split to hold windows of >= 2 tokens. Got shape {tuple(ids.shape)}: "
+            "use the other split (--split) or prepare more data."
+        )
+    return ids
+
+
+@torch.no_grad()
+def held_out_metrics(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    windows: np.ndarray | torch.Tensor,
+    *,
+    split: str = "",
+    batch_size: int = EvalConfig.batch_size,
+    num_bins: int = DEFAULT_BINS,
+    progress: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> HeldOutMetrics:
+    """The metrics of any next-token predictor: ``logits_fn(ids (B, T)) -> (B, T, V)`` logits or log-probs."""
+    ids = _check_windows(windows, split)
     calibration = CalibrationAccumulator(num_bins, device=device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in progress_bar(
         range(0, ids.shape[0], batch_size), progress=progress, desc=f"perplexity {split}".strip(), leave=False
     ):
         batch = ids[start : start + batch_size].to(device)  # (B, T)
-        logits = model(input_ids=batch).logits[:, :-1].float()  # (B, T-1, V)
+        logits = logits_fn(batch)[:, :-1].float()  # (B, T-1, V)
         log_normalizer = torch.logsumexp(logits, dim=-1)  # (B, T-1)
         targets = batch[:, 1:]  # (B, T-1)
         # log p(target) = z_target - logsumexp(z): no (B, T-1, V) log-softmax is materialised.
@@ -96,7 +129,6 @@ def evaluate_held_out(
         nll_sum -= target_log_probs.double().sum()
         max_logit, predicted = logits.max(dim=-1)  # (B, T-1) each
         calibration.update(torch.exp(max_logit - log_normalizer), predicted == targets)
-    model.train(was_training)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     loss = float(nll_sum) / tokens
     return HeldOutMetrics(

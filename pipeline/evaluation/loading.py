@@ -14,9 +14,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logitcache.pipeline.errors import TeacherError
-from logitcache.pipeline.models import TOKENIZER_FILES, load_model
+from logitcache.pipeline.models import TOKENIZER_FILES, load_model, max_positions, output_vocab_size  # noqa: F401 (re-exported)
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.teacher_signal import check_teacher_tokenizer, vocab_error
+from logitcache.pipeline.teacher_signal import check_tokenizer, vocab_error
 
 
 def load_causal_lm(path: str | Path, *, device: torch.device) -> PreTrainedModel:
@@ -46,28 +46,13 @@ def load_tokenizer(model_dir: Path, *, fallback: Path | None = None) -> PreTrain
         ) from None
 
 
-def output_vocab_size(model: PreTrainedModel) -> int:
-    """Rows of the output layer: the number of token ids the model can take and predict."""
-    return int(model.get_output_embeddings().weight.shape[0])
-
-
-def max_positions(model: PreTrainedModel) -> int | None:
-    """The longest input the model takes (None when its config sets no limit)."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_model_matches_data(
     model: PreTrainedModel, model_dir: Path, data: PreparedData, tokenizer: PreTrainedTokenizerBase | None
 ) -> None:
     """The prepared windows are token ids of the data's tokenizer: the model must use the same one."""
     vocab = output_vocab_size(model)
     if vocab < data.vocab_size:
-        raise vocab_error(str(model_dir), model_dir, data, vocab)
+        raise vocab_error("the model", model_dir, data, vocab)
     if tokenizer is None:
         return
-    check_teacher_tokenizer(str(model_dir), model_dir, data, required=False)
+    check_tokenizer("The model", model_dir, data, required=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.pipeline.errors import DataError, StageError
+from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.evaluate import model_name, read_results
 from logitcache.pipeline.preflight import check_writable
 from logitcache.pipeline.rundir import RunLayout, atomic_write_text
@@ -337,7 +338,27 @@ def _html(
                     *(_fmt(100 * b["fields"][f], ".1f") if b and f in b["fields"] else "–" for f in fields),
                 ]
             )
+        for r in results.get("references", []):
+            h = r.get("held_out") or {}
+            rows.append(
+                [
+                    f"{r['name']} (reference)",
+                    "–",
+                    _fmt(h.get("perplexity"), ".2f"),
+                    _fmt(h.get("loss"), ".4f"),
+                    _fmt(h.get("ece"), ".4f"),
+                    "–",
+                    *("–" for _ in fields),
+                ]
+            )
+        headline = headline_lines(results)
+        if headline:
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in headline)
+            parts.append(f"<h2>Distillation at a glance</h2><ul>{items}</ul>")
         parts.append("<h2>Summary</h2>" + _table(header, rows))
+        if results.get("references"):
+            described = "; ".join(f"{r['name']}: {r['description']}" for r in results["references"])
+            parts.append(f"<p class='note'>References: {html.escape(described)}.</p>")
         parts.append(
             f"<p class='note'>From <code>{html.escape(str(results_file))}</code>: held-out data "
             f"<code>{html.escape(str(settings.get('data')))}</code> ({html.escape(split)} split), BLiMP "

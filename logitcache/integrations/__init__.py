@@ -1,0 +1,1 @@
+"""Integrations of logitcache with other training frameworks (Hugging Face Trainer)."""
