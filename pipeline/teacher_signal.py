@@ -156,6 +156,7 @@ def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData | Tok
 
 
 def vocab_error(who: str, model_dir: Path, data: PreparedData | TokenWindows, vocab: int) -> TeacherError:
+    who = who[:1].lower() + who[1:]  # "Teacher 'x'" starts other messages
     return TeacherError(
         f"Expected {who} at {model_dir} to predict the {data.vocab_size} tokens of the prepared data. Got an "
         f"output layer of {vocab} tokens: use models that share the data's tokenizer, or prepare the data "
