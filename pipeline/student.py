@@ -106,9 +106,13 @@ class LossOptions:
     @classmethod
     def from_config(cls, config: Config) -> LossOptions:
         distill = config.student.distill
-        alpha = 0.0 if config.student.mode == "ce" else distill.alpha
+        teacher = config.student.mode != "ce"  # mode "ce": no teacher term at all
         params = SparseKDParams.from_alpha(
-            alpha, temperature=distill.temperature, reduction=distill.reduction
+            distill.alpha if teacher else 0.0,
+            temperature=distill.temperature,
+            reduction=distill.reduction,
+            divergence=distill.divergence if teacher else "forward_kl",
+            jsd_beta=distill.jsd_beta,
         )
         return cls(mode=config.student.mode, params=params)
 
