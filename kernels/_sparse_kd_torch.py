@@ -130,6 +130,8 @@ def sparse_kd_forward_torch(
     row_loss = torch.empty(n_rows, dtype=dtype, device=logits.device)  # (N,)
     row_parts = torch.empty((n_rows, 2), dtype=dtype, device=logits.device)  # (N, 2) CE, divergence
     chunk_fn = _chunk_loss_and_grad if params.divergence == "forward_kl" else _chunk_divergence
+    if teacher.tail is None and params.divergence in ("jsd", "tv"):
+        raise ValueError("internal: JSD / TV need the tail from SparseKDParams.bucket_tail")
     ce_div, kl_div = divisors(params, n_valid.to(dtype))
     chunk = rows_per_chunk or default_rows_per_chunk(vocab)
     in_place = grad_out.dtype == dtype

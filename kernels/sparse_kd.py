@@ -322,13 +322,14 @@ def sparse_kd_forward_triton(
 
     Returns the per-row losses (N,) in fp32, already scaled by the reduction (their sum is the
     loss), and the per-row parts (N, 2) fp32: CE and the divergence, unweighted (0 when ignored).
-    ``tail`` is the tail as the divergence uses it (:meth:`SparseKDParams.bucket_tail`).
+    ``tail`` as given (JSD / TV replace a missing one: :meth:`SparseKDParams.bucket_tail`).
     ``n_valid`` (device int scalar) is the number of non-ignored positions of the whole batch (the
     fused-linear variant passes the global count while launching per chunk). ``ids_sorted``: the
     caller already sorted each row's ids ascending (needed with a tail).
     """
     n_rows, vocab = logits.shape
     k = teacher_ids.shape[1]
+    tail = params.bucket_tail(tail, (n_rows,), teacher_weights)
     if logits.stride(1) != 1 or grad_out.stride(1) != 1:
         raise ValueError("internal: logits and grad_out need a contiguous last dim")
     if tail is not None and not ids_sorted:
@@ -397,6 +398,7 @@ def sparse_kd_forward_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch backend on 2-D inputs: per-row losses (N,) and parts (N, 2), d loss / d logits
     written into ``grad_out``."""
+    tail = params.bucket_tail(tail, tuple(targets.shape), teacher_weights)
     teacher = prepare_teacher(teacher_ids, teacher_weights, tail, compute_dtype_of(logits.dtype))
     n_valid = (targets != params.ignore_index).sum()
     return sparse_kd_forward_torch(
@@ -443,7 +445,6 @@ def _sparse_kd_op(
         temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div, divergence, jsd_beta
     )
     grad = torch.empty_like(logits)
-    tail = params.bucket_tail(tail, tuple(targets.shape), teacher_weights)
     if backend == "triton":
         row_loss, row_parts = sparse_kd_forward_triton(
             logits,
@@ -496,7 +497,7 @@ class _SparseKDInplace(torch.autograd.Function):
             targets,
             teacher_ids,
             teacher_weights,
-            params.bucket_tail(tail, tuple(targets.shape), teacher_weights),
+            tail,
             params,
             grad_out=logits,
             block_v=block_v,
