@@ -139,7 +139,9 @@ class SparseKDParams:
             "jsd_beta": self.jsd_beta,
         }
 
-    def bucket_tail(self, tail: torch.Tensor | None, lead: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    def bucket_tail(
+        self, tail: torch.Tensor | None, lead: tuple[int, ...], like: torch.Tensor
+    ) -> torch.Tensor | None:
         """The tail the divergence is computed with: as given, except JSD and TV without a tail
         (renormalised weights), which use a tail of 0: the teacher puts no mass outside S, and the
         student's mass outside S is one bucket (the exact full-vocabulary JSD / TV against that
@@ -147,7 +149,9 @@ class SparseKDParams:
         tail restricts the student to S instead (it would be infinite)."""
         if tail is not None or self.divergence not in ("jsd", "tv"):
             return tail
-        return torch.zeros(lead, dtype=like.dtype if like.dtype.is_floating_point else torch.float32, device=like.device)
+        return torch.zeros(
+            lead, dtype=like.dtype if like.dtype.is_floating_point else torch.float32, device=like.device
+        )
 
 
 class LossKeywords(TypedDict, total=False):

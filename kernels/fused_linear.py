@@ -267,4 +267,4 @@ def fused_linear_sparse_kd_loss(
         int(block_v or 0),
         chosen,
     )
-    return (loss, parts) if return_parts else loss
+    return (loss, parts.detach()) if return_parts else loss

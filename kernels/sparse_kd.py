@@ -581,8 +581,10 @@ def sparse_kd_loss(
     weights_2d = teacher_weights.reshape(-1, k)  # (N, k)
     tail_1d = tail.reshape(-1) if tail is not None else None  # (N,)
     if chosen == "triton" and inplace_grad and not torch.compiler.is_compiling():
-        loss, parts = _SparseKDInplace.apply(logits_2d, targets_1d, ids_2d, weights_2d, tail_1d, params, block_v)
-        return (loss, parts) if return_parts else loss
+        loss, parts = _SparseKDInplace.apply(
+            logits_2d, targets_1d, ids_2d, weights_2d, tail_1d, params, block_v
+        )
+        return (loss, parts.detach()) if return_parts else loss
     loss, _, parts = _sparse_kd_op(
         logits_2d,
         targets_1d,
@@ -593,4 +595,4 @@ def sparse_kd_loss(
         int(block_v or 0),
         chosen,
     )
-    return (loss, parts) if return_parts else loss
+    return (loss, parts.detach()) if return_parts else loss

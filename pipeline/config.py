@@ -214,7 +214,9 @@ class DistillConfig:
     # m = beta t + (1 - beta) s, "tv" total variation (formulas: docs/kernels.md). Only forward_kl
     # with sampled / hybrid caches (the others are biased on importance-weighted draws).
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
-    jsd_beta: float = 0.5  # JSD's beta in (0, 1): JSD / beta -> forward KL as beta -> 0, / (1 - beta) -> reverse at 1
+    # JSD's beta in (0, 1), the teacher's share of m: JSD / beta -> forward KL as beta -> 0, and
+    # JSD / (1 - beta) -> reverse KL as beta -> 1 (with the ghost tail)
+    jsd_beta: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,10 @@ class StudentObjective(torch.nn.Module):
     """The module the loop trains (``wrap`` hook): the student plus its loss; forward(batch) -> loss.
 
     It owns the student's parameters only (teachers are kept out of ``parameters()``), so DDP
-    synchronises exactly the student's gradients.
+    synchronises exactly the student's gradients. ``forward(batch, with_parts=True)`` returns
+    ``{"loss": loss, "ce": ..., "kd": ...}`` instead: the mean CE and the mean divergence per
+    predicted position (unweighted, detached; from the same pass as the loss), which the loop logs;
+    mode "ce" gives ``ce`` only.
     """
 
     def __init__(
@@ -140,7 +143,18 @@ class StudentObjective(torch.nn.Module):
         # the loss, as the teachers' padded ids take none in their signal. None = every row.
         self.vocab_size = vocab_size
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], with_parts: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        loss, parts = self._loss_and_parts(batch)
+        if not with_parts:
+            return loss
+        if self.options.mode == "ce":
+            return {"loss": loss, "ce": parts[0]}
+        return {"loss": loss, "ce": parts[0], "kd": parts[1]}
+
+    def _loss_and_parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, parts (2,): mean CE, mean divergence per predicted position)."""
         o = self.options
         input_ids = batch["input_ids"]  # (B, T)
         targets = input_ids[:, 1:]  # (B, T-1)
@@ -149,12 +163,15 @@ class StudentObjective(torch.nn.Module):
         if o.mode == "online":
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
-            return dense_kd_loss(logits, targets, teacher_logp, **o.params.keywords())
+            return dense_kd_loss(logits, targets, teacher_logp, return_parts=True, **o.params.keywords())
         triton = resolve_backend("auto", hidden.device) == "triton"
         if o.mode == "ce" and not triton:  # plain CE training, exactly as a user would write it
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             ce_reduction = "sum" if o.params.reduction == "sum" else "mean"
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=ce_reduction)
+            flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()
+            loss = F.cross_entropy(flat_logits, flat_targets, reduction=ce_reduction)
+            mean_ce = loss.detach() if ce_reduction == "mean" else loss.detach() / flat_targets.numel()
+            return loss, torch.stack([mean_ce, torch.zeros_like(mean_ce)])
         if o.mode == "ce":  # the same fused kernel with no teacher mass: one zero-weight entry
             ids = targets.unsqueeze(-1)  # (B, T-1, 1)
             weights, tail = torch.zeros(ids.shape, device=ids.device), None
@@ -167,8 +184,9 @@ class StudentObjective(torch.nn.Module):
         )
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_sparse_kd_loss(
-                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, **o.params.keywords()
-            )
+                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, return_parts=True,
+                **o.params.keywords(),
+            )  # fmt: skip
 
 
 def distillation_loss(
@@ -219,9 +237,10 @@ def fused_distillation_loss(
     )
 
 
-def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
-    return module(batch)
+def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work;
+    its loss parts (``ce``, ``kd``) are logged beside the loss."""
+    return module(batch, with_parts=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -236,9 +236,7 @@ def test_reverse_kl_floors_zero_teacher_weights():
 def test_backend_matches_reference_fp32(backend, temperature, mode, divergence):
     """N = 7 (every 4th position ignored), V = 37 (odd, 3 chunks of 16 on Triton), k = 5."""
     case = make_case(7, 37, 5, mode, seed=hash((mode, divergence)) % 1000)
-    kwargs = dict(
-        temperature=temperature, ce_weight=0.3, kl_weight=0.7, divergence=divergence, jsd_beta=0.3
-    )
+    kwargs = dict(temperature=temperature, ce_weight=0.3, kl_weight=0.7, divergence=divergence, jsd_beta=0.3)
     extra = {"block_v": 16} if backend == "triton" else {}
     exact = _loss_and_grad(sparse_kd_loss_reference, case, torch.float64, **kwargs)
     naive = _loss_and_grad(sparse_kd_loss_reference, case, torch.float32, **kwargs)
