@@ -27,6 +27,11 @@ changes neither S nor any value. Rows whose outside mass underflows (``q_out`` b
 fp32; e.g. logits of +-1e4), and rows with a tail but no present id, are recomputed in log space
 (masked log-sum-exp, as the reference does) from their logits: exact at any logit range, rare.
 
+Reverse KL, JSD and TV (:func:`_chunk_divergence`) use the same pass up to the exp and the
+direct outside sum, then ``g = Q (h - hbar) / T`` per outcome (``h = dD/dQ``): one multiply over
+the chunk by ``(ce_coef + c (h_bucket - hbar)) / s`` and (C, k) scatters at S and y. They need no
+log-space fallback: their terms are continuous in ``q_out`` at 0.
+
 Memory: besides the logits and their gradient, one (C, k) set of temporaries and, at T != 1 or for
 logits of another dtype than the compute dtype, one (C, V) scratch chunk.
 """

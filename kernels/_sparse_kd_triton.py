@@ -14,6 +14,10 @@ One program per row:
 3. the row loss, and the gradient values at S and at y (from registers);
 4. pass 2 writes the generic gradient ce_coef * p + kl_coef / T * (W q - r q / q_out) for every v,
    then (after a barrier) overwrites the k + 1 special positions.
+
+``DIVERGENCE`` (constexpr) picks the divergence: 0 (forward KL) is the code above; 1-3 (reverse
+KL, JSD, TV) replace steps 3-4 with ``Q (h - hbar) / T`` per outcome (see sparse_kd.py), the
+generic value for v outside S being ``ce_coef * p + kl_coef / T * (h_bucket - hbar) * q``.
 """
 
 import triton

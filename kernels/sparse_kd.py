@@ -16,6 +16,24 @@ This is KL(teacher || student), not a soft cross-entropy: it includes the teache
 ``xlogy(w, w)``, so it is 0 when the student matches the teacher on S (and on the bucket).
 The student's mass outside S is a masked log-sum-exp over ``v not in S``, never ``1 - sum``.
 
+Other divergences (``divergence=``; ``kl`` above is ``"forward_kl"``, the default). Outcomes: the
+present entries of S and, with a tail, the bucket; teacher ``P = cat(w, r)``, student
+``Q = cat(q[S], q_out)`` with ``q = softmax(z / T)`` and ``q_out = exp(logsumexp(log_q[outside]))``::
+
+    reverse_kl: D = (Q * (log Q - log(P.clamp(min=1e-8)))).sum()        # KL(student || teacher)
+    jsd:        m = beta * P + (1 - beta) * Q                            # beta = jsd_beta in (0, 1)
+                D = beta * (xlogy(P, P) - P * log m).sum() + (1 - beta) * (Q * (log Q - log m)).sum()
+    tv:         D = 0.5 * (P - Q).abs().sum()
+    loss_pos = ce_weight * ce + kl_weight * T**2 * D
+
+Without a tail (renormalised weights): JSD and TV take ``r = 0`` (the teacher has no mass outside
+S; the student's mass there is one bucket: the exact full-vocabulary divergence); reverse KL, which
+would then be infinite, takes ``Q = q[S] / q[S].sum()`` and no bucket. ``JSD / beta`` tends to the
+forward KL as beta -> 0 and, with a tail, ``JSD / (1 - beta)`` to the reverse KL as beta -> 1. The
+gradient is ``dD/dz_v = Q_v * (h_v - sum(Q * h)) / T`` with ``h = dD/dQ`` per outcome (``v``
+outside S: ``q_v`` and the bucket's ``h``); TV takes the subgradient 0 at ties. Ids must be distinct
+for these (padding aside). See docs/kernels.md ("Divergences").
+
 Reductions over positions (ignored positions, ``targets == ignore_index``, contribute nothing):
 
 - ``"mean"`` (default): ``sum(loss_pos) / n_valid`` (0 when every position is ignored, not NaN);

@@ -291,6 +291,10 @@ class Config:
             _drop_default(model, "init", "random")
         if data["cache"]["mode"] != "hybrid":  # tail_samples matters only there
             data["cache"].pop("tail_samples")
+        distill = data["student"]["distill"]
+        if distill["divergence"] != "jsd":  # jsd_beta matters only there
+            distill.pop("jsd_beta")
+        _drop_default(distill, "divergence", "forward_kl")
         return data
 
     def fingerprint(self, *sections: str) -> str:

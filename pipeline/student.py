@@ -18,6 +18,9 @@ distribution ``p`` over ids ``S`` (all ids when online) and ``alpha`` = ``distil
 
     loss = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(p || softmax(z / T))
 
+(``distill.divergence`` replaces the KL by reverse KL, JSD with ``distill.jsd_beta``, or total
+variation: docs/kernels.md; only forward KL with sampled / hybrid caches, refused at config load.)
+
 reduced over the (B, T - 1) predicted positions by ``distill.reduction`` (see docs/kernels.md).
 The cache entry of position ``t`` is the teachers' distribution of token ``t + 1``, so entries
 ``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
@@ -28,7 +31,7 @@ its tail draws' importance weights ``tail * count / m``, already sum to 1 and ar
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
-``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
+``metrics.jsonl`` (with the loss's parts ``ce`` and ``kd`` per logged step), ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
 ``COMPLETE.json`` last.
 """
 

@@ -164,6 +164,14 @@ def test_divergence_settings_are_checked_at_load():
         with pytest.raises(ConfigError, match=message) as info:
             load_config(demo, overrides)
         assert "\n" not in str(info.value)
+    # students trained before the keys existed keep their fingerprint; jsd_beta counts for JSD only
+    fingerprint = student_fingerprint(load_config(demo))
+    assert fingerprint == student_fingerprint(load_config(demo, ["student.distill.jsd_beta=0.2"]))
+    jsd = student_fingerprint(load_config(demo, ["student.distill.divergence=jsd"]))
+    assert len({fingerprint, jsd}) == 2
+    assert jsd != student_fingerprint(
+        load_config(demo, ["student.distill.divergence=jsd", "student.distill.jsd_beta=0.2"])
+    )
     # an online-only run does not read the cache: any divergence goes with any cache mode
     online = ["student.mode=online", 'run.students=["online"]', "cache.mode=sampled"]
     assert load_config(demo, [*online, "student.distill.divergence=tv"]).student.distill.divergence == "tv"
