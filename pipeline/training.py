@@ -59,6 +59,14 @@ from logitcache.pipeline.tracking import MetricsLog
 # scalar parts of it (e.g. the student's "ce" and "kd"), logged beside the loss.
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor | dict[str, torch.Tensor]]
 
+
+def _split_loss(out: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, parts) of a :data:`LossFn`'s result."""
+    if isinstance(out, dict):
+        return out["loss"], {name: value for name, value in out.items() if name != "loss"}
+    return out, {}
+
+
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
@@ -371,13 +379,6 @@ class StepClock:
     def seconds(self) -> float:
         running = self._now() - self._since if self._since is not None else 0.0
         return self._total + running
-
-
-def _split_loss(out: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, parts) of a :data:`LossFn`'s result."""
-    if isinstance(out, dict):
-        return out["loss"], {name: value for name, value in out.items() if name != "loss"}
-    return out, {}
 
 
 def train_model(
