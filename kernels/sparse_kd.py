@@ -157,8 +157,9 @@ def sparse_kd_loss_reference(
     """Dense plain-PyTorch sparse-KD loss (see the module docstring). Differentiable by autograd.
 
     Options: the keywords of :func:`sparse_kd_loss` (``temperature``, ``ce_weight``,
-    ``kl_weight``, ``ignore_index``, ``reduction``). Computes in float64 when the logits are
-    float64, else float32; returns that dtype.
+    ``kl_weight``, ``ignore_index``, ``reduction``, ``divergence``, ``jsd_beta``). Computes in
+    float64 when the logits are float64, else float32; returns that dtype. (``kl`` below holds
+    whichever divergence is chosen.)
     """
     vocab = logits.shape[-1]
     check_shapes(tuple(logits.shape[:-1]), vocab, targets, teacher_ids, teacher_weights, tail)

@@ -498,10 +498,10 @@ def train_model(
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.tokens += tokens_per_step
-                step_loss = ctx.all_reduce_sum(step_loss) / ctx.world_size
-                if step_parts:  # one collective for all parts; every rank has the same names
-                    reduced = ctx.all_reduce_sum(torch.stack(list(step_parts.values()))) / ctx.world_size
-                    step_parts = dict(zip(step_parts, reduced, strict=True))
+                # one collective for the loss and its parts (every rank has the same part names)
+                reduced = ctx.all_reduce_sum(torch.stack([step_loss.float(), *step_parts.values()]))
+                step_loss, *part_values = reduced / ctx.world_size
+                step_parts = dict(zip(step_parts, part_values, strict=True))
                 bar.update(1)
                 if state.global_step % train.log_every == 0 or state.global_step == plan.total_steps:
                     train_s = clock.seconds()
