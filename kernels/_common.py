@@ -25,6 +25,12 @@ from logitcache.kernels.errors import KernelError
 
 BACKENDS: Final = ("auto", "triton", "torch")
 REDUCTIONS: Final = ("mean", "sum", "batchmean-compat")
+# The divergence between the teacher's and the student's distribution over the sparse support
+# (formulas in logitcache.kernels.sparse_kd). Their index is the Triton kernel's DIVERGENCE constexpr.
+DIVERGENCES: Final = ("forward_kl", "reverse_kl", "jsd", "tv")
+# Reverse KL takes log(max(p, PROB_FLOOR)) of the teacher: a cached weight of exactly 0 (a value
+# quantised to 0, e.g. p < p_max / 2046 with ratio_q10) would otherwise make the loss infinite.
+PROB_FLOOR: Final = 1e-8
 BACKEND_ENV_VAR: Final = "LOGITCACHE_KERNEL_BACKEND"
 
 
@@ -37,7 +43,9 @@ class SparseKDParams:
     ``kl_batch_div`` is the divisor of the KL sum in ``reduction="batchmean-compat"``: the leading
     dimension of the logits as the caller gave them (``B`` for ``(B, T, V)``, ``N`` for ``(N, V)``),
     exactly what ``torch.nn.KLDivLoss(reduction="batchmean")`` divides by; the public functions set
-    it from the shape (:meth:`for_shape`).
+    it from the shape (:meth:`for_shape`). ``divergence`` in :data:`DIVERGENCES` replaces the KL
+    term (the name ``kl_weight`` stays: it weighs whichever divergence); ``jsd_beta`` in (0, 1) is
+    the teacher's share of the JSD mixture (used only by ``divergence="jsd"``).
     """
 
     temperature: float = 1.0
@@ -46,8 +54,19 @@ class SparseKDParams:
     ignore_index: int = -100
     reduction: str = "mean"
     kl_batch_div: int = 1
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise KernelError(
+                f"Expected divergence in {DIVERGENCES}. Got {self.divergence!r}. Pick one of those."
+            )
+        if not (0.0 < float(self.jsd_beta) < 1.0):
+            raise KernelError(
+                f"Expected jsd_beta in (0, 1). Got {self.jsd_beta!r}. JSD vanishes at 0 and 1: use "
+                "divergence='forward_kl' or 'reverse_kl' for those limits."
+            )
         if self.reduction not in REDUCTIONS:
             raise KernelError(
                 f"Expected reduction in {REDUCTIONS}. Got {self.reduction!r}. Pick one of those."
@@ -63,12 +82,20 @@ class SparseKDParams:
         object.__setattr__(self, "kl_weight", float(self.kl_weight))
         object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "kl_batch_div", max(int(self.kl_batch_div), 1))
+        object.__setattr__(self, "jsd_beta", float(self.jsd_beta))
 
     @classmethod
     def from_alpha(
-        cls, alpha: float, *, temperature: float = 1.0, reduction: str = "mean", ignore_index: int = -100
+        cls,
+        alpha: float,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        divergence: str = "forward_kl",
+        jsd_beta: float = 0.5,
     ) -> SparseKDParams:
-        """``(1 - alpha) * CE + alpha * T**2 * KL``: the usual distillation mix (alpha = 0: CE only)."""
+        """``(1 - alpha) * CE + alpha * T**2 * D``: the usual distillation mix (alpha = 0: CE only)."""
         if not (0.0 <= float(alpha) <= 1.0):
             raise KernelError(f"Expected alpha in [0, 1]. Got {alpha!r}.")
         return cls(
@@ -77,6 +104,8 @@ class SparseKDParams:
             kl_weight=float(alpha),
             ignore_index=ignore_index,
             reduction=reduction,
+            divergence=divergence,
+            jsd_beta=jsd_beta,
         )
 
     def for_shape(self, logits_shape: torch.Size | tuple[int, ...]) -> SparseKDParams:
@@ -84,7 +113,7 @@ class SparseKDParams:
         div = max(int(logits_shape[0]), 1) if len(logits_shape) > 1 else 1
         return self if div == self.kl_batch_div else replace(self, kl_batch_div=div)
 
-    def op_args(self) -> tuple[float, float, float, int, str, int]:
+    def op_args(self) -> tuple[float, float, float, int, str, int, str, float]:
         """The fields in declaration order: how the options cross a ``torch.library.custom_op``
         boundary (which takes no dataclasses); ``SparseKDParams(*op_args)`` rebuilds them."""
         return (
@@ -94,6 +123,8 @@ class SparseKDParams:
             self.ignore_index,
             self.reduction,
             self.kl_batch_div,
+            self.divergence,
+            self.jsd_beta,
         )
 
     def keywords(self) -> dict[str, float | int | str]:
@@ -104,7 +135,23 @@ class SparseKDParams:
             "kl_weight": self.kl_weight,
             "ignore_index": self.ignore_index,
             "reduction": self.reduction,
+            "divergence": self.divergence,
+            "jsd_beta": self.jsd_beta,
         }
+
+    def bucket_tail(
+        self, tail: torch.Tensor | None, lead: tuple[int, ...], like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The tail the divergence is computed with: as given, except JSD and TV without a tail
+        (renormalised weights), which use a tail of 0: the teacher puts no mass outside S, and the
+        student's mass outside S is one bucket (the exact full-vocabulary JSD / TV against that
+        teacher). Forward KL with a tail of 0 equals forward KL without one; reverse KL without a
+        tail restricts the student to S instead (it would be infinite)."""
+        if tail is not None or self.divergence not in ("jsd", "tv"):
+            return tail
+        return torch.zeros(
+            lead, dtype=like.dtype if like.dtype.is_floating_point else torch.float32, device=like.device
+        )
 
 
 class LossKeywords(TypedDict, total=False):
@@ -115,6 +162,8 @@ class LossKeywords(TypedDict, total=False):
     kl_weight: float
     ignore_index: int
     reduction: str
+    divergence: str
+    jsd_beta: float
 
 
 def make_params(

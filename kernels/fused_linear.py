@@ -41,7 +41,12 @@ from logitcache.kernels._sparse_kd_torch import (
     sparse_kd_forward_torch,
 )
 from logitcache.kernels.errors import KernelError
-from logitcache.kernels.sparse_kd import loss_dtype, sparse_kd_forward_triton, sparse_kd_loss_reference
+from logitcache.kernels.sparse_kd import (
+    loss_dtype,
+    mean_parts,
+    sparse_kd_forward_triton,
+    sparse_kd_loss_reference,
+)
 
 
 def fused_linear_sparse_kd_loss_reference(
@@ -94,6 +99,8 @@ def fused_linear_forward(
     grad_hidden = torch.empty_like(hidden)  # (N, H)
     grad_weight = torch.zeros_like(weight)  # (V, H)
     row_loss = torch.zeros(n_rows, dtype=loss_dtype(backend, hidden.dtype), device=hidden.device)  # (N,)
+    row_parts = torch.zeros((n_rows, 2), dtype=row_loss.dtype, device=hidden.device)  # (N, 2) CE, D
+    tail = params.bucket_tail(tail, (n_rows,), teacher_weights)
     n_valid = (targets != params.ignore_index).sum()  # device scalar: no host sync
     logits_buffer = hidden.new_empty((min(chunk, n_rows), vocab))  # (C, V) reused per chunk
     teacher = None
@@ -109,7 +116,7 @@ def fused_linear_forward(
         logits_chunk = logits_buffer[: stop - start]  # (c, V)
         torch.mm(hidden_chunk, weight.t(), out=logits_chunk)
         if teacher is not None:
-            row_loss[start:stop] = sparse_kd_forward_torch(
+            row_loss[start:stop], row_parts[start:stop] = sparse_kd_forward_torch(
                 logits_chunk,
                 targets[start:stop],
                 teacher,
@@ -121,7 +128,7 @@ def fused_linear_forward(
                 rows_per_chunk=stop - start,
             )
         else:
-            row_loss[start:stop] = sparse_kd_forward_triton(
+            row_loss[start:stop], row_parts[start:stop] = sparse_kd_forward_triton(
                 logits_chunk,
                 targets[start:stop],
                 teacher_ids[start:stop],
@@ -135,7 +142,7 @@ def fused_linear_forward(
             )
         torch.mm(logits_chunk, weight, out=grad_hidden[start:stop])
         grad_weight.addmm_(logits_chunk.t(), hidden_chunk)
-    return row_loss.sum(), grad_hidden, grad_weight
+    return row_loss.sum(), grad_hidden, grad_weight, mean_parts(row_parts, n_valid)
 
 
 @torch.library.custom_op("logitcache::fused_linear_sparse_kd_loss", mutates_args=())
@@ -152,11 +159,15 @@ def _fused_linear_op(
     ignore_index: int,
     reduction: str,
     kl_batch_div: int,
+    divergence: str,
+    jsd_beta: float,
     chunk_size: int,
     block_v: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = SparseKDParams(temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = SparseKDParams(
+        temperature, ce_weight, kl_weight, ignore_index, reduction, kl_batch_div, divergence, jsd_beta
+    )
     return fused_linear_forward(
         hidden,
         weight,
@@ -174,19 +185,20 @@ def _fused_linear_op(
 @_fused_linear_op.register_fake
 def _fused_linear_op_fake(hidden, weight, *args):  # noqa: ANN001
     loss = hidden.new_empty((), dtype=loss_dtype(args[-1], hidden.dtype))
-    return loss, torch.empty_like(hidden), torch.empty_like(weight)
+    parts = hidden.new_empty((2,), dtype=torch.float32)
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), parts
 
 
 def _fused_linear_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.save_for_backward(output[1], output[2])
 
 
-def _fused_linear_backward(ctx, grad_loss, _grad_grad_hidden, _grad_grad_weight):  # noqa: ANN001
+def _fused_linear_backward(ctx, grad_loss, _grad_grad_hidden, _grad_grad_weight, _grad_parts):  # noqa: ANN001
     grad_hidden, grad_weight = ctx.saved_tensors
     return (
         grad_hidden * grad_loss.to(grad_hidden.dtype),
         grad_weight * grad_loss.to(grad_weight.dtype),
-    ) + (None,) * 13
+    ) + (None,) * 15
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup_context)
@@ -205,15 +217,19 @@ def fused_linear_sparse_kd_loss(
     kl_weight: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
     backend: str = "auto",
     chunk_size: int | None = None,
     block_v: int | None = None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse-KD loss of ``hidden @ weight.T`` without materialising the logits (module docstring).
 
     Shapes: ``hidden`` (..., H); ``weight`` (V, H); ``targets`` (...); ``teacher_ids`` and
     ``teacher_weights`` (..., k); ``tail`` (...) or None. Differentiable in ``hidden`` and
-    ``weight``. ``batchmean-compat`` divides the KL by ``hidden.shape[0]``.
+    ``weight``. ``batchmean-compat`` divides the KL by ``hidden.shape[0]``. ``divergence``,
+    ``jsd_beta`` and ``return_parts``: as in :func:`~logitcache.kernels.sparse_kd.sparse_kd_loss`.
     """
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise KernelError(
@@ -232,12 +248,14 @@ def fused_linear_sparse_kd_loss(
         kl_weight=kl_weight,
         ignore_index=ignore_index,
         reduction=reduction,
+        divergence=divergence,
+        jsd_beta=jsd_beta,
     )
     chosen = resolve_backend(backend, hidden.device)
     if chosen == "torch":
         check_values(vocab, targets, teacher_ids, params.ignore_index)
     k = teacher_ids.shape[-1]
-    loss, _, _ = _fused_linear_op(
+    loss, _, _, parts = _fused_linear_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(),
         weight.contiguous(),
         targets.reshape(-1),
@@ -249,4 +267,4 @@ def fused_linear_sparse_kd_loss(
         int(block_v or 0),
         chosen,
     )
-    return loss
+    return (loss, parts.detach()) if return_parts else loss

@@ -196,7 +196,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The student's loss: ce_weight * CE + kl_weight * T^2 * KL(teacher || student)."""
+    """The student's loss: ce_weight * CE + kl_weight * T^2 * D(teacher, student), D = `divergence`."""
 
     # kl_weight = alpha, ce_weight = 1 - alpha. BabyLlama's code puts alpha on the CE term
     # instead; at the papers' alpha = 0.5 the two conventions coincide.
@@ -209,6 +209,14 @@ class DistillConfig:
     # (docs/results.md).
     tail: Literal["renormalize", "ghost"] = "ghost"
     reduction: Literal["mean", "sum", "batchmean-compat"] = "mean"
+    # D over the cached support (+ the tail bucket): "forward_kl" KL(teacher || student),
+    # "reverse_kl" KL(student || teacher), "jsd" beta KL(t || m) + (1 - beta) KL(s || m) with
+    # m = beta t + (1 - beta) s, "tv" total variation (formulas: docs/kernels.md). Only forward_kl
+    # with sampled / hybrid caches (the others are biased on importance-weighted draws).
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = "forward_kl"
+    # JSD's beta in (0, 1), the teacher's share of m: JSD / beta -> forward KL as beta -> 0, and
+    # JSD / (1 - beta) -> reverse KL as beta -> 1 (with the ghost tail)
+    jsd_beta: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -283,6 +291,10 @@ class Config:
             _drop_default(model, "init", "random")
         if data["cache"]["mode"] != "hybrid":  # tail_samples matters only there
             data["cache"].pop("tail_samples")
+        distill = data["student"]["distill"]
+        if distill["divergence"] != "jsd":  # jsd_beta matters only there
+            distill.pop("jsd_beta")
+        _drop_default(distill, "divergence", "forward_kl")
         return data
 
     def fingerprint(self, *sections: str) -> str:
@@ -643,6 +655,7 @@ def validate(config: Config) -> None:
     if not 0.0 <= student.distill.alpha <= 1.0:
         raise ConfigError(f"Expected student.distill.alpha in [0, 1]. Got {student.distill.alpha}.")
     _positive(student.distill.temperature, "student.distill.temperature")
+    _validate_divergence(config)
     loader = student.loader
     _at_least(loader.workers, 0, "student.loader.workers", " (0 = read in the training process)")
     _at_least(loader.prefetch_factor, 1, "student.loader.prefetch_factor")
@@ -650,6 +663,23 @@ def validate(config: Config) -> None:
     _at_least(loader.shuffle_buffer_blocks, 1, "student.loader.shuffle_buffer_blocks")
     _at_least(config.evaluate.batch_size, 1, "evaluate.batch_size")
     _at_least(config.evaluate.ece_bins, 1, "evaluate.ece_bins")
+
+
+def _validate_divergence(config: Config) -> None:
+    distill = config.student.distill
+    _require(
+        0.0 < distill.jsd_beta < 1.0,
+        "student.distill.jsd_beta",
+        "in (0, 1) (JSD vanishes at 0 and 1: use divergence forward_kl or reverse_kl for those limits)",
+        distill.jsd_beta,
+    )
+    uses_cache = config.student.mode == "cache" or "cache" in config.run.students
+    if distill.divergence != "forward_kl" and uses_cache and config.cache.mode in ("sampled", "hybrid"):
+        raise ConfigError(
+            f"Expected student.distill.divergence = 'forward_kl' with cache.mode = {config.cache.mode!r}. "
+            f"Got {distill.divergence!r}: a nonlinear divergence of importance-weighted draws is biased. "
+            "Use forward_kl, or a topk cache (cache.mode = 'topk') for this divergence."
+        )
 
 
 def _validate_cache(cache: CacheConfig, num_teachers: int) -> None:

@@ -18,6 +18,9 @@ distribution ``p`` over ids ``S`` (all ids when online) and ``alpha`` = ``distil
 
     loss = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(p || softmax(z / T))
 
+(``distill.divergence`` replaces the KL by reverse KL, JSD with ``distill.jsd_beta``, or total
+variation: docs/kernels.md; only forward KL with sampled / hybrid caches, refused at config load.)
+
 reduced over the (B, T - 1) predicted positions by ``distill.reduction`` (see docs/kernels.md).
 The cache entry of position ``t`` is the teachers' distribution of token ``t + 1``, so entries
 ``[:, :-1]`` go with targets ``input_ids[:, 1:]``; the last position's entries are not used.
@@ -28,7 +31,7 @@ its tail draws' importance weights ``tail * count / m``, already sum to 1 and ar
 
 Output: ``RUN/students/NAME`` (NAME = ``student.name``, or the mode when empty: ``students/cache``,
 ``students/online``, ``students/ce``), a Hugging Face model folder with tokenizer,
-``metrics.jsonl``, ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
+``metrics.jsonl`` (with the loss's parts ``ce`` and ``kd`` per logged step), ``train_summary.json``, ``checkpoints/`` while training (removed once complete),
 ``COMPLETE.json`` last.
 """
 
@@ -113,9 +116,13 @@ class LossOptions:
     @classmethod
     def from_config(cls, config: Config) -> LossOptions:
         distill = config.student.distill
-        alpha = 0.0 if config.student.mode == "ce" else distill.alpha
+        teacher = config.student.mode != "ce"  # mode "ce": no teacher term at all
         params = SparseKDParams.from_alpha(
-            alpha, temperature=distill.temperature, reduction=distill.reduction
+            distill.alpha if teacher else 0.0,
+            temperature=distill.temperature,
+            reduction=distill.reduction,
+            divergence=distill.divergence if teacher else "forward_kl",
+            jsd_beta=distill.jsd_beta,
         )
         return cls(mode=config.student.mode, params=params)
 
@@ -124,7 +131,10 @@ class StudentObjective(torch.nn.Module):
     """The module the loop trains (``wrap`` hook): the student plus its loss; forward(batch) -> loss.
 
     It owns the student's parameters only (teachers are kept out of ``parameters()``), so DDP
-    synchronises exactly the student's gradients.
+    synchronises exactly the student's gradients. ``forward(batch, with_parts=True)`` returns
+    ``{"loss": loss, "ce": ..., "kd": ...}`` instead: the mean CE and the mean divergence per
+    predicted position (unweighted, detached; from the same pass as the loss), which the loop logs;
+    mode "ce" gives ``ce`` only.
     """
 
     def __init__(
@@ -143,7 +153,18 @@ class StudentObjective(torch.nn.Module):
         # the loss, as the teachers' padded ids take none in their signal. None = every row.
         self.vocab_size = vocab_size
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], with_parts: bool = False
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        loss, parts = self._loss_and_parts(batch)
+        if not with_parts:
+            return loss
+        if self.options.mode == "ce":
+            return {"loss": loss, "ce": parts[0]}
+        return {"loss": loss, "ce": parts[0], "kd": parts[1]}
+
+    def _loss_and_parts(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, parts (2,): mean CE, mean divergence per predicted position)."""
         o = self.options
         input_ids = batch["input_ids"]  # (B, T)
         targets = input_ids[:, 1:]  # (B, T-1)
@@ -152,12 +173,15 @@ class StudentObjective(torch.nn.Module):
         if o.mode == "online":
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             teacher_logp = self._teachers[0].logprobs(input_ids)[:, :-1]  # (B, T-1, V)
-            return dense_kd_loss(logits, targets, teacher_logp, **o.params.keywords())
+            return dense_kd_loss(logits, targets, teacher_logp, return_parts=True, **o.params.keywords())
         triton = resolve_backend("auto", hidden.device) == "triton"
         if o.mode == "ce" and not triton:  # plain CE training, exactly as a user would write it
             logits = F.linear(hidden, weight)  # (B, T-1, V)
             ce_reduction = "sum" if o.params.reduction == "sum" else "mean"
-            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=ce_reduction)
+            flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()
+            loss = F.cross_entropy(flat_logits, flat_targets, reduction=ce_reduction)
+            mean_ce = loss.detach() if ce_reduction == "mean" else loss.detach() / flat_targets.numel()
+            return loss, torch.stack([mean_ce, torch.zeros_like(mean_ce)])
         if o.mode == "ce":  # the same fused kernel with no teacher mass: one zero-weight entry
             ids = targets.unsqueeze(-1)  # (B, T-1, 1)
             weights, tail = torch.zeros(ids.shape, device=ids.device), None
@@ -170,8 +194,9 @@ class StudentObjective(torch.nn.Module):
         )
         with torch.autocast(hidden.device.type, enabled=False):
             return fused_linear_sparse_kd_loss(
-                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, **o.params.keywords()
-            )
+                hidden.to(dtype), weight.to(dtype), targets, ids, weights, tail, return_parts=True,
+                **o.params.keywords(),
+            )  # fmt: skip
 
 
 def distillation_loss(
@@ -222,9 +247,10 @@ def fused_distillation_loss(
     )
 
 
-def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work."""
-    return module(batch)
+def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loop's ``loss_fn``: the (compiled / DDP-wrapped) :class:`StudentObjective` does the work;
+    its loss parts (``ce``, ``kd``) are logged beside the loss."""
+    return module(batch, with_parts=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Where training metrics go: ``metrics.jsonl`` always, and the trackers of ``run.report_to``.
 
 ``metrics.jsonl`` (one JSON object per line: training records every ``log_every`` steps, a dev
-record per epoch) is the record the project reads back (resume, reports, benchmarks). Trackers
+record per epoch) is the record the project reads back (resume, reports, benchmarks). Training
+records: ``step``, ``epoch``, ``loss``, for students its parts ``ce`` (mean cross-entropy per
+predicted position) and ``kd`` (mean divergence per position, before ``kl_weight * T^2``; absent
+in mode "ce"), ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``, ``train_s``. Trackers
 receive the same numbers: ``"tensorboard"`` writes scalars ``train/<key>`` and ``dev/<key>`` against
 the optimizer step into one event folder per model, ``RUN/tensorboard/<teachers|students>/<name>``
 (``tensorboard --logdir RUN/tensorboard`` shows every model of a run side by side).

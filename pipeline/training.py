@@ -55,8 +55,17 @@ from logitcache.pipeline.progress import progress_bar
 from logitcache.pipeline.tracking import MetricsLog
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
-# loss over the batch's target tokens as a scalar tensor.
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# loss over the batch's target tokens as a scalar tensor, or a dict of it ("loss") and detached
+# scalar parts of it (e.g. the student's "ce" and "kd"), logged beside the loss.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor | dict[str, torch.Tensor]]
+
+
+def _split_loss(out: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, parts) of a :data:`LossFn`'s result."""
+    if isinstance(out, dict):
+        return out["loss"], {name: value for name, value in out.items() if name != "loss"}
+    return out, {}
+
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -494,6 +503,7 @@ def train_model(
             micro_batches = iter(loader)
             while state.step_in_epoch < stop:
                 step_loss = torch.zeros((), device=ctx.device)
+                step_parts: dict[str, torch.Tensor] = {}  # mean over the micro-batches, like the loss
                 for micro in range(train.grad_accum_steps):
                     batch = {
                         name: value.to(ctx.device, non_blocking=True)
@@ -503,9 +513,13 @@ def train_model(
                     sync = contextlib.nullcontext() if last or not ctx.distributed else train_module.no_sync()
                     with sync:
                         with autocast:
-                            loss = loss_fn(train_module, batch) / train.grad_accum_steps
+                            loss, parts = _split_loss(loss_fn(train_module, batch))
+                            loss = loss / train.grad_accum_steps
                         loss.backward()
                     step_loss += loss.detach()
+                    for name, value in parts.items():
+                        share = value.detach().float() / train.grad_accum_steps
+                        step_parts[name] = step_parts[name] + share if name in step_parts else share
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     raise StageError(
@@ -517,7 +531,10 @@ def train_model(
                 state.step_in_epoch += 1
                 state.global_step += 1
                 state.tokens += tokens_per_step
-                step_loss = ctx.all_reduce_sum(step_loss) / ctx.world_size
+                # one collective for the loss and its parts (every rank has the same part names)
+                reduced = ctx.all_reduce_sum(torch.stack([step_loss.float(), *step_parts.values()]))
+                step_loss, *part_values = reduced / ctx.world_size
+                step_parts = dict(zip(step_parts, part_values, strict=True))
                 bar.update(1)
                 if state.global_step % train.log_every == 0 or state.global_step == plan.total_steps:
                     train_s = clock.seconds()
@@ -526,13 +543,15 @@ def train_model(
                         "step": state.global_step,
                         "epoch": state.epoch,
                         "loss": float(step_loss),
+                        **{name: float(value) for name, value in step_parts.items()},
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
                         "tokens": state.tokens,
                         "tokens_per_s": tps,
                         "train_s": train_s,
                     }
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    shown = {name: f"{record[name]:.3f}" for name in ("loss", *step_parts)}
+                    bar.set_postfix(**shown, tok_s=f"{tps:,.0f}")
                     if metrics is not None:
                         metrics.write(record)
                 if state.global_step % train.checkpoint_every == 0 and state.global_step < plan.total_steps:

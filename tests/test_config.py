@@ -141,6 +141,42 @@ def test_hybrid_cache_settings_are_checked_at_load():
             load_config(demo, [*hybrid, override])
 
 
+def test_divergence_settings_are_checked_at_load():
+    demo = REPO / "configs" / "demo.toml"
+    distill = load_config(
+        demo, ["student.distill.divergence=jsd", "student.distill.jsd_beta=0.1"]
+    ).student.distill
+    assert (distill.divergence, distill.jsd_beta) == ("jsd", 0.1)
+    assert load_config(demo).student.distill.divergence == "forward_kl"
+    for overrides, message in [
+        (
+            ["student.distill.divergence=kl"],
+            r"'student.distill.divergence' to be one of 'forward_kl', 'reverse_kl'",
+        ),
+        (["student.distill.jsd_beta=1.0"], r"Expected student.distill.jsd_beta in \(0, 1\)"),
+        (["student.distill.jsd_beta=0"], r"Expected student.distill.jsd_beta in \(0, 1\)"),
+        (
+            ["student.distill.divergence=tv", "cache.mode=sampled"],
+            r"divergence = 'forward_kl' with cache.mode = 'sampled'. Got 'tv': .* biased\. Use forward_kl",
+        ),
+        (["student.distill.divergence=jsd", "cache.mode=hybrid"], r"cache.mode = 'hybrid'"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as info:
+            load_config(demo, overrides)
+        assert "\n" not in str(info.value)
+    # students trained before the keys existed keep their fingerprint; jsd_beta counts for JSD only
+    fingerprint = student_fingerprint(load_config(demo))
+    assert fingerprint == student_fingerprint(load_config(demo, ["student.distill.jsd_beta=0.2"]))
+    jsd = student_fingerprint(load_config(demo, ["student.distill.divergence=jsd"]))
+    assert len({fingerprint, jsd}) == 2
+    assert jsd != student_fingerprint(
+        load_config(demo, ["student.distill.divergence=jsd", "student.distill.jsd_beta=0.2"])
+    )
+    # an online-only run does not read the cache: any divergence goes with any cache mode
+    online = ["student.mode=online", 'run.students=["online"]', "cache.mode=sampled"]
+    assert load_config(demo, [*online, "student.distill.divergence=tv"]).student.distill.divergence == "tv"
+
+
 def test_unknown_key_in_file(tmp_path: Path):
     path = tmp_path / "bad.toml"
     path.write_text('[data]\ncorpus = "x"\nvocab = 100\n')

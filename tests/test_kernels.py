@@ -351,6 +351,8 @@ def test_custom_op_passes_opcheck(backend):
         IGNORE,
         "mean",
         3,
+        "forward_kl",
+        0.5,
         0,
         backend,
     )
@@ -424,7 +426,7 @@ def _forward_chunked(case, rows_per_chunk, **kwargs):
 
     params = make_params(case.logits.shape, **({"ignore_index": IGNORE} | kwargs))
     grad = torch.empty_like(case.logits)
-    rows = sparse_kd_forward_chunked(
+    rows, _ = sparse_kd_forward_chunked(
         case.logits, case.targets, case.ids, case.weights, case.tail, params, grad_out=grad,
         rows_per_chunk=rows_per_chunk,
     )  # fmt: skip

@@ -104,6 +104,16 @@ def test_triton_full_size(dtype, mode, temperature, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["topk", "ghost"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tv"])
+def test_triton_divergences_full_size(dtype, mode, divergence):
+    """Reverse KL, JSD and TV (the DIVERGENCE constexpr's other branches) at the odd full size."""
+    n, vocab, k = SHAPES[-1]
+    case = make_case(n, vocab, k, mode, seed=9, device=DEVICE)
+    _check(case, dtype, temperature=2.0, divergence=divergence, jsd_beta=0.3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["topk", "ghost"])
 def test_triton_custom_ignore_index_and_grad_output(dtype, mode):
     """ignore_index = -1 (not the default -100), every 3rd position ignored, grad_output = 0.75."""
     n, vocab, k = SHAPES[0]

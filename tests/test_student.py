@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from logitcache.cache import (
@@ -24,7 +25,12 @@ from logitcache.cache import (
     open_cache,
     select_topk,
 )
-from logitcache.kernels import fused_linear_sparse_kd_loss, sparse_kd_loss, sparse_kd_loss_reference
+from logitcache.kernels import (
+    dense_kd_loss,
+    fused_linear_sparse_kd_loss,
+    sparse_kd_loss,
+    sparse_kd_loss_reference,
+)
 from logitcache.kernels._common import triton_available
 from logitcache.pipeline.cache_logits import cache_logits
 from logitcache.pipeline.config import load_config
@@ -415,6 +421,70 @@ def test_online_equals_cache_with_k_v_minus_1_exact_values(run: Path, tmp_path: 
     assert close.item() == pytest.approx(online.item(), rel=2e-3)  # one token of tiny mass dropped
 
 
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "tv"]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_loss_parts_equal_a_reference_on_a_fixed_batch(run: Path, divergence: str):
+    """The logged parts (mean CE, mean divergence per predicted position), cache and online modes,
+    against the HF logits and the reference; ce_weight * ce + kl_weight * T^2 * kd is the loss."""
+    config = _config(run, f"student.distill.divergence={divergence}", "student.distill.jsd_beta=0.3",
+                     "student.distill.alpha=0.7", "student.distill.temperature=2.0")  # fmt: skip
+    data = PreparedData.open(config.run_dir / "data")
+    model = _student(config, data.vocab_size, data.seq_len)
+    rows = [3, 40, 41, 7]
+    windows = data.windows("train")
+    batch = StudentDataset(windows, config.run_dir / "cache" / "logits.zarr", "ghost").read(rows)
+    options = LossOptions.from_config(config)
+    input_ids = batch["input_ids"]
+    teachers = TeacherEnsemble.load(config, data, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, :-1]  # (B, T-1, V)
+        teacher_logp = teachers.logprobs(input_ids)[:, :-1]  # (B, T-1, V)
+    targets = input_ids[:, 1:]
+    want_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+    kd_only = dict(ce_weight=0.0, kl_weight=1.0, temperature=2.0, divergence=divergence, jsd_beta=0.3)
+    want_kd = {
+        "cache": sparse_kd_loss_reference(
+            logits, targets, batch["teacher_ids"], batch["teacher_weights"], batch["teacher_tail"], **kd_only
+        ).item() / 4.0,
+        "online": dense_kd_loss(logits, targets, teacher_logp, **kd_only).item() / 4.0,
+    }  # fmt: skip
+    for mode in ("cache", "online"):
+        objective = StudentObjective(model, replace(options, mode=mode), teachers)
+        out = objective(batch, with_parts=True)
+        assert set(out) == {"loss", "ce", "kd"} and not out["kd"].requires_grad
+        assert out["ce"].item() == pytest.approx(want_ce, rel=1e-5)
+        # abs: fp32 rounding of the O(1) terms of a small divergence (an untrained student's JSD ~1e-3)
+        assert out["kd"].item() == pytest.approx(want_kd[mode], rel=1e-5, abs=1e-7)
+        assert 0.3 * out["ce"].item() + 0.7 * 4.0 * out["kd"].item() == pytest.approx(
+            out["loss"].item(), rel=1e-5
+        )
+        assert objective(batch).item() == out["loss"].item()  # the plain call: the same loss
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_each_divergence_lowers_its_loss_from_the_cache(run: Path, divergence: str):
+    """A few AdamW steps on one fixed batch of cache rows lower the loss and its divergence part."""
+    config = _config(run, f"student.distill.divergence={divergence}", "student.distill.alpha=0.5")
+    data = PreparedData.open(config.run_dir / "data")
+    model = _student(config, data.vocab_size, data.seq_len)
+    batch = StudentDataset(data.windows("train"), config.run_dir / "cache" / "logits.zarr", "ghost").read(
+        list(range(8))
+    )
+    objective = StudentObjective(model, LossOptions.from_config(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(8):
+        out = objective(batch, with_parts=True)
+        history.append((out["loss"].item(), out["kd"].item()))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert all(math.isfinite(loss) for loss, _ in history)
+    assert history[-1][0] < 0.9 * history[0][0] and history[-1][1] < history[0][1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -435,6 +505,9 @@ def test_train_student_modes_output_hf_folders(run: Path):
     assert dev_loss == pytest.approx(summary["dev_loss"], rel=1e-4)
     losses = _losses(out / "metrics.jsonl")
     assert [s for s, _ in losses] == list(range(1, 13)) and losses[-1][1] < losses[0][1]
+    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in record:  # alpha 0.5, T = 1: loss = 0.5 ce + 0.5 kd (the same pass's parts)
+            assert 0.5 * record["ce"] + 0.5 * record["kd"] == pytest.approx(record["loss"], rel=1e-5)
     assert any("dev_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     assert train_student(config, progress=False) == out  # complete: skipped
 
@@ -445,6 +518,11 @@ def test_train_student_modes_output_hf_folders(run: Path):
         assert folder == config.run_dir / "students" / mode
         assert json.loads((folder / "train_summary.json").read_text())["mode"] == mode
         firsts[mode] = _losses(folder / "metrics.jsonl")[0][1]
+        first = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
+        if mode == "ce":  # no teacher: the loss is the CE
+            assert "kd" not in first and first["ce"] == pytest.approx(first["loss"], rel=1e-6)
+        else:
+            assert 0.5 * first["ce"] + 0.5 * first["kd"] == pytest.approx(first["loss"], rel=1e-5)
     # Same initial student and first batch; only the teacher term differs.
     assert firsts["ce"] != firsts["cache"] and firsts["online"] != firsts["cache"]
     changed = _config(run, "student.train.max_steps=12", "student.train.lr=1e-4")

@@ -35,6 +35,21 @@ def test_tensorboard_scalars_equal_the_jsonl_metrics(tiny_config: Path):
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6)  # stored as float32
 
 
+def test_tensorboard_gets_the_loss_parts(tmp_path: Path):
+    """The student's records carry ``ce`` and ``kd`` beside ``loss``: TensorBoard shows them too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from logitcache.pipeline.tracking import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", report_to=["tensorboard"], tracker_dir=tmp_path / "tb")
+    log.write({"step": 1, "epoch": 0, "loss": 2.5, "ce": 3.0, "kd": 2.0, "lr": 1e-3})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/ce")] == [(1, 3.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/kd")] == [(1, 2.0)]
+
+
 def test_tensorboard_without_the_package_is_a_config_error(tiny_config: Path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
