@@ -6,9 +6,11 @@ import pytest
 
 from logitcache.pipeline.evaluation.compare import (
     SeedSpread,
+    combined_verdict,
     compare,
     one_factor_pairs,
     paired,
+    paired_verdict,
     relative_difference,
 )
 
@@ -91,3 +93,26 @@ def test_paired_differences_and_sign_test_by_hand():
     assert (ties.lower, ties.higher, ties.sign_test_p) == (0, 0, 1.0)
     with pytest.raises(ValueError, match="common seeds"):
         paired({1: 1.0}, {2: 1.0})
+
+
+def test_paired_verdict_decides_only_where_the_seed_ranges_overlap():
+    # the CE twin's seeds spread more than the gap, but every seed of the student is lower
+    student = {s: v for s, v in enumerate([243.4, 250.0, 255.0, 258.0, 260.0, 261.4], 1)}
+    twin = {s: v for s, v in enumerate([251.9, 262.0, 270.0, 275.0, 278.0, 282.7], 1)}
+    a, b = SeedSpread.of(list(student.values())), SeedSpread.of(list(twin.values()))
+    assert compare(a, b) == "within seed noise"
+    pair = paired(student, twin)
+    assert paired_verdict(pair) == "better" and paired_verdict(paired(twin, student)) == "worse"
+    assert combined_verdict(a, b, pair) == ("better", True)
+    assert combined_verdict(b, a, paired(twin, student)) == ("worse", True)
+    # five of six agreeing (p = 14/64) is not enough, nor is no pairing at all
+    five = {**student, 6: 290.0}
+    assert paired_verdict(paired(five, twin)) == "within seed noise"
+    assert combined_verdict(SeedSpread.of(list(five.values())), b, paired(five, twin)) == (
+        "within seed noise",
+        False,
+    )
+    assert combined_verdict(a, b, None) == ("within seed noise", False)
+    # disjoint ranges decide by themselves
+    far = SeedSpread.of([100.0, 101.0])
+    assert combined_verdict(far, b, None) == ("better", False)

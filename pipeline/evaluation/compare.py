@@ -110,6 +110,25 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> PairedDifference:
     return PairedDifference(seeds, tuple((a[s] - b[s]) / b[s] for s in seeds))
 
 
+def paired_verdict(pair: PairedDifference, *, level: float = 0.05) -> Verdict:
+    """``a`` vs ``b`` by their per-seed differences: "better"/"worse" when the sign test rejects "lower
+    as often as higher" at ``level`` (six seeds must all agree), else "within seed noise"."""
+    if pair.sign_test_p < level and pair.lower != pair.higher:
+        return "better" if pair.lower > pair.higher else "worse"
+    return "within seed noise"
+
+
+def combined_verdict(a: SeedSpread, b: SeedSpread, pair: PairedDifference | None) -> tuple[Verdict, bool]:
+    """The seed-range verdict (:func:`compare`); where the ranges overlap, the paired one
+    (:func:`paired_verdict`) when it is not noise. Returns (verdict, decided by the pairs)."""
+    verdict = compare(a, b)
+    if verdict == "within seed noise" and pair is not None:
+        by_pairs = paired_verdict(pair)
+        if by_pairs != "within seed noise":
+            return by_pairs, True
+    return verdict, False
+
+
 def one_factor_pairs(
     cells: Mapping[tuple[float, ...], str],
 ) -> list[tuple[int, list[tuple[str, str, tuple[float, ...]]]]]:
