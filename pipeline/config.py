@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import tomllib
 import types
@@ -39,7 +40,7 @@ TeacherDtype = Literal["auto", "bfloat16", "float16", "float32"]
 # How a student gets its teacher signal: "cache" (RUN/cache), "online" (the teachers run at every
 # step) or "ce" (none: cross-entropy only). The one list of student modes.
 StudentMode = Literal["cache", "online", "ce"]
-Tracker = Literal["tensorboard"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 STUDENT_MODES: Final = typing.get_args(StudentMode)
 EvalSplit = Literal["test", "dev"]
 EVAL_SPLITS: Final = typing.get_args(EvalSplit)
@@ -57,8 +58,10 @@ class RunConfig:
     # The students `pipe run` trains, one per mode, into RUN/students/<mode>: the distilled student
     # and its CE-only twin by default; add "online" for live-teacher distillation (the baseline).
     students: list[StudentMode] = field(default_factory=lambda: ["cache", "ce"])
-    # Experiment trackers beside metrics.jsonl (always written): "tensorboard" writes one event
-    # folder per model under RUN/tensorboard/ (needs the `tensorboard` extra). Off by default.
+    # Experiment trackers beside metrics.jsonl (always written), off by default: "tensorboard"
+    # (event folders under RUN/tensorboard/), "wandb" (Weights & Biases; credentials and mode from
+    # its environment, e.g. WANDB_API_KEY or WANDB_MODE=offline), "mlflow" (the server or store of
+    # $MLFLOW_TRACKING_URI). Each needs its package: pipeline/tracking.py.
     report_to: list[Tracker] = field(default_factory=list)
 
 
@@ -604,6 +607,39 @@ def _positive(value: float, dotted: str) -> None:
     _require(value > 0, dotted, "> 0", value)
 
 
+def _check_trackers(report_to: list[str]) -> None:
+    """Each tracker of ``run.report_to`` needs its package and, for MLflow, where to send the runs."""
+    if len(set(report_to)) != len(report_to):
+        raise ConfigError(f"Expected each tracker once in run.report_to. Got {report_to}.")
+    for name in report_to:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"Expected the {name} package for run.report_to = [{name!r}]. It is not installed: "
+                f"pip install 'logitcache[{name}]' (or {name}), or remove it from run.report_to."
+            )
+    if "mlflow" in report_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError(
+            "Expected MLFLOW_TRACKING_URI in the environment for run.report_to = ['mlflow']. Got none: set it "
+            "to your MLflow server (http://...) or store (sqlite:///mlflow.db), or remove 'mlflow'."
+        )
+    if "wandb" in report_to and os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun"):
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has("api.wandb.ai")
+        if not has_key:
+            raise ConfigError(
+                "Expected W&B credentials for run.report_to = ['wandb']. Got none: run `wandb login` or set "
+                "WANDB_API_KEY, or WANDB_MODE=offline to log locally and `wandb sync` later."
+            )
+
+
+def _netrc_has(host: str) -> bool:
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def validate(config: Config) -> None:
     """Every range and cross-field rule a single type cannot express, for the whole config.
 
@@ -612,11 +648,7 @@ def validate(config: Config) -> None:
     """
     _at_least(config.run.seed, 0, "run.seed")
     _at_least(config.evaluate.blimp_pairs, 0, "evaluate.blimp_pairs", " (0 = all pairs)")
-    if "tensorboard" in config.run.report_to and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError(
-            "Expected the tensorboard package for run.report_to = ['tensorboard']. It is not installed: "
-            "pip install 'logitcache[tensorboard]' (or tensorboard), or remove it from run.report_to."
-        )
+    _check_trackers(config.run.report_to)
     data = config.data
     if data.seq_len < 2:
         raise ConfigError(f"Expected data.seq_len >= 2. Got {data.seq_len}.")

@@ -89,6 +89,11 @@ class RunLayout:
         return self.root / "tensorboard" / group / name
 
     @property
+    def wandb(self) -> Path:
+        """Where W&B keeps its run files (``run.report_to = ["wandb"]``)."""
+        return self.root / "wandb"
+
+    @property
     def students(self) -> Path:
         return self.root / "students"
 

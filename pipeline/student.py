@@ -76,6 +76,7 @@ from logitcache.pipeline.student_data import (
 )
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, cache_store, open_student_cache
 from logitcache.pipeline.teachers import finalize_model_dir, init_model, remove_checkpoints
+from logitcache.pipeline.tracking import TrackedModel
 from logitcache.pipeline.training import make_plan, train_model
 
 STUDENT_SEED_OFFSET = 0x5717  # the student's init seed is run.seed + this (teachers: + their name)
@@ -406,7 +407,7 @@ def train_student(
             workers=config.student.loader.workers,
             prefetch_factor=config.student.loader.prefetch_factor,
             report_to=config.run.report_to,
-            tracker_dir=RunLayout.of(config).tensorboard("students", student_name(config)),
+            tracked=TrackedModel(RunLayout.of(config).root, "students", student_name(config)),
             wrap=lambda m: StudentObjective(m, options, teachers, vocab_size=data.vocab_size),
         )
         summary |= {"mode": options.mode, "parameters": count_parameters(model)}

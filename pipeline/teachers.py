@@ -42,6 +42,7 @@ from logitcache.pipeline.rundir import (
     stage_is_done,
     write_provenance,
 )
+from logitcache.pipeline.tracking import TrackedModel
 from logitcache.pipeline.training import CHECKPOINT_DIR, causal_lm_loss, make_plan, train_model
 
 
@@ -125,7 +126,7 @@ def train_teacher(
             progress=progress,
             desc=f"teacher {name}",
             report_to=config.run.report_to,
-            tracker_dir=RunLayout.of(config).tensorboard("teachers", name),
+            tracked=TrackedModel(RunLayout.of(config).root, "teachers", name),
         )
         if ctx.is_main:
             finalize_model_dir(

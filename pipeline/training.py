@@ -52,7 +52,7 @@ from logitcache.pipeline.data_order import (
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, LogitcacheError, StageError, error_line
 from logitcache.pipeline.progress import progress_bar
-from logitcache.pipeline.tracking import MetricsLog
+from logitcache.pipeline.tracking import MetricsLog, TrackedModel
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
 # loss over the batch's target tokens as a scalar tensor, or a dict of it ("loss") and detached
@@ -433,7 +433,7 @@ def train_model(
     prefetch_factor: int = 2,
     wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
     report_to: Sequence[str] = (),
-    tracker_dir: Path | None = None,
+    tracked: TrackedModel | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place, resuming from the last checkpoint in ``out_dir`` if there is one.
 
@@ -446,7 +446,7 @@ def train_model(
     ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to ``loss_fn``
     (e.g. the model plus its loss), sharing the model's parameters. Returns a summary (steps,
     tokens, final dev loss). Only rank 0 writes files. Metrics go to ``out_dir/metrics.jsonl`` and
-    to the trackers of ``report_to`` (:mod:`~logitcache.pipeline.tracking`, in ``tracker_dir``).
+    to the trackers of ``report_to`` (:mod:`~logitcache.pipeline.tracking`; ``tracked`` names the model there).
     """
     num_windows = len(dataset)  # type: ignore[arg-type]
     plan = make_plan(train, num_windows, ctx.world_size)
@@ -493,7 +493,7 @@ def train_model(
     clock = StepClock(ctx.device)  # training steps only: dev evaluation and checkpoints excluded
     start_step = state.global_step
     dev_loss = math.nan
-    metrics = MetricsLog(metrics_path, report_to=report_to, tracker_dir=tracker_dir) if ctx.is_main else None
+    metrics = MetricsLog(metrics_path, report_to=report_to, model=tracked) if ctx.is_main else None
     try:
         while state.global_step < plan.total_steps:
             # The rest of this epoch from the step we are at (a resumed run: from its checkpoint).
