@@ -109,6 +109,22 @@ def _describe(owner: dict[str, Any]) -> str:
     )
 
 
+# Lock files held by this process. A forked child (a DataLoader worker) gets copies of their
+# descriptors, and an flock lasts while any copy is open: the child closes its copies at once, so
+# the lock ends with its owner even when the owner is killed before its workers exit.
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class StageLock:
     """An exclusive lock on one output folder for the life of this process's work on it.
 
@@ -124,6 +140,7 @@ class StageLock:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.enabled = enabled
         self._fd: int | None = None
+        self._pid = os.getpid()
         self._created: list[Path] = []
 
     def acquire(self) -> None:
@@ -168,14 +185,17 @@ class StageLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
             self._fd = fd
+            self._pid = os.getpid()
+            _HELD_LOCK_FDS.add(fd)
             return
         raise StageError(f"Could not take the lock {self.path}: it keeps being replaced. Rerun.")
 
     def release(self) -> None:
-        if self._fd is None:
+        if self._fd is None or self._pid != os.getpid():  # a forked child never releases its parent's lock
             return
         with contextlib.suppress(OSError):
             self.path.unlink()  # while still holding it: a waiting process then retries on a new file
+        _HELD_LOCK_FDS.discard(self._fd)
         os.close(self._fd)
         self._fd = None
         for folder in self._created:  # a run that failed early leaves no empty folders behind

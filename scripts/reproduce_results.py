@@ -466,7 +466,12 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(f"- Command: `{meta['command']}`")
     add(
         f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}; "
-        f"{meta['wall_minutes']:.0f} min wall for this invocation (models already trained in RUN are reused)."
+        f"{meta['wall_minutes']:.0f} min wall for this invocation (models already trained in RUN are reused)"
+        + (
+            f"; this file rendered at commit {now} (`--render-only`)."
+            if (now := git_commit()[:7]) != meta["commit"]
+            else "."
+        )
     )
     trained = collections.Counter(r.get("trained_at") or "unknown" for r in rows)
     add(

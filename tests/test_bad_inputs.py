@@ -976,6 +976,41 @@ def test_stale_locks_are_taken_over_with_a_note(tmp_path: Path):
     assert "no longer running" in notes[0]
 
 
+def test_a_lock_dies_with_its_owner_even_when_a_forked_worker_lives_on(tmp_path: Path):
+    """A DataLoader worker is a fork of the trainer: it must not keep the trainer's lock alive after
+    the trainer is killed (kill -9 leaves the workers running for a while)."""
+    stage = tmp_path / "students" / "s"
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from logitcache.pipeline.preflight import StageLock
+lock = StageLock(Path({str(stage)!r}), "the student")
+lock.acquire()
+worker = os.fork()
+if worker == 0:  # the worker: outlives its parent
+    os.write(1, b"ready\\n")  # past the fork hooks (one write: lines do not interleave)
+    time.sleep(60)
+    os._exit(0)
+os.write(1, f"{{worker}}\\n".encode())
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    lines = {owner.stdout.readline().strip() for _ in range(2)}  # the worker's pid and "ready"
+    worker = int(next(line for line in lines if line != "ready"))
+    owner.wait()
+    worker_alive = [worker] if Path(f"/proc/{worker}").exists() else []
+    try:
+        assert worker_alive, "the forked worker should still be running"
+        notes: list[str] = []
+        with StageLock(stage, "the student", log=notes.append):  # taken over, not refused
+            pass
+        assert len(notes) == 1 and f"pid {owner.pid}" in notes[0]
+    finally:
+        for pid in worker_alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
 def test_verify_cache_exit_codes_match_the_readme(
     base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

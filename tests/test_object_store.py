@@ -357,5 +357,5 @@ def test_memory_store_round_trip_and_resume(tmp_path: Path):
     sync(storage.resolve_store(url, read_only=False, must_exist=True).delete("values/c/2/0/0"))
     report = verify_cache(url)
     assert report.bad_shards == [2] and report.shards[2].problems[0].endswith("missing")
-    with pytest.raises(CacheError, match="shards \\[2\\] missing"):
+    with pytest.raises(CacheError, match="values/c/2/0/0 missing \\(shards \\[2\\]"):
         open_cache(url)
