@@ -34,6 +34,13 @@ for the culprit). Per block of ``n`` positions, with ``z`` the tempered ensemble
 ``m = max z``, ``e = exp(z - m)``, top-k of ``z``; ``log p[top] = z[top] - m - log s`` with
 ``s = sum(e[top]) + sum(e[rest])`` (the tail's sum taken directly over the rest, so a tiny tail
 stays accurate) and ``H = log s - sum(e (z - m)) / s``.
+
+The ``hybrid`` and ``sampled`` modes of ``pipe cache-logits`` (:func:`ensemble_hybrid`,
+:func:`ensemble_sampled`) run ``select_*(ensemble_logprobs(...))`` a block of windows at a time:
+every step is per position or per window, so the result is the whole batch's bit for bit, without
+its (B, T, V) temporaries. Every top-k here is :func:`sorted_topk`, torch.topk's exact answer
+found from a few candidates per row. So what a cache stores does not depend on the block size,
+the batch size or which of these paths computed it.
 """
 
 from __future__ import annotations
