@@ -256,14 +256,23 @@ def _to_numpy(x: object) -> np.ndarray:
 def _sorted_gaps(ids: object, values: object) -> tuple[np.ndarray, np.ndarray]:
     """Per position: ids sorted ascending as gaps (first id, then differences), values reordered to match.
 
-    The sort is stable, so a sampled selection's padding slots (they repeat the last real id, with
-    count 0) stay after that id and get gap 0. Done in torch (several threads), about 1.6x faster
-    than NumPy's argsort + take_along_axis + diff.
+    The order is that of a stable sort, so a sampled selection's padding slots (they repeat the last
+    real id, with count 0) stay after that id and get gap 0. One NumPy sort of int64 keys
+    ``id << 32 | slot`` per position gives it (distinct keys, so any sort is stable): 2x faster than
+    torch's row-wise sort at k = 64. Ids outside [0, 2^31) take torch's stable sort instead.
     """
-    ids_t = torch.as_tensor(ids).to(torch.int64)
-    sorted_ids, order = torch.sort(ids_t, dim=-1, stable=True)
-    gaps = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
-    return gaps.numpy(), torch.gather(torch.as_tensor(values), -1, order).numpy()
+    ids64 = np.asarray(ids).astype(np.int64, copy=False)  # (..., k)
+    width = ids64.shape[-1]
+    if ids64.size == 0 or int(ids64.min()) < 0 or int(ids64.max()) >= 1 << 31:
+        ids_t = torch.as_tensor(ids64)
+        sorted_ids, order = torch.sort(ids_t, dim=-1, stable=True)
+        gaps = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
+        return gaps.numpy(), torch.gather(torch.as_tensor(values), -1, order).numpy()
+    keys = (ids64 << 32) | np.arange(width, dtype=np.int64)  # (..., k)
+    keys.sort(axis=-1)
+    sorted_ids = keys >> 32
+    gaps = np.diff(sorted_ids, axis=-1, prepend=np.zeros_like(sorted_ids[..., :1]))
+    return gaps, np.take_along_axis(np.asarray(values), keys & 0xFFFFFFFF, -1)
 
 
 def encode_entries(selection: object, metadata: CacheMetadata) -> EncodedEntries:

@@ -34,14 +34,22 @@ for the culprit). Per block of ``n`` positions, with ``z`` the tempered ensemble
 ``m = max z``, ``e = exp(z - m)``, top-k of ``z``; ``log p[top] = z[top] - m - log s`` with
 ``s = sum(e[top]) + sum(e[rest])`` (the tail's sum taken directly over the rest, so a tiny tail
 stays accurate) and ``H = log s - sum(e (z - m)) / s``.
+
+The ``hybrid`` and ``sampled`` modes of ``pipe cache-logits`` (:func:`ensemble_hybrid`,
+:func:`ensemble_sampled`) run ``select_*(ensemble_logprobs(...))`` a block of windows at a time:
+every step is per position or per window, so the result is the whole batch's bit for bit, without
+its (B, T, V) temporaries. Every top-k here is :func:`sorted_topk`, torch.topk's exact answer
+found from a few candidates per row. So what a cache stores does not depend on the block size,
+the batch size or which of these paths computed it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from logitcache.cache.errors import CacheError, TeacherError
@@ -153,24 +161,68 @@ def ensemble_logprobs(
     non-finite logits (:class:`TeacherError`).
     """
     weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    _check_rule(rule)
+    for name, logits in zip(teacher_names, teacher_logits, strict=True):
+        check_finite(logits, teacher_name=name, window_indices=window_indices)
+    return _mixture_logprobs(teacher_logits, weights, rule, temperature)
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in ("mean_logits", "mean_probs"):
+        raise CacheError(f"Expected ensemble rule 'mean_logits' or 'mean_probs'. Got {rule!r}.")
+
+
+def _mixture_logprobs(
+    teacher_logits: Sequence[torch.Tensor], weights: Sequence[float], rule: str, temperature: float
+) -> torch.Tensor:
+    """The ensemble rule of the module docstring (no checks): (..., V) per teacher -> (..., V) log p.
+
+    Every step is per position, so a slice of windows gives exactly the rows of the whole batch.
+    """
     compute_dtype = torch.float64 if teacher_logits[0].dtype == torch.float64 else torch.float32
     total = float(sum(weights))
     if rule == "mean_logits":
         mixed = None
-        for name, logits, weight in zip(teacher_names, teacher_logits, weights, strict=True):
-            check_finite(logits, teacher_name=name, window_indices=window_indices)
-            term = logits.to(compute_dtype) * (weight / total)  # (B, T, V)
+        for logits, weight in zip(teacher_logits, weights, strict=True):
+            term = logits.to(compute_dtype) * (weight / total)  # (..., V)
             mixed = term if mixed is None else mixed + term
         assert mixed is not None
         return torch.log_softmax(mixed / temperature, dim=-1)
-    if rule == "mean_probs":
-        parts = []
-        for name, logits, weight in zip(teacher_names, teacher_logits, weights, strict=True):
-            check_finite(logits, teacher_name=name, window_indices=window_indices)
-            logp = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)  # (B, T, V)
-            parts.append(logp + torch.log(torch.tensor(weight / total, dtype=compute_dtype)))
-        return torch.logsumexp(torch.stack(parts, dim=0), dim=0)  # (B, T, V)
-    raise CacheError(f"Expected ensemble rule 'mean_logits' or 'mean_probs'. Got {rule!r}.")
+    parts = []
+    for logits, weight in zip(teacher_logits, weights, strict=True):
+        logp = torch.log_softmax(logits.to(compute_dtype) / temperature, dim=-1)  # (..., V)
+        parts.append(logp + torch.log(torch.tensor(weight / total, dtype=compute_dtype)))
+    return torch.logsumexp(torch.stack(parts, dim=0), dim=0)  # (..., V)
+
+
+def _logprob_blocks(
+    teacher_logits: Sequence[torch.Tensor],
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    weights: Sequence[float],
+    rule: str,
+    temperature: float,
+    block_elements: int | None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, ensemble_logprobs of windows [start, stop))`` for consecutive blocks of windows.
+
+    The same numbers as :func:`ensemble_logprobs` of the whole batch, without its (B, T, V)
+    temporaries and finiteness passes: a non-finite logit makes its block's sum non-finite, and
+    only then are the teachers searched (:func:`check_finite`, the same error as the whole batch
+    gives; a sum that merely overflowed finds nothing and the block goes on).
+    """
+    batch, seq_len, vocab = teacher_logits[0].shape
+    window_elements = max(1, seq_len * vocab)
+    windows = max(1, (block_elements or default_block_elements(teacher_logits[0].device)) // window_elements)
+    searched = False
+    for start in range(0, batch, windows):
+        stop = min(start + windows, batch)
+        parts = [logits[start:stop] for logits in teacher_logits]  # (w, T, V) each
+        if not searched and not all(bool(torch.isfinite(part.sum())) for part in parts):
+            for name, logits in zip(teacher_names, teacher_logits, strict=True):
+                check_finite(logits, teacher_name=name, window_indices=window_indices)
+            searched = True
+        yield start, stop, _mixture_logprobs(parts, weights, rule, temperature)
 
 
 def entropy_of(logprobs: torch.Tensor) -> torch.Tensor:
@@ -184,7 +236,8 @@ def select_topk(logprobs: torch.Tensor, *, k: int) -> TopkSelection:
     vocab = logprobs.shape[-1]
     if not 0 < k < vocab:
         raise CacheError(f"Expected 0 < k < vocab size. Got k={k}, vocab size={vocab}. Choose a smaller k.")
-    top_logp, top_ids = torch.topk(logprobs, k, dim=-1, largest=True, sorted=True)  # (B, T, k)
+    top_logp, top_ids = sorted_topk(logprobs.reshape(-1, vocab), k)  # (B T, k), as torch.topk
+    top_logp, top_ids = top_logp.view(*logprobs.shape[:-1], k), top_ids.view(*logprobs.shape[:-1], k)
     rest = logprobs.scatter(-1, top_ids, float("-inf"))  # (B, T, V), top-k removed
     log_tail = torch.logsumexp(rest, dim=-1) - torch.logsumexp(logprobs, dim=-1)  # (B, T)
     return TopkSelection(
@@ -198,10 +251,71 @@ def select_topk(logprobs: torch.Tensor, *, k: int) -> TopkSelection:
 def default_block_elements(device: torch.device) -> int:
     """Elements (positions x vocab) per block of :func:`ensemble_topk`.
 
-    CPU: 2^20 float32 (4 MiB), so a block's passes hit the cache; GPU: 2^26 (256 MiB per
-    temporary), large enough to fill the device and small enough to bound the memory.
+    CPU: 2^20 float32 (4 MiB), so a block's passes hit the cache (smaller blocks measured no
+    faster with one thread, and slower with two: every op is a parallel region, whose cost grows
+    when another job shares the cores); GPU: 2^26 (256 MiB per temporary), large enough to fill
+    the device and small enough to bound the memory.
     """
     return 1 << 26 if device.type == "cuda" else 1 << 20
+
+
+# sorted_topk: strided groups of the row; a multiple of 64 so that a row of V >= 4 * 256 splits evenly
+# often, and large enough that the (k + 1)-th largest group maximum is a tight bound for k <= 64
+_TOPK_GROUPS = 256
+
+
+def sorted_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(values, k, dim=-1, largest=True, sorted=True)`` of a 2-D tensor: the same values
+    and ids, bit for bit, found faster on a CPU (float32, wide rows; elsewhere it calls torch.topk).
+
+    torch's CPU top-k copies each row into (value, id) pairs and runs a scalar partial sort
+    (~4 ns per entry). Here, per row of ``V`` entries: ``g`` = the maxima of ``G`` strided groups
+    ``{j, j + G, j + 2G, ...}`` (one vectorised reduction); ``b`` = the (k+1)-th largest of them,
+    so at least k + 1 entries are ``>= b`` and every one of the k + 1 largest entries is; the
+    entries ``>= b`` (about 70 for G = 256, k = 64) are the candidates, sorted as int64 keys
+    (an order-preserving integer image of the float in the high 32 bits, the id in the low ones).
+    Where the k + 1 largest candidates are strictly decreasing, the top k is unique and this is
+    exactly torch's answer; a row with a tie there, or any NaN/inf (seen in ``g``), is recomputed
+    with torch.topk, so ties are broken exactly as torch breaks them.
+    """
+    rows, width = values.shape
+    groups = _TOPK_GROUPS
+    if (
+        values.device.type != "cpu"
+        or values.dtype != torch.float32
+        or not values.is_contiguous()
+        or width < 4 * groups
+        or not 0 < k < groups // 2
+        or rows == 0
+    ):
+        return torch.topk(values, k, dim=-1, largest=True, sorted=True)
+    per_group = width // groups
+    group_max = values[:, : per_group * groups].view(rows, per_group, groups).amax(1)  # (n, G)
+    extra = width - per_group * groups
+    if extra:  # the last, partial run of groups
+        torch.maximum(group_max[:, :extra], values[:, per_group * groups :], out=group_max[:, :extra])
+    logits, maxima = values.numpy(), group_max.numpy()
+    bound = np.partition(maxima, groups - k - 1, axis=1)[:, groups - k - 1]  # (n,) (k+1)-th largest
+    flat = np.flatnonzero(logits >= bound[:, None])  # candidates, row-major
+    row, col = np.divmod(flat, width)
+    counts = np.bincount(row, minlength=rows)  # (n,) >= k + 1 where the row is finite
+    candidates = max(int(counts.max()), k + 1)
+    slot = np.arange(flat.size) - (np.cumsum(counts) - counts)[row]
+    bits = logits.reshape(-1)[flat].view(np.int32)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64)  # int32 image, same order as the floats
+    keys = np.full((rows, candidates), np.iinfo(np.int64).min, dtype=np.int64)  # (n, C) padding sorts first
+    keys.reshape(-1)[row * candidates + slot] = (ordered << 32) | col
+    keys.sort(axis=1)
+    ids = keys[:, candidates - k - 1 :][:, ::-1] & 0xFFFFFFFF  # (n, k + 1) most probable first
+    top = np.take_along_axis(logits, ids, 1)  # (n, k + 1) their values
+    exact = (top[:, :-1] > top[:, 1:]).all(1) & np.isfinite(maxima).all(1)  # (n,)
+    top_values = torch.from_numpy(np.ascontiguousarray(top[:, :k]))
+    top_ids = torch.from_numpy(np.ascontiguousarray(ids[:, :k]))
+    if not exact.all():
+        redo = torch.from_numpy(np.flatnonzero(~exact))
+        again = torch.topk(values[redo], k, dim=-1, largest=True, sorted=True)
+        top_values[redo], top_ids[redo] = again.values, again.indices
+    return top_values, top_ids
 
 
 def ensemble_topk(
@@ -221,8 +335,7 @@ def ensemble_topk(
     rounding (ids equal except where two probabilities at the k-th place tie to rounding).
     """
     weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
-    if rule not in ("mean_logits", "mean_probs"):
-        raise CacheError(f"Expected ensemble rule 'mean_logits' or 'mean_probs'. Got {rule!r}.")
+    _check_rule(rule)
     batch, seq_len, vocab = teacher_logits[0].shape
     if not 0 < k < vocab:
         raise CacheError(f"Expected 0 < k < vocab size. Got k={k}, vocab size={vocab}. Choose a smaller k.")
@@ -236,12 +349,13 @@ def ensemble_topk(
     logprobs = torch.empty(positions, k, dtype=torch.float32, device=device)
     tail = torch.empty(positions, dtype=torch.float32, device=device)
     entropy = torch.empty(positions, dtype=torch.float32, device=device)
-    rows = max(1, (block_elements or default_block_elements(device)) // vocab)
+    rows = min(positions, max(1, (block_elements or default_block_elements(device)) // vocab))
+    work = torch.empty(2, rows, vocab, dtype=dtype, device=device)  # a block's z and exp(z - m), reused
     block = _mean_logits_block if rule == "mean_logits" else _mean_probs_block
     for start in range(0, positions, rows):
         stop = min(start + rows, positions)
         parts = [z[start:stop] for z in flat]  # (n, V) each
-        top_ids, top_logp, tail_mass, ent = block(parts, scales, temperature, k, dtype)
+        top_ids, top_logp, tail_mass, ent = block(parts, scales, temperature, k, work[:, : stop - start])
         if not bool(torch.isfinite(ent).all()):  # any NaN/inf logit in the block lands here
             for name, logits in zip(teacher_names, teacher_logits, strict=True):
                 check_finite(logits, teacher_name=name, window_indices=window_indices)
@@ -267,19 +381,29 @@ _Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _mean_logits_block(
-    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, dtype: torch.dtype
+    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, work: torch.Tensor
 ) -> _Block:
-    """Top-k of ``softmax(sum_i scale_i z_i / T)`` for one block of (n, V) teacher logits."""
+    """Top-k of ``softmax(sum_i scale_i z_i / T)`` for one block of (n, V) teacher logits.
+
+    ``work`` (2, n, V) in the compute dtype: scratch for z and exp(z - m), so that no block
+    allocates (fresh pages cost more than the arithmetic here).
+    """
+    z_buf, e_buf = work[0], work[1]  # (n, V) each
+    dtype = work.dtype
     if len(parts) == 1 and parts[0].dtype == dtype and temperature == 1.0:
         z = parts[0]  # nothing to combine: read the teacher's logits in place
     else:
-        z = parts[0].to(dtype) * (scales[0] / temperature)  # (n, V)
+        z = z_buf
+        if parts[0].dtype == dtype:
+            torch.mul(parts[0], scales[0] / temperature, out=z)  # (n, V)
+        else:  # bf16/fp16 logits: exact in float32, then scaled there
+            z.copy_(parts[0]).mul_(scales[0] / temperature)
         for part, scale in zip(parts[1:], scales[1:], strict=True):
             z.add_(part, alpha=scale / temperature)
-    top_z, top_ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)  # (n, k)
+    top_z, top_ids = sorted_topk(z, k)  # (n, k)
     m = top_z[:, :1]  # (n, 1) max z (the first of the sorted top-k)
-    shifted = z - m  # (n, V) z - m, <= 0; NaN if any z is NaN or +inf
-    e = shifted.exp()  # (n, V)
+    shifted = torch.sub(z, m, out=z_buf)  # (n, V) z - m, <= 0; NaN if any z is NaN or +inf
+    e = torch.exp(shifted, out=e_buf)  # (n, V)
     # sum(e (z - m)) for the entropy; a -inf logit gives 0 * -inf = NaN, so any bad logit shows
     ez = torch.linalg.vecdot(e, shifted)  # (n,)
     e_top = e.gather(-1, top_ids)  # (n, k)
@@ -291,9 +415,10 @@ def _mean_logits_block(
 
 
 def _mean_probs_block(
-    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, dtype: torch.dtype
+    parts: list[torch.Tensor], scales: list[float], temperature: float, k: int, work: torch.Tensor
 ) -> _Block:
     """Top-k of ``sum_i scale_i softmax(z_i / T)`` for one block of (n, V) teacher logits."""
+    dtype = work.dtype
     probs = None
     for part, scale in zip(parts, scales, strict=True):
         zt = part.to(dtype) / temperature  # (n, V)
@@ -303,7 +428,7 @@ def _mean_probs_block(
         e.mul_(scale / e.sum(-1, keepdim=True))
         probs = e if probs is None else probs.add_(e)
     assert probs is not None
-    top_p, top_ids = torch.topk(probs, k, dim=-1, largest=True, sorted=True)  # (n, k)
+    top_p, top_ids = sorted_topk(probs, k)  # (n, k)
     entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (n,) 0 log 0 = 0
     rest = probs.scatter_(-1, top_ids, 0.0).sum(-1)  # (n,)
     s = rest + top_p.sum(-1)  # (n,) 1 up to rounding
@@ -319,14 +444,7 @@ def select_sampled(
 ) -> SampledSelection:
     """Draw ``num_samples`` ids per position from ``exp(logprobs)`` (B, T, V); keep unique ids + counts."""
     batch, seq_len, vocab = logprobs.shape
-    if num_samples < 1:
-        raise CacheError(f"Expected num_samples >= 1. Got {num_samples}.")
-    if num_samples >= vocab:
-        raise CacheError(
-            f"Expected num_samples (the stored width k) < vocab size. Got {num_samples} >= {vocab}."
-        )
-    if len(window_indices) != batch:
-        raise CacheError(f"Expected {batch} window indices. Got {len(window_indices)}.")
+    _check_sampled_args(num_samples, logprobs.shape, window_indices)
     probs = logprobs.to(torch.float32).exp()  # (B, T, V); multinomial normalises each row itself
     draws = torch.empty(batch, seq_len, num_samples, dtype=torch.int64, device=logprobs.device)
     for b in range(batch):
@@ -403,14 +521,7 @@ def select_hybrid(
     ``w`` and its log-probabilities, not on the batch, the rank or the device.
     """
     batch, seq_len, vocab = logprobs.shape
-    if num_samples < 1:
-        raise CacheError(f"Expected num_samples >= 1. Got {num_samples}.")
-    if k + num_samples >= vocab:
-        raise CacheError(
-            f"Expected k + num_samples (the stored width) < vocab size. Got {k} + {num_samples} >= {vocab}."
-        )
-    if len(window_indices) != batch:
-        raise CacheError(f"Expected {batch} window indices. Got {len(window_indices)}.")
+    _check_hybrid_args(k, num_samples, logprobs.shape, window_indices)
     head = select_topk(logprobs, k=k)
     draws = torch.empty(batch, seq_len, num_samples, dtype=torch.int64, device=logprobs.device)
     for b in range(batch):  # one window at a time: a (T, V) float64 CDF, not (B, T, V)
@@ -426,3 +537,106 @@ def select_hybrid(
         tail_counts=tail_counts,
         entropy=head.entropy,
     )
+
+
+def _check_sampled_args(
+    num_samples: int, shape: tuple[int, ...] | torch.Size, window_indices: Sequence[int] | torch.Tensor
+) -> None:
+    batch, _, vocab = shape
+    if num_samples < 1:
+        raise CacheError(f"Expected num_samples >= 1. Got {num_samples}.")
+    if num_samples >= vocab:
+        raise CacheError(
+            f"Expected num_samples (the stored width k) < vocab size. Got {num_samples} >= {vocab}."
+        )
+    if len(window_indices) != batch:
+        raise CacheError(f"Expected {batch} window indices. Got {len(window_indices)}.")
+
+
+def _check_hybrid_args(
+    k: int,
+    num_samples: int,
+    shape: tuple[int, ...] | torch.Size,
+    window_indices: Sequence[int] | torch.Tensor,
+) -> None:
+    batch, _, vocab = shape
+    if num_samples < 1:
+        raise CacheError(f"Expected num_samples >= 1. Got {num_samples}.")
+    if k + num_samples >= vocab:
+        raise CacheError(
+            f"Expected k + num_samples (the stored width) < vocab size. Got {k} + {num_samples} >= {vocab}."
+        )
+    if len(window_indices) != batch:
+        raise CacheError(f"Expected {batch} window indices. Got {len(window_indices)}.")
+    if not 0 < k:
+        raise CacheError(f"Expected 0 < k < vocab size. Got k={k}, vocab size={vocab}. Choose a smaller k.")
+
+
+def ensemble_sampled(
+    teacher_logits: Sequence[torch.Tensor],
+    *,
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    num_samples: int,
+    seed: int,
+    rule: str = "mean_logits",
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    block_elements: int | None = None,
+) -> SampledSelection:
+    """``select_sampled(ensemble_logprobs(...), ...)`` a block of windows at a time (:func:`_logprob_blocks`).
+
+    Bit for bit the same result: the ensemble is per position and the draws per window.
+    """
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    _check_rule(rule)
+    _check_sampled_args(num_samples, teacher_logits[0].shape, window_indices)
+    blocks = _logprob_blocks(
+        teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
+    )
+    pieces = [
+        select_sampled(logp, num_samples=num_samples, seed=seed, window_indices=window_indices[start:stop])
+        for start, stop, logp in blocks
+    ]
+    return SampledSelection(
+        **{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(SampledSelection)}
+    )
+
+
+def ensemble_hybrid(
+    teacher_logits: Sequence[torch.Tensor],
+    *,
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    k: int,
+    num_samples: int,
+    seed: int,
+    rule: str = "mean_logits",
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    block_elements: int | None = None,
+) -> HybridSelection:
+    """``select_hybrid(ensemble_logprobs(...), ...)`` a block of windows at a time (:func:`_logprob_blocks`).
+
+    Bit for bit the same result (head, tail mass and entropy per position, draws per window), at
+    a fraction of the memory traffic: no (B, T, V) temporaries, no separate finiteness passes.
+    """
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    _check_rule(rule)
+    _check_hybrid_args(k, num_samples, teacher_logits[0].shape, window_indices)
+    blocks = _logprob_blocks(
+        teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
+    )
+    pieces = [
+        select_hybrid(
+            logp, k=k, num_samples=num_samples, seed=seed, window_indices=window_indices[start:stop]
+        )
+        for start, stop, logp in blocks
+    ]
+    return HybridSelection(
+        **{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(HybridSelection)}
+    )
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]

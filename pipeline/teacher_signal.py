@@ -42,9 +42,8 @@ from logitcache.cache import (
     ensemble_logprobs,
     ensemble_topk,
     open_cache,
-    select_hybrid,
-    select_sampled,
 )
+from logitcache.cache.select import ensemble_hybrid, ensemble_sampled
 from logitcache.cache.storage import StoreLike
 from logitcache.cache.writer import existing_cache
 from logitcache.pipeline.config import CacheConfig, Config
@@ -359,22 +358,25 @@ class TeacherEnsemble:
     ) -> TopkSelection | SampledSelection | HybridSelection:
         """The entries a cache stores for windows (B, T) (rows ``window_indices`` of the data), on the CPU."""
         cache = self.cache
+        # Each mode a block of windows at a time (cache/select.py): the same entries as
+        # select_*(self.logprobs(...)), without (B, T, V) temporaries.
+        selection: TopkSelection | SampledSelection | HybridSelection
         if cache.mode == "hybrid":
-            selection: TopkSelection | SampledSelection | HybridSelection = select_hybrid(
-                self.logprobs(windows, window_indices),
+            selection = ensemble_hybrid(
+                self.teacher_logits(windows),
                 k=cache.k,
                 num_samples=cache.tail_samples,
                 seed=self.seed,
-                window_indices=window_indices,
+                **self._ensemble_args(window_indices),
             )
         elif cache.mode == "sampled":
-            selection = select_sampled(
-                self.logprobs(windows, window_indices),
+            selection = ensemble_sampled(
+                self.teacher_logits(windows),
                 num_samples=cache.samples,
                 seed=self.seed,
-                window_indices=window_indices,
+                **self._ensemble_args(window_indices),
             )
-        else:  # fused: no (B, T, V) ensemble log-probabilities (see cache/select.py)
+        else:
             selection = ensemble_topk(
                 self.teacher_logits(windows), k=cache.k, **self._ensemble_args(window_indices)
             )

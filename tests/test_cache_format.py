@@ -32,7 +32,7 @@ from logitcache.cache import (
     select_topk,
     verify_cache,
 )
-from logitcache.cache.encoding import decode_probs, encode_values
+from logitcache.cache.encoding import _sorted_gaps, decode_probs, encode_values
 from logitcache.cache.metadata import VALUE_CODES
 from logitcache.pipeline.errors import CacheError
 
@@ -555,3 +555,22 @@ def test_v2_regression_fixture(name: str) -> None:
         np.testing.assert_allclose(batch.weights.numpy()[..., :k].sum(-1, keepdims=True), 1 - tail, rtol=1e-6)
     report = verify_cache(FIXTURES_V2 / name)
     assert report.ok, (report.problems, [s.problems for s in report.shards])
+
+
+@pytest.mark.parametrize("huge", [False, True])  # True: an id >= 2^31 takes the torch fallback
+def test_sorted_gaps_is_a_stable_sort_of_the_ids(huge: bool) -> None:
+    # Reference: NumPy's stable argsort. Rows with repeated ids (sampled padding) must keep the
+    # original slot order among equal ids, so their values (counts) stay in place.
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(3, 7, 9))  # (R, T, k), many repeats
+    ids[0, 0] = [5, 9, 9, 9, 2, 2, 7, 7, 7]  # padding-like runs
+    if huge:
+        ids[2, 6, 8] = 1 << 40
+    values = rng.random((3, 7, 9)).astype(np.float32)
+    gaps, reordered = _sorted_gaps(ids, values)
+    order = np.argsort(ids, axis=-1, kind="stable")
+    want_ids = np.take_along_axis(ids, order, -1)
+    np.testing.assert_array_equal(np.cumsum(gaps, axis=-1), want_ids)
+    np.testing.assert_array_equal(gaps[..., 1:], np.diff(want_ids, axis=-1))
+    np.testing.assert_array_equal(reordered, np.take_along_axis(values, order, -1))
+    assert gaps.dtype == np.int64 and reordered.dtype == np.float32

@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from logitcache.cache.select import (
+    HybridSelection,
+    SampledSelection,
+    ensemble_hybrid,
     ensemble_logprobs,
+    ensemble_sampled,
     ensemble_topk,
+    select_hybrid,
     select_sampled,
     select_topk,
+    sorted_topk,
     window_seed,
 )
 from logitcache.pipeline.errors import CacheError, TeacherError
@@ -263,3 +269,182 @@ def test_ensemble_topk_refuses_bad_arguments() -> None:
         ensemble_topk(zs, teacher_names=["a"], window_indices=[0], k=3, rule="median")
     with pytest.raises(TeacherError, match="same tokenizer"):
         ensemble_topk([zs[0], torch.zeros(1, 2, 40)], teacher_names=["a", "b"], window_indices=[0], k=3)
+
+
+# sorted_topk: torch.topk's exact answer (values and ids, bit for bit), found from a few candidates per
+# row on the CPU. The fast path needs V >= 1024 (4 x 256 groups) and k < 128; every V here is odd.
+
+
+def _rows_with_special_cases(rows: int, vocab: int, k: int, seed: int) -> torch.Tensor:
+    """Rows of distinct values in random order, then rows that must fall back to torch.topk: ties at and above the k-th
+    place, NaN, +-inf, -0.0 beside 0.0 at the top, all equal, all -inf."""
+    g = torch.Generator().manual_seed(seed)
+    # distinct values in every row (float32 randn repeats values often enough to tie in a top-64)
+    z = torch.stack([torch.randperm(vocab, generator=g) for _ in range(rows + 9)]).float() * 3e-3 - 5
+    order = torch.argsort(z[rows], descending=True)
+    z[rows, order[k]] = z[rows, order[k - 1]]  # tie between the k-th and (k+1)-th largest
+    order = torch.argsort(z[rows + 1], descending=True)
+    z[rows + 1, order[1]] = z[rows + 1, order[0]]  # tie at the top
+    z[rows + 2, 5] = float("nan")
+    z[rows + 3, vocab - 1] = float("inf")
+    z[rows + 4, 7] = float("-inf")  # harmless: the row stays exact
+    z[rows + 5, :] = -1.0
+    z[rows + 5, 3], z[rows + 5, 9] = 0.0, -0.0  # equal as floats, different bits
+    z[rows + 6, :] = 0.5
+    z[rows + 7, :] = float("-inf")
+    z[rows + 8, :] = torch.arange(vocab, dtype=torch.float32) * 1e-3  # a sorted row: top ids at the end
+    return z
+
+
+@pytest.mark.parametrize(("rows", "vocab", "k"), [(5, 1029, 1), (13, 4133, 64), (3, 2051, 127), (4, 1024, 8)])
+def test_sorted_topk_is_torch_topk_bit_for_bit(rows: int, vocab: int, k: int) -> None:
+    z = _rows_with_special_cases(rows, vocab, k, seed=vocab)
+    values, ids = sorted_topk(z, k)
+    want = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+    assert values.dtype == torch.float32 and ids.dtype == torch.int64 and values.shape == (rows + 9, k)
+    torch.testing.assert_close(values, want.values, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ids, want.indices)
+
+
+def test_sorted_topk_recomputes_only_rows_with_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    z = _rows_with_special_cases(20, 4133, 64, seed=1)
+    calls: list[tuple[int, ...]] = []
+    real_topk = torch.topk
+
+    def counting_topk(values: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append(tuple(values.shape))
+        return real_topk(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "topk", counting_topk)
+    sorted_topk(z[:20], 64)  # random rows: no ties, no torch.topk over a whole row
+    assert calls == []
+    sorted_topk(z, 64)
+    # rows 20..28 of _rows_with_special_cases, except the -inf entry (22 + 4 = 24) and the sorted row
+    assert calls == [(7, 4133)]
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("block_elements", [4133 * 3, None])
+def test_ensemble_topk_wide_vocab_matches_reference(rule: str, block_elements: int | None) -> None:
+    # V = 4133 > 1024: the fast top-k path (SHAPE's V = 37 never takes it)
+    g = torch.Generator().manual_seed(11)
+    zs = [torch.randn(2, 7, 4133, generator=g) * 3 for _ in range(2)]
+    weights, temperature, k = [1.0, 3.0], 1.3, 64
+    sel = ensemble_topk(
+        zs,
+        teacher_names=["a", "b"],
+        window_indices=[0, 1],
+        k=k,
+        rule=rule,
+        weights=weights,
+        temperature=temperature,
+        block_elements=block_elements,
+    )
+    lp, order, tail, entropy = _np_topk_reference(zs, weights, rule, temperature, k)
+    np.testing.assert_array_equal(sel.ids.numpy(), order)
+    np.testing.assert_allclose(sel.logprobs.numpy(), np.take_along_axis(lp, order, -1), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(sel.tail.numpy(), tail, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(sel.entropy.numpy(), entropy, rtol=1e-5, atol=2e-6)
+
+
+def _plain_mean_logits_topk(zs: list[torch.Tensor], scales: list[float], k: int) -> tuple[torch.Tensor, ...]:
+    """The formula of the module docstring over the whole (B, T, V) at once, in plain torch ops."""
+    z = zs[0].float() * scales[0]
+    for other, scale in zip(zs[1:], scales[1:], strict=True):
+        z.add_(other, alpha=scale)
+    top_z, top_ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+    m = top_z[..., :1]
+    e = (z - m).exp()
+    ez = torch.linalg.vecdot(e, z - m)
+    e_top = e.gather(-1, top_ids)
+    rest = e.scatter(-1, top_ids, 0.0).sum(-1)
+    s = rest + e_top.sum(-1)
+    return top_ids, (top_z - m) - s.log()[..., None], rest / s, s.log() - ez / s
+
+
+@pytest.mark.parametrize("block_elements", [4133, 4133 * 5, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ensemble_topk_is_the_plain_formula_bit_for_bit(
+    block_elements: int | None, dtype: torch.dtype
+) -> None:
+    # What a cache stores must not depend on blocks, work buffers or the top-k search: the fused
+    # path equals the formula evaluated in one go, to the last bit (so the stored bytes are the same).
+    g = torch.Generator().manual_seed(12)
+    zs = [(torch.randn(3, 5, 4133, generator=g) * 3).to(dtype) for _ in range(2)]
+    sel = ensemble_topk(
+        zs,
+        teacher_names=["a", "b"],
+        window_indices=[0, 1, 2],
+        k=64,
+        weights=[1.0, 2.0],
+        block_elements=block_elements,
+    )
+    ids, logp, tail, entropy = _plain_mean_logits_topk(zs, [1 / 3, 2 / 3], 64)
+    assert torch.equal(sel.ids, ids)
+    for got, want in ((sel.logprobs, logp), (sel.tail, tail), (sel.entropy, entropy)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ensemble_hybrid / ensemble_sampled: select_*(ensemble_logprobs(...)) a block of windows at a time.
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("block_elements", [1, 2 * 6 * 1031, None])  # one window, two, all five at once
+def test_blockwise_hybrid_and_sampled_are_the_whole_batch_bit_for_bit(
+    rule: str, block_elements: int | None
+) -> None:
+    g = torch.Generator().manual_seed(13)
+    zs = [torch.randn(5, 6, 1031, generator=g) * 3 for _ in range(2)]  # V > 1024: the fast top-k path
+    windows = [7, 3, 9, 1, 4]
+    args = {
+        "teacher_names": ["a", "b"],
+        "window_indices": windows,
+        "rule": rule,
+        "weights": [2.0, 1.0],
+        "temperature": 1.3,
+    }
+    logp = ensemble_logprobs(zs, **args)
+    pairs = [
+        (
+            ensemble_hybrid(zs, k=16, num_samples=8, seed=5, block_elements=block_elements, **args),
+            select_hybrid(logp, k=16, num_samples=8, seed=5, window_indices=windows),
+        ),
+        (
+            ensemble_sampled(zs, num_samples=12, seed=5, block_elements=block_elements, **args),
+            select_sampled(logp, num_samples=12, seed=5, window_indices=windows),
+        ),
+    ]
+    for got, want in pairs:
+        assert isinstance(got, (HybridSelection, SampledSelection)) and type(got) is type(want)
+        for field in want.__dataclass_fields__:
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_blockwise_hybrid_names_the_teacher_with_a_bad_logit(rule: str, bad: float) -> None:
+    zs = [z.float() for z in _teachers(0, 2)]
+    zs[1][2, 3, 4] = bad  # in the last of three one-window blocks
+    args = {
+        "teacher_names": ["llama", "gpt2"],
+        "window_indices": [15, 16, 17],
+        "rule": rule,
+        "block_elements": 1,
+    }
+    with pytest.raises(TeacherError, match=r"teacher 'gpt2'.*window 17, position 3"):
+        ensemble_hybrid(zs, k=3, num_samples=4, seed=0, **args)
+    with pytest.raises(TeacherError, match=r"teacher 'gpt2'.*window 17, position 3"):
+        ensemble_sampled(zs, num_samples=4, seed=0, **args)
+
+
+def test_blockwise_hybrid_refuses_bad_arguments() -> None:
+    zs = [torch.zeros(2, 3, 37)]
+    args = {"teacher_names": ["a"], "window_indices": [0, 1], "seed": 0}
+    with pytest.raises(CacheError, match="k \\+ num_samples"):
+        ensemble_hybrid(zs, k=30, num_samples=7, **args)
+    with pytest.raises(CacheError, match="0 < k"):
+        ensemble_hybrid(zs, k=0, num_samples=7, **args)
+    with pytest.raises(CacheError, match="2 window indices"):
+        ensemble_hybrid(zs, k=3, num_samples=7, **{**args, "window_indices": [0]})
+    with pytest.raises(CacheError, match="ensemble rule"):
+        ensemble_sampled(zs, num_samples=7, rule="median", **args)
