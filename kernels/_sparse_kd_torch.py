@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -199,30 +200,35 @@ def _coefficients(
     return valid, y, ce_coef, kl_coef
 
 
-def _chunk_loss_and_grad(
+class _StudentRows(NamedTuple):
+    """The student's side of one chunk, shared by every divergence (:func:`_student_softmax`)."""
+
+    valid: torch.Tensor  # (c,) bool
+    y: torch.Tensor  # (c,) targets, ignored rows clamped to 0
+    ce_coef: torch.Tensor  # (c,)
+    kl_coef: torch.Tensor  # (c,)
+    c_kl: torch.Tensor  # (c,) kl_coef / T
+    ce: torch.Tensor  # (c,) -log softmax(z)_y
+    ce_in_q: torch.Tensor  # (c,) the CE coefficient folded into q (T = 1), else 0
+    ce_scaled: torch.Tensor | None  # (c, V) ce_coef * softmax(z) at T != 1, else None
+    z_s: torch.Tensor  # (c, k) (z_S - max z) / T
+    s: torch.Tensor  # (c,) sum of e
+    log_s: torch.Tensor  # (c,)
+    log_q_s: torch.Tensor  # (c, k) log q at S
+
+
+def _student_softmax(
     work: torch.Tensor,
     targets: torch.Tensor,
-    teacher: TeacherRows,
-    rows: slice,
+    ids: torch.Tensor,
     params: SparseKDParams,
     ce_div: torch.Tensor,
     kl_div: torch.Tensor,
-    loss_out: torch.Tensor,
-    parts_out: torch.Tensor,
-) -> torch.Tensor | None:
-    """Overwrite ``work`` (c, V) (the chunk's logits) with the gradient; write the row losses and
-    their (CE, KL) parts. Forward KL only (:func:`_chunk_divergence` does the others).
-
-    Returns the local indices of rows to recompute in log space, or None.
-    """
-    dtype = work.dtype
+) -> _StudentRows:
+    """Overwrite ``work`` (c, V) (the chunk's logits z) with ``e = exp((z - max z) / T)`` and return
+    the CE term, the row sums and the student's log-probabilities at the cached ids."""
     temp = params.temperature
-    valid, y, ce_coef, kl_coef = _coefficients(targets, params, ce_div, kl_div, dtype)
-    ids = teacher.ids[rows]  # (c, k)
-    w = teacher.weights[rows]  # (c, k)
-    mass = teacher.mass[rows]  # (c,)
-    c_kl = kl_coef / temp  # (c,)
-
+    valid, y, ce_coef, kl_coef = _coefficients(targets, params, ce_div, kl_div, work.dtype)
     top = work.amax(dim=1, keepdim=True)  # (c, 1)
     work.sub_(top)  # z - max z
     z_y = work.gather(1, y.unsqueeze(1)).squeeze(1)  # (c,)
@@ -242,6 +248,34 @@ def _chunk_loss_and_grad(
         ce = log_s - z_y  # -log q_y
         ce_in_q = ce_coef  # at T = 1 softmax(z) = q: the CE part folds into the scale of q
     log_q_s = z_s - log_s.unsqueeze(1)  # (c, k)
+    return _StudentRows(
+        valid, y, ce_coef, kl_coef, kl_coef / temp, ce, ce_in_q, ce_scaled, z_s, s, log_s, log_q_s
+    )
+
+
+def _chunk_loss_and_grad(
+    work: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: TeacherRows,
+    rows: slice,
+    params: SparseKDParams,
+    ce_div: torch.Tensor,
+    kl_div: torch.Tensor,
+    loss_out: torch.Tensor,
+    parts_out: torch.Tensor,
+) -> torch.Tensor | None:
+    """Overwrite ``work`` (c, V) (the chunk's logits) with the gradient; write the row losses and
+    their (CE, KL) parts. Forward KL only (:func:`_chunk_divergence` does the others).
+
+    Returns the local indices of rows to recompute in log space, or None.
+    """
+    dtype = work.dtype
+    ids = teacher.ids[rows]  # (c, k)
+    w = teacher.weights[rows]  # (c, k)
+    mass = teacher.mass[rows]  # (c,)
+    st = _student_softmax(work, targets, ids, params, ce_div, kl_div)
+    valid, y, ce_coef, kl_coef, c_kl = st.valid, st.y, st.ce_coef, st.kl_coef, st.c_kl
+    ce, ce_in_q, ce_scaled, s, log_s, log_q_s = st.ce, st.ce_in_q, st.ce_scaled, st.s, st.log_s, st.log_q_s
     kl = teacher.entropy_term[rows] - (w * log_q_s).sum(dim=1)  # (c,)
     in_s_coef = ce_in_q + c_kl * mass  # (c,) multiplies q on S
 
@@ -317,34 +351,15 @@ def _chunk_divergence(
     ``hbar = sum(Q * h)``, d D / d z_v = Q_v (h_v - hbar) / T: ``q_v (h_bucket - hbar) / T`` for v
     outside S (0 without a bucket), one multiply over the chunk plus (c, k) scatters.
     """
-    dtype = work.dtype
-    temp = params.temperature
-    valid, y, ce_coef, kl_coef = _coefficients(targets, params, ce_div, kl_div, dtype)
     ids = teacher.ids[rows]  # (c, k)
     w = teacher.weights[rows]  # (c, k)
     present = teacher.present[rows]  # (c, k)
     no_entry = teacher.no_entry[rows]  # (c,)
-    c_kl = kl_coef / temp  # (c,)
-
-    top = work.amax(dim=1, keepdim=True)  # (c, 1)
-    work.sub_(top)  # z - max z
-    z_y = work.gather(1, y.unsqueeze(1)).squeeze(1)  # (c,)
-    ce_scaled = None  # ce_coef * softmax(z), only at T != 1
-    if temp != 1.0:
-        ce_scaled = torch.exp(work)  # (c, V) scratch
-        s1 = ce_scaled.sum(dim=1)  # (c,)
-        ce = s1.log() - z_y
-        ce_scaled.mul_((ce_coef / s1).unsqueeze(1))
-        work.mul_(1.0 / temp)
-        ce_in_q = torch.zeros_like(ce_coef)
-    z_s = work.gather(1, ids)  # (c, k) (z_S - max z) / T
-    torch.exp(work, out=work)  # e = exp((z - max z) / T)
-    s = work.sum(dim=1)  # (c,)
-    log_s = s.log()
-    if temp == 1.0:
-        ce = log_s - z_y
-        ce_in_q = ce_coef
-    log_q_s = z_s - log_s.unsqueeze(1)  # (c, k)
+    st = _student_softmax(work, targets, ids, params, ce_div, kl_div)
+    valid, y, ce_coef, kl_coef, c_kl = st.valid, st.y, st.ce_coef, st.kl_coef, st.c_kl
+    ce, ce_in_q, ce_scaled, z_s, s, log_s, log_q_s = (
+        st.ce, st.ce_in_q, st.ce_scaled, st.z_s, st.s, st.log_s, st.log_q_s
+    )  # fmt: skip
     q_s = log_q_s.exp()  # (c, k)
 
     if teacher.tail is not None:
