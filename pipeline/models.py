@@ -160,6 +160,12 @@ def read_hf_config(path: str | Path, *, where: str = "the model") -> Any:
 # Files that hold a Hugging Face tokenizer (any one of them is enough for AutoTokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a Hugging Face tokenizer (any of :data:`TOKENIZER_FILES`)."""
+    return any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+
+
 # Weight files that unpickle when read (arbitrary code can run): refused, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 

@@ -48,7 +48,7 @@ from logitcache.cache.storage import StoreLike
 from logitcache.cache.writer import existing_cache
 from logitcache.pipeline.config import CacheConfig, Config
 from logitcache.pipeline.errors import CacheError, StageError, TeacherError
-from logitcache.pipeline.models import DTYPES, TOKENIZER_FILES, check_model_dir, check_model_fits, load_model
+from logitcache.pipeline.models import DTYPES, check_model_dir, check_model_fits, has_tokenizer, load_model
 from logitcache.pipeline.prepare import PreparedData, TokenWindows
 from logitcache.pipeline.rundir import RunLayout, locate_cache_store
 from logitcache.pipeline.teachers import is_teacher_complete, teacher_dir
@@ -71,16 +71,10 @@ def trained_teacher_dirs(config: Config) -> dict[str, Path]:
     return dirs
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The model's safetensors files, sorted by name; a folder with pickle weights only is refused
-    (before anything is opened: :func:`~logitcache.pipeline.models.check_model_dir`)."""
-    return check_model_dir(model_dir)
-
-
 def weights_sha256(model_dir: Path) -> str:
     """SHA-256 over the model's safetensors files (sorted by name), i.e. of exactly its weights."""
     digest = hashlib.sha256()
-    for path in safetensors_files(model_dir):
+    for path in check_model_dir(model_dir):  # the safetensors files, sorted; pickle-only refused
         digest.update(path.name.encode() + b"\0")
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
@@ -92,7 +86,7 @@ def tokenizer_vocab(model_dir: Path) -> dict[str, int] | None:
     """token -> id of the tokenizer saved in ``model_dir`` (added tokens included); None if it has none.
     An unreadable tokenizer is a one-line :class:`TeacherError`."""
     path = model_dir / "tokenizer.json"
-    if not path.is_file() and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         return None
     try:
         if path.is_file():
@@ -149,11 +143,6 @@ def check_tokenizer(
         )
 
 
-def check_teacher_tokenizer(name: str, model_dir: Path, data: PreparedData | TokenWindows) -> None:
-    """Refuse a teacher whose tokenizer differs from the prepared data's (see :func:`check_tokenizer`)."""
-    check_tokenizer(f"Teacher '{name}'", model_dir, data)
-
-
 def vocab_error(who: str, model_dir: Path, data: PreparedData | TokenWindows, vocab: int) -> TeacherError:
     who = who[:1].lower() + who[1:]  # "Teacher 'x'" starts other messages
     return TeacherError(
@@ -196,7 +185,7 @@ def check_model_folder(
         )
     check_tokenizer(who, model_dir, data, required=False)
     if weights:
-        safetensors_files(model_dir)
+        check_model_dir(model_dir)
 
 
 def load_teacher(

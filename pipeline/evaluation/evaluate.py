@@ -33,13 +33,8 @@ from logitcache.pipeline.errors import ConfigError, DataError, StageError
 from logitcache.pipeline.evaluation.blimp import BlimpPair, evaluate_blimp, read_blimp, subset_per_paradigm
 from logitcache.pipeline.evaluation.compare import headline_lines
 from logitcache.pipeline.evaluation.heldout import evaluate_held_out
-from logitcache.pipeline.evaluation.loading import (
-    check_model_matches_data,
-    has_tokenizer,
-    load_causal_lm,
-    load_tokenizer,
-)
-from logitcache.pipeline.models import check_model_dir, count_parameters
+from logitcache.pipeline.evaluation.loading import check_model_matches_data, load_causal_lm, load_tokenizer
+from logitcache.pipeline.models import check_model_dir, count_parameters, has_tokenizer
 from logitcache.pipeline.preflight import REPLACED_SUFFIX, check_writable
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import (
@@ -229,7 +224,7 @@ def _evaluate_one(
         tokenizer = load_tokenizer(model_dir, fallback=data.root if data is not None else None)
     held_out = blimp = None
     if data is not None:
-        check_model_matches_data(model, model_dir, data, tokenizer if has_tokenizer(model_dir) else None)
+        check_model_matches_data(model, model_dir, data)
         held_out = evaluate_held_out(
             model,
             windows,

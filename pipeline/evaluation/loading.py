@@ -14,19 +14,15 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from logitcache.pipeline.errors import TeacherError
-from logitcache.pipeline.models import TOKENIZER_FILES, load_model, max_positions, output_vocab_size  # noqa: F401 (re-exported)
+from logitcache.pipeline.models import has_tokenizer, load_model, max_positions, output_vocab_size  # noqa: F401 (max_positions, output_vocab_size: re-exported)
 from logitcache.pipeline.prepare import PreparedData
-from logitcache.pipeline.teacher_signal import check_tokenizer, vocab_error
+from logitcache.pipeline.teacher_signal import vocab_error
 
 
 def load_causal_lm(path: str | Path, *, device: torch.device) -> PreTrainedModel:
     """A saved HF causal LM in float32 and eval mode on ``device`` (safetensors only, checked before
     anything is opened: :func:`~logitcache.pipeline.models.load_model`)."""
     return load_model(Path(path)).to(device).eval()
-
-
-def has_tokenizer(path: Path) -> bool:
-    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(model_dir: Path, *, fallback: Path | None = None) -> PreTrainedTokenizerBase:
@@ -46,13 +42,9 @@ def load_tokenizer(model_dir: Path, *, fallback: Path | None = None) -> PreTrain
         ) from None
 
 
-def check_model_matches_data(
-    model: PreTrainedModel, model_dir: Path, data: PreparedData, tokenizer: PreTrainedTokenizerBase | None
-) -> None:
-    """The prepared windows are token ids of the data's tokenizer: the model must use the same one."""
+def check_model_matches_data(model: PreTrainedModel, model_dir: Path, data: PreparedData) -> None:
+    """The prepared windows are token ids of the data's tokenizer: the loaded model must predict them
+    all (its folder's tokenizer and config were checked before loading, ``check_teacher``)."""
     vocab = output_vocab_size(model)
     if vocab < data.vocab_size:
         raise vocab_error("the model", model_dir, data, vocab)
-    if tokenizer is None:
-        return
-    check_tokenizer("The model", model_dir, data, required=False)
