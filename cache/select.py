@@ -46,8 +46,9 @@ the batch size or which of these paths computed it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -588,19 +589,12 @@ def ensemble_sampled(
 
     Bit for bit the same result: the ensemble is per position and the draws per window.
     """
-    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
-    _check_rule(rule)
-    _check_sampled_args(num_samples, teacher_logits[0].shape, window_indices)
-    blocks = _logprob_blocks(
-        teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
-    )
-    pieces = [
-        select_sampled(logp, num_samples=num_samples, seed=seed, window_indices=window_indices[start:stop])
-        for start, stop, logp in blocks
-    ]
-    return SampledSelection(
-        **{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(SampledSelection)}
-    )
+    return _select_by_blocks(
+        SampledSelection,
+        lambda logp, windows: select_sampled(logp, num_samples=num_samples, seed=seed, window_indices=windows),
+        lambda: _check_sampled_args(num_samples, teacher_logits[0].shape, window_indices),
+        teacher_logits, teacher_names, window_indices, rule, weights, temperature, block_elements,
+    )  # fmt: skip
 
 
 def ensemble_hybrid(
@@ -621,21 +615,41 @@ def ensemble_hybrid(
     Bit for bit the same result (head, tail mass and entropy per position, draws per window), at
     a fraction of the memory traffic: no (B, T, V) temporaries, no separate finiteness passes.
     """
+    return _select_by_blocks(
+        HybridSelection,
+        lambda logp, windows: select_hybrid(
+            logp, k=k, num_samples=num_samples, seed=seed, window_indices=windows
+        ),
+        lambda: _check_hybrid_args(k, num_samples, teacher_logits[0].shape, window_indices),
+        teacher_logits, teacher_names, window_indices, rule, weights, temperature, block_elements,
+    )  # fmt: skip
+
+
+_Selection = TypeVar("_Selection", "SampledSelection", "HybridSelection")
+
+
+def _select_by_blocks(
+    cls: type[_Selection],
+    select: Callable[[torch.Tensor, Sequence[int] | torch.Tensor], _Selection],
+    check: Callable[[], None],
+    teacher_logits: Sequence[torch.Tensor],
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    rule: str,
+    weights: Sequence[float] | None,
+    temperature: float,
+    block_elements: int | None,
+) -> _Selection:
+    """``select(ensemble log-probs of a block, its window indices)`` over :func:`_logprob_blocks`,
+    concatenated into one ``cls``; the teachers, the rule, then ``check()`` are validated first."""
     weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
     _check_rule(rule)
-    _check_hybrid_args(k, num_samples, teacher_logits[0].shape, window_indices)
+    check()
     blocks = _logprob_blocks(
         teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
     )
-    pieces = [
-        select_hybrid(
-            logp, k=k, num_samples=num_samples, seed=seed, window_indices=window_indices[start:stop]
-        )
-        for start, stop, logp in blocks
-    ]
-    return HybridSelection(
-        **{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(HybridSelection)}
-    )
+    pieces = [select(logp, window_indices[start:stop]) for start, stop, logp in blocks]
+    return cls(**{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(cls)})
 
 
 def _fields(cls: type) -> tuple[str, ...]:
