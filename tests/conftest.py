@@ -49,14 +49,17 @@ def small_corpus(tmp_path: Path, corpus_sources: list[str]) -> Path:
     return root
 
 
-TINY_TEACHERS = """
-[teachers.llama.model]
-family = "llama"
+# The tiny Llama of the tests' teachers and students (the body of a [*.model] table).
+TINY_LLAMA = """family = "llama"
 hidden_size = 32
 num_layers = 2
 num_heads = 4
 num_kv_heads = 2
-intermediate_size = 64
+intermediate_size = 64"""
+
+TINY_TEACHERS = f"""
+[teachers.llama.model]
+{TINY_LLAMA}
 
 [teachers.llama.train]
 lr = 3e-3

@@ -27,20 +27,15 @@ from logitcache.pipeline.prepare import PreparedData, prepare_data
 from logitcache.pipeline.student import LossOptions, StudentObjective, train_student
 from logitcache.pipeline.teachers import train_teacher
 
-from .conftest import CORPUS, REPO, corpus_slice, write_config
+from .conftest import CORPUS, REPO, TINY_LLAMA, corpus_slice, write_config
 
-API_RUN = """
+API_RUN = f"""
 [cache]
 k = 16
 batch_size = 64
 
 [student.model]
-family = "llama"
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
+{TINY_LLAMA}
 
 [student.train]
 lr = 3e-3

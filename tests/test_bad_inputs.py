@@ -43,21 +43,16 @@ from logitcache.pipeline.config import load_config
 from logitcache.pipeline.preflight import StageLock, lock_path
 from logitcache.pipeline.prepare import PreparedData
 
-from .conftest import CORPUS, REPO, corpus_slice, write_config
+from .conftest import CORPUS, REPO, TINY_LLAMA, corpus_slice, write_config
 
-EXTRA = """
+EXTRA = f"""
 [cache]
 k = 16
 batch_size = 64
 windows_per_shard = 64
 
 [student.model]
-family = "llama"
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
+{TINY_LLAMA}
 
 [student.train]
 lr = 3e-3

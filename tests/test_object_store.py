@@ -34,7 +34,7 @@ from logitcache.pipeline.prepare import prepare_data  # noqa: E402
 from logitcache.pipeline.student import train_student  # noqa: E402
 from logitcache.pipeline.teachers import train_teacher  # noqa: E402
 
-from .conftest import kill_when  # noqa: E402
+from .conftest import TINY_LLAMA, kill_when  # noqa: E402
 from .test_cache_format import (  # noqa: E402
     NUM_WINDOWS,
     PER_CHUNK,
@@ -49,14 +49,9 @@ PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 BUCKET = "logitcache-test"
 # Many small shards, so that a kill lands between two of them.
 SETTINGS = ["cache.k=8", "cache.batch_size=32", "cache.windows_per_shard=32"]
-STUDENT = """
+STUDENT = f"""
 [student.model]
-family = "llama"
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
+{TINY_LLAMA}
 
 [student.train]
 lr = 3e-3

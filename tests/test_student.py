@@ -50,22 +50,17 @@ from logitcache.pipeline.teacher_signal import TeacherEnsemble, open_student_cac
 from logitcache.pipeline.teachers import train_teacher
 from logitcache.pipeline.training import causal_lm_loss, make_plan
 
-from .conftest import kill_when
+from .conftest import TINY_LLAMA, kill_when
 
 PIPE = [sys.executable, "-m", "logitcache.pipeline.cli"]
 
-STUDENT = """
+STUDENT = f"""
 [cache]
 k = 16
 batch_size = 64
 
 [student.model]
-family = "llama"
-hidden_size = 32
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-intermediate_size = 64
+{TINY_LLAMA}
 
 [student.train]
 lr = 3e-3
