@@ -8,8 +8,10 @@
    evaluation with BLiMP as configured, report): the table of teachers vs students.
 2. For every seed (``student.seed``: initialisation and data order), students that differ in one
    thing each, all evaluated on the held-out test split:
-   ``ce`` (no teacher), ``online`` (live teachers, full distribution), ``topk`` (the config's cache,
-   ghost tail), ``topk-renormalize``, ``sampled`` (Sparse Logit Sampling at about the top-k cache's
+   ``ce`` (no teacher), ``online`` (live teachers, full distribution), ``cache`` (the config's cache:
+   the distilled student of ``pipe run``), ``topk`` (top --topk-k cache, ghost tail; every other cache
+   mode is compared with it at about equal storage), ``topk-renormalize``, ``sampled`` (Sparse Logit
+   Sampling at about the top-k cache's
    storage: the draw count among --sampled-candidates whose cache size is closest), the same
    sampled cache with alpha = 1 (no CE term; compared with the sweep's top-k cell at alpha = 1),
    ``hybrid`` (exact top-k head + importance-weighted tail draws, docs/cache-format.md) for each
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 
 from logitcache.pipeline.cache_logits import cache_logits
-from logitcache.pipeline.config import Config, load_config
+from logitcache.pipeline.config import CacheConfig, Config, load_config
 from logitcache.pipeline.evaluation.compare import (
     PairedDifference,
     SeedSpread,
@@ -213,6 +215,9 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/results-demo")
     parser.add_argument("--set", action="append", default=[], help="config override, as for pipe run")
     parser.add_argument("--seeds", default="1,2")
+    parser.add_argument(
+        "--topk-k", type=int, default=64, help="k of the top-k cache the other modes are compared with"
+    )
     parser.add_argument("--ks", default="8,64")
     parser.add_argument("--temps", default="1,2")
     parser.add_argument("--alphas", default="0.5,1.0")
@@ -262,14 +267,16 @@ def main() -> None:
     run_pipeline(base_config, log=lambda line: print(line, flush=True))
     exp = Experiment(args)
 
+    topk_k = args.topk_k
+    topk = Variant("topk", ("cache.mode=topk", f"cache.k={topk_k}"), ())
     main_variants = [
         Variant("ce", None, ("student.mode=ce",)),
         Variant("online", None, ("student.mode=online",)),
-        Variant("topk", (), ()),
-        Variant("topk-renormalize", (), ("student.distill.tail=renormalize",)),
+        topk,
+        dataclasses.replace(topk, name="topk-renormalize", student=("student.distill.tail=renormalize",)),
     ]
-    exp.ensure_cache(main_variants[2])
-    topk_bytes = exp.cache_summaries["cache-default"]["bytes_per_position"]
+    exp.ensure_cache(topk)
+    topk_bytes = exp.cache_summaries[topk.cache_key()]["bytes_per_position"]
     sampled = exp.sampled_variant(topk_bytes)
     # alpha = 1 (no CE term) isolates what the cache teaches: top-k at alpha 1 is in the sweep
     main_variants += [sampled, dataclasses.replace(sampled, name=f"{sampled.name}-a1", student=ALPHA_1)]
@@ -282,13 +289,26 @@ def main() -> None:
         hybrid = exp.hybrid_variant(topk_bytes, head)
         main_variants += [hybrid, dataclasses.replace(hybrid, name=f"{hybrid.name}-a1", student=ALPHA_1)]
     main_variants.append(Variant("online-a1", None, ("student.mode=online", *ALPHA_1)))
+    # the config's own cache: the distilled student of `pipe run`, reused from the variant with the
+    # same cache and settings when there is one
+    twin = next(
+        (
+            v.name
+            for v in main_variants
+            if v.cache is not None
+            and not v.student
+            and exp.config(exp.base, v.cache).cache == base_config.cache
+        ),
+        "",
+    )
+    main_variants.insert(2, Variant("cache", (), (), same_as=twin))
     sweep = []
     cache, distill = base_config.cache, base_config.student.distill
     for k in [int(x) for x in args.ks.split(",")]:
         for temp in [float(x) for x in args.temps.split(",")]:
             for alpha in [float(x) for x in args.alphas.split(",")]:
                 is_default = (k, temp, temp, alpha) == (
-                    cache.k,
+                    topk_k,
                     cache.temperature,
                     distill.temperature,
                     distill.alpha,
@@ -296,7 +316,7 @@ def main() -> None:
                 sweep.append(
                     Variant(
                         f"sweep-k{k}-T{temp:g}-a{alpha:g}",
-                        (f"cache.k={k}", f"cache.temperature={temp}"),
+                        ("cache.mode=topk", f"cache.k={k}", f"cache.temperature={temp}"),
                         (f"student.distill.temperature={temp}", f"student.distill.alpha={alpha}"),
                         same_as="topk" if is_default else "",
                     )
@@ -311,6 +331,7 @@ def main() -> None:
         "versions": package_versions(),
         "wall_minutes": (time.perf_counter() - started) / 60,
         "seeds": seeds,
+        "topk_k": topk_k,
         "config": str(args.config),
         "overrides": args.set,
         "run_dir": str(args.run_dir),
@@ -491,12 +512,17 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         f"test split {test.shape[0]} windows); BLiMP: `{_shown_path(config.evaluate.blimp_dir) if config.evaluate.blimp_dir else '-'}`."
     )
     cache = config.cache
-    default_summary = caches.get("cache-default", {})
+    topk_k = meta.get("topk_k", cache.k)
+    cache_row = next(r for r in rows if r["variant"] == "cache")
+    default_summary = caches.get(cache_row["cache"], {})
+    topk_summary = caches.get(next(r["cache"] for r in rows if r["variant"] == "topk"), {})
     add(
-        f"- Distillation defaults: ensemble {cache.ensemble} of {len(config.teachers)} teachers, cache k = {cache.k} "
-        f"(T = {cache.temperature:g}), {default_summary.get('bytes_per_position', float('nan')):.1f} bytes per position, "
-        f"capturing on average {100 * default_summary.get('mean_captured_mass', float('nan')):.0f} % of the "
-        f"ensemble's probability mass (mean teacher entropy {default_summary.get('mean_teacher_entropy', float('nan')):.2f} nats); "
+        f"- Distillation defaults: ensemble {cache.ensemble} of {len(config.teachers)} teachers, "
+        f"{_cache_description(cache)} (T = {cache.temperature:g}), "
+        f"{default_summary.get('bytes_per_position', float('nan')):.1f} bytes per position "
+        f"(mean teacher entropy {default_summary.get('mean_teacher_entropy', float('nan')):.2f} nats; a top-{topk_k} "
+        f"cache captures on average {100 * topk_summary.get('mean_captured_mass', float('nan')):.0f} % of the "
+        "ensemble's probability mass); "
         f"student loss (1 - alpha) CE + alpha T² KL with alpha = {config.student.distill.alpha:g}, "
         f"T = {config.student.distill.temperature:g}, tail `{config.student.distill.tail}`."
     )
@@ -547,8 +573,9 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     descriptions = {
         "ce": "ce (no teacher)",
         "online": "online (live teachers, full vocabulary)",
-        "topk": f"top-{cache.k} cache, ghost tail (default)",
-        "topk-renormalize": f"top-{cache.k} cache, renormalised",
+        "cache": f"the config's cache: {_cache_description(cache)} (`pipe run`'s distilled student)",
+        "topk": f"top-{topk_k} cache, ghost tail",
+        "topk-renormalize": f"top-{topk_k} cache, renormalised",
         "online-a1": "online, alpha 1 (no CE term)",
     }
     for name in document["variants"]["main"]:
@@ -598,7 +625,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add(
         "- "
         + _variants_sentence(
-            rows, "distilled student (top-k cache)", "topk", "CE twin", "ce", "perplexity", 1
+            rows, "distilled student (the config's cache)", "cache", "CE twin", "ce", "perplexity", 1
         )
         + "."
     )
@@ -610,29 +637,33 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     teachers = [m for m in models if m["name"].startswith("teachers/")]
     for t in teachers:
         tp = SeedSpread.of([t["held_out"]["perplexity"]])
-        add("- " + _verdict_sentence("distilled student", ppl["topk"], t["name"], tp, "perplexity", 1) + ".")
-    fidelity = 100 * relative_difference(ppl["topk"], ppl["online"])
-    met = "met" if abs(fidelity) <= 1.0 else "not met"
-    add(
-        f"- Cache fidelity (target ≤ 1 % perplexity difference between the top-{cache.k} cache and online "
-        f"distillation): {fidelity:+.1f} % on the means, **{met}**; top-k vs online by the seed-range rule: {compare(ppl['topk'], ppl['online'])}; "
-        f"{_pair_text(_paired(rows, 'topk', 'online', 'perplexity'))}."
-    )
+        add("- " + _verdict_sentence("distilled student", ppl["cache"], t["name"], tp, "perplexity", 1) + ".")
+    for name, what in (
+        ("cache", f"the config's cache ({_cache_description(cache)})"),
+        ("topk", f"a top-{topk_k} cache"),
+    ):
+        fidelity = 100 * relative_difference(ppl[name], ppl["online"])
+        met = "met" if abs(fidelity) <= 1.0 else "not met"
+        add(
+            f"- Cache fidelity (target ≤ 1 % perplexity difference from online distillation), {what}: "
+            f"{fidelity:+.1f} % on the means, **{met}**; by the seed-range rule: {compare(ppl[name], ppl['online'])}; "
+            f"{_pair_text(_paired(rows, name, 'online', 'perplexity'))}."
+        )
     sampled = next(n for n in document["variants"]["main"] if n.startswith("sampled"))
     sampled_a1 = f"{sampled}-a1" if f"{sampled}-a1" in ppl else None
     topk_a1 = next(
         (
             v["name"]
             for v in document["variants"]["sweep"]
-            if _sweep_cell(v) == (cache.k, cache.temperature, 1.0)
+            if _sweep_cell(v) == (topk_k, cache.temperature, 1.0)
             and config.student.distill.temperature == cache.temperature
         ),
         None,
     )
     sampled_bytes = next(r["bytes_per_position"] for r in rows if r["variant"] == sampled)
-    topk_bytes = default_summary.get("bytes_per_position", float("nan"))
+    topk_bytes = topk_summary.get("bytes_per_position", float("nan"))
     add(
-        f"- Sampled ({sampled.split('-n')[-1]} draws) vs top-{cache.k} cache, storage {sampled_bytes:.1f} vs "
+        f"- Sampled ({sampled.split('-n')[-1]} draws) vs top-{topk_k} cache, storage {sampled_bytes:.1f} vs "
         f"{topk_bytes:.1f} bytes/position ({sampled_bytes / topk_bytes:.2f}x): "
         + _variants_sentence(rows, "sampled", sampled, "top-k", "topk", "perplexity", 1)
         + "; "
@@ -642,20 +673,20 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     if sampled_a1 and topk_a1:
         add(
             "- Without the CE term (alpha = 1), what the cache alone teaches: "
-            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{cache.k}", topk_a1, "perplexity", 1)
+            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{topk_k}", topk_a1, "perplexity", 1)
             + "; "
-            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{cache.k}", topk_a1, "ece", 4)
+            + _variants_sentence(rows, "sampled", sampled_a1, f"top-{topk_k}", topk_a1, "ece", 4)
             + "."
         )
         if compare(ppl[sampled_a1], _spreads(rows, topk_a1, "perplexity")) == "better":
-            uncovered = 100 * (1 - default_summary.get("mean_captured_mass", float("nan")))
+            uncovered = 100 * (1 - topk_summary.get("mean_captured_mass", float("nan")))
             add(
                 f"  A top-k cache with the ghost tail constrains the k stored probabilities and the tail's total "
                 f"mass, not how the student spreads that mass over the other tokens, which hold {uncovered:.0f} % "
                 "of the ensemble's probability here; without a CE term nothing else does. Sampled entries are an "
                 "unbiased estimate of the whole distribution (Anshumann et al., ACL 2025)."
             )
-    lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, cache.k))
+    lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, topk_k))
     add(
         "- "
         + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)
@@ -665,10 +696,10 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     if sweep_lines:
         add("- Sweep, one factor at a time (perplexity; same other settings):")
         lines.extend(f"  - {line}" for line in sweep_lines)
-    ce_pair = _paired(rows, "topk", "ce", "perplexity")
-    claim_ce, ce_by_pairs = combined_verdict(ppl["topk"], ppl["ce"], ce_pair)
+    ce_pair = _paired(rows, "cache", "ce", "perplexity")
+    claim_ce, ce_by_pairs = combined_verdict(ppl["cache"], ppl["ce"], ce_pair)
     claim_teachers = {
-        t["name"]: compare(ppl["topk"], SeedSpread.of([t["held_out"]["perplexity"]])) for t in teachers
+        t["name"]: compare(ppl["cache"], SeedSpread.of([t["held_out"]["perplexity"]])) for t in teachers
     }
     ce_words = {
         "better": "supported",
@@ -704,6 +735,15 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add("file (pass a larger config to the same command on a GPU machine).")
     add("")
     return "\n".join(lines)
+
+
+def _cache_description(cache: CacheConfig) -> str:
+    """What a cache stores, in words: "top-64 cache", "hybrid cache: top-16 head + 48 tail draws", ..."""
+    if cache.mode == "hybrid":
+        return f"hybrid cache: top-{cache.k} head + {cache.tail_samples} tail draws"
+    if cache.mode == "sampled":
+        return f"sampled cache: {cache.samples} draws"
+    return f"top-{cache.k} cache"
 
 
 def _fidelity_text(rows: list[dict], ppl: dict[str, SeedSpread], name: str, online: str, where: str) -> str:
