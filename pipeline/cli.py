@@ -130,6 +130,13 @@ def run_cmd(config: Path, overrides: tuple[str, ...], run_dir: Path | None) -> N
 @click.option("--split", type=click.Choice(EVAL_SPLITS), default=EvalConfig.split, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True)
 @click.option("--ece-bins", type=click.IntRange(min=1), default=EvalConfig.ece_bins, show_default=True)
+@click.option(
+    "--random-twins/--no-random-twins",
+    default=EvalConfig.random_twins,
+    show_default=True,
+    help="Also score a randomly initialised twin of each distinct architecture (seed 0), the baseline "
+    "for BLiMP and perplexity.",
+)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option(
     "--run-dir",
@@ -152,6 +159,7 @@ def evaluate_cmd(
     split: str,
     batch_size: int,
     ece_bins: int,
+    random_twins: bool,
     device: str,
     run_dir: Path | None,
     out: Path | None,
@@ -166,6 +174,7 @@ def evaluate_cmd(
         split=split,
         batch_size=batch_size,
         ece_bins=ece_bins,
+        random_twins=random_twins,
         device=device,
     )
     log = lambda line: click.echo(line, err=True)  # noqa: E731

@@ -263,6 +263,9 @@ class EvalConfig:
     split: EvalSplit = "test"
     batch_size: int = 32
     ece_bins: int = 15
+    # also score a randomly initialised twin of each architecture (same config, seed 0), the
+    # baseline that says whether a model learned anything BLiMP measures
+    random_twins: bool = False
 
 
 @dataclass(frozen=True)

@@ -263,10 +263,12 @@ def test_evaluate_command_writes_every_number(prepared: PreparedData, model_dirs
             str(out),
             "--device",
             "cpu",
+            "--random-twins",
         ]
     )
     captured = capsys.readouterr()
     assert "llama: test perplexity" in captured.err and "BLiMP" in captured.err
+    assert "random-init/llama: test perplexity" in captured.err
     results = read_results(out)
     assert results["settings"]["split"] == "test"
     assert results["settings"]["blimp_pairs"] == 11 and results["settings"]["blimp_paradigms"] == 4
@@ -476,14 +478,20 @@ def test_evaluate_section_of_the_config(tmp_path: Path, small_corpus: Path):
         tmp_path / "c.toml",
         small_corpus,
         tmp_path / "run",
-        extra='\n[evaluate]\nblimp_dir = "blimp"\nsplit = "dev"\n',
+        extra='\n[evaluate]\nblimp_dir = "blimp"\nsplit = "dev"\nrandom_twins = true\n',
     )
     config = load_config(config_path)
     assert config.evaluate.blimp_dir == str(tmp_path / "blimp")  # relative to the config file
     options = EvalOptions.from_config(config)
     assert options.data_dir == tmp_path / "run" / "data"
     assert options.blimp_dir == tmp_path / "blimp"
-    assert (options.split, options.batch_size, options.ece_bins) == ("dev", 32, 15)
+    assert (options.split, options.batch_size, options.ece_bins, options.random_twins) == (
+        "dev",
+        32,
+        15,
+        True,
+    )
+    assert not EvalOptions.from_config(load_config(config_path, ["evaluate.random_twins=false"])).random_twins
     assert EvalOptions.from_config(load_config(config_path, ["evaluate.blimp_dir="])).blimp_dir is None
 
 
@@ -543,3 +551,60 @@ def test_headline_lines_compare_students_with_the_ce_twin_and_the_teachers():
         "weakest teacher teachers/llama (318.00) vs a unigram model (800.00): -60.2%",
     ]
     assert headline_lines({"models": [entry("students/ce", 266.0)]}) == []
+
+
+def test_headline_lines_read_blimp_against_the_ce_twin_and_random_twins():
+    def entry(name: str, blimp: float) -> dict:
+        return {"name": name, "held_out": None, "blimp": {"overall": blimp}}
+
+    results = {
+        "models": [entry("teachers/llama", 0.61), entry("students/cache", 0.58), entry("students/ce", 0.565)],
+        "random_twins": [
+            {**entry("random-init/teachers/llama", 0.5), "twin_of": ["teachers/llama"]},
+            {**entry("random-init/students/cache", 0.52), "twin_of": ["students/cache", "students/ce"]},
+            {"name": "random-init/x", "twin_of": ["x"], "blimp": None},
+        ],
+    }
+    assert headline_lines(results) == [
+        "students/cache: BLiMP 58.0 % vs 56.5 % for students/ce (+1.5 points)",
+        "teachers/llama: BLiMP 61.0 % vs 50.0 % for its random-init twin (+11.0 points)",
+        "students/cache: BLiMP 58.0 % vs 52.0 % for its random-init twin (+6.0 points)",
+        "students/ce: BLiMP 56.5 % vs 52.0 % for its random-init twin (+4.5 points)",
+    ]
+
+
+def test_random_twins_score_an_untrained_model_per_architecture(
+    prepared: PreparedData, model_dirs, tmp_path: Path
+):
+    """One twin per distinct configuration (two folders of one architecture share it), initialised
+    by ``from_config`` under seed 0 and scored like a model: checked against a direct computation."""
+    llama_again = shutil.copytree(model_dirs["llama"], tmp_path / "llama-again")
+    dirs = [model_dirs["llama"], llama_again, model_dirs["gpt2"]]
+    blimp = REPO / "data" / "blimp-dev"
+    options = EvalOptions(data_dir=prepared.root, blimp_dir=blimp, blimp_pairs=2, random_twins=True)
+    results = evaluate_models(dirs, options=options, progress=False)
+    twins = results["random_twins"]
+    assert [t["name"] for t in twins] == ["random-init/llama", "random-init/gpt2"]
+    assert twins[0]["twin_of"] == ["llama", "llama-again"] and twins[1]["twin_of"] == ["gpt2"]
+    windows = prepared.windows("test")
+    pairs = subset_per_paradigm(read_blimp(blimp), 2)
+    for twin, source in zip(twins, (model_dirs["llama"], model_dirs["gpt2"]), strict=True):
+        torch.manual_seed(0)
+        untrained = AutoModelForCausalLM.from_config(
+            AutoModelForCausalLM.from_pretrained(source).config
+        ).eval()
+        trained, tokenizer = load(source)
+        assert twin["parameters"] == count_parameters(trained) == count_parameters(untrained)
+        loss, ece = numpy_held_out(untrained, windows)
+        assert twin["held_out"]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert twin["held_out"]["ece"] == pytest.approx(ece, abs=1e-5)
+        assert twin["held_out"]["loss"] != pytest.approx(numpy_held_out(trained, windows)[0], rel=1e-3)
+        good = [transformers_score(untrained, tokenizer, p.good) for p in pairs]
+        bad = [transformers_score(untrained, tokenizer, p.bad) for p in pairs]
+        right = np.array(good) > np.array(bad)
+        paradigms = sorted({p.paradigm for p in pairs})
+        expected = np.mean([right[[p.paradigm == u for p in pairs]].mean() for u in paradigms])
+        assert twin["blimp"]["overall"] == pytest.approx(expected, abs=1e-9)
+    assert "random_twins" not in evaluate_models(
+        dirs[:1], options=EvalOptions(data_dir=prepared.root), progress=False
+    )

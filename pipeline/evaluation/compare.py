@@ -158,11 +158,13 @@ def one_factor_pairs(
 
 
 def headline_lines(results: Mapping) -> list[str]:
-    """What one run's evaluation says about distillation, one sentence each (held-out perplexity).
+    """What one run's evaluation says about distillation, one sentence each.
 
-    Every student against the CE twin (``students/ce``), and the best student against the best
-    single teacher and the teachers' ensemble, e.g. ``students/cache: test perplexity 239.05 vs
-    266.71 for students/ce (-10.4 %)``. One seed: the seed spread is not known from one run.
+    Held-out perplexity: every student against the CE twin (``students/ce``), and the best student
+    against the best single teacher and the teachers' ensemble, e.g. ``students/cache: test
+    perplexity 239.05 vs 266.71 for students/ce (-10.4 %)``. BLiMP (when scored): every student
+    against the CE twin, and every model against its random-init twin (``random_twins``). One seed:
+    the seed spread is not known from one run.
     """
 
     def perplexity(entry: Mapping) -> float | None:
@@ -196,4 +198,21 @@ def headline_lines(results: Mapping) -> list[str]:
         lines.append(
             f"weakest teacher {worst_name} ({worst:.2f}) vs a unigram model ({unigram:.2f}): {(worst - unigram) / unigram:+.1%}"
         )
+    blimp = {m["name"]: 100 * m["blimp"]["overall"] for m in results.get("models", []) if m.get("blimp")}
+    twin_ce = blimp.get("students/ce")
+    for name, value in blimp.items():
+        if name.startswith("students/") and name != "students/ce" and twin_ce is not None:
+            lines.append(
+                f"{name}: BLiMP {value:.1f} % vs {twin_ce:.1f} % for students/ce ({value - twin_ce:+.1f} points)"
+            )
+    for twin in results.get("random_twins", []):
+        if not twin.get("blimp"):
+            continue
+        chance = 100 * twin["blimp"]["overall"]
+        for name in twin.get("twin_of", []):
+            if name in blimp:
+                lines.append(
+                    f"{name}: BLiMP {blimp[name]:.1f} % vs {chance:.1f} % for its random-init twin "
+                    f"({blimp[name] - chance:+.1f} points)"
+                )
     return lines

@@ -8,7 +8,15 @@ The results document (``RUN/eval/results.json`` for a run; ``--out`` on the comm
      "models": [{"name", "path", "architecture", "parameters", "seconds",
                  "held_out": {split, windows, tokens, loss, perplexity, ece, reliability{...}} | null,
                  "blimp": {overall, pairs, fields{}, phenomena{}, paradigms{UID: {...}}} | null}, ...],
+     "random_twins": [{"name", "twin_of", "init_seed", "architecture", "parameters", "seconds",
+                       "held_out", "blimp"}, ...],   (with random_twins only)
      "references": [{"name", "description", "held_out": {...}}, ...]}   (a run's evaluate stage only)
+
+A random twin (``random_twins``) is a randomly initialised model of the same configuration as one
+or more of the evaluated models (``AutoModelForCausalLM.from_config`` under ``torch.manual_seed(0)``),
+scored exactly like them: one per distinct architecture, named ``random-init/`` + the first model's
+name. It is what "the model learned something" is measured against: BLiMP's chance level is 50 %,
+but an untrained model of a given architecture need not sit there.
 
 ``held_out`` is null without prepared data, ``blimp`` null without a BLiMP directory. Non-finite
 numbers are written as null (JSON has no NaN).
@@ -26,6 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from logitcache.pipeline.config import EVAL_SPLITS, Config, EvalConfig, EvalSplit
 from logitcache.pipeline.distributed import resolve_device
@@ -64,6 +74,7 @@ class EvalOptions:
     split: EvalSplit = _DEFAULTS.split
     batch_size: int = _DEFAULTS.batch_size
     ece_bins: int = _DEFAULTS.ece_bins
+    random_twins: bool = _DEFAULTS.random_twins  # also score a random-init twin per architecture
     device: str = "auto"
 
     @classmethod
@@ -77,6 +88,7 @@ class EvalOptions:
             split=section.split,
             batch_size=section.batch_size,
             ece_bins=section.ece_bins,
+            random_twins=section.random_twins,
             device=config.run.device,
         )
 
@@ -176,6 +188,24 @@ def evaluate_models(
         if log is not None:
             log(summary_line(entry))
 
+    twins = (
+        _random_twins(
+            list(map(Path, model_dirs)),
+            [e["name"] for e in entries],
+            data=data,
+            windows=windows,
+            pairs=pairs,
+            options=options,
+            device=device,
+            progress=progress,
+        )
+        if options.random_twins
+        else None
+    )
+    if log is not None:
+        for twin in twins or []:
+            log(summary_line(twin))
+
     settings: dict[str, Any] = {
         "split": options.split,
         "batch_size": options.batch_size,
@@ -191,7 +221,7 @@ def evaluate_models(
         settings["blimp_pairs"] = len(pairs)
         settings["blimp_pairs_per_paradigm"] = options.blimp_pairs or "all"
         settings["blimp_paradigms"] = len({p.paradigm for p in pairs})
-    return {
+    results = {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
         "provenance": {
@@ -204,6 +234,9 @@ def evaluate_models(
         "settings": settings,
         "models": entries,
     }
+    if twins is not None:
+        results["random_twins"] = twins
+    return results
 
 
 def _evaluate_one(
@@ -222,9 +255,28 @@ def _evaluate_one(
     tokenizer = None
     if pairs is not None or has_tokenizer(model_dir):
         tokenizer = load_tokenizer(model_dir, fallback=data.root if data is not None else None)
-    held_out = blimp = None
     if data is not None:
         check_model_matches_data(model, model_dir, data)
+    return {
+        "name": name,
+        "path": str(model_dir.resolve()),
+        **_score(model, tokenizer, windows=windows, pairs=pairs, options=options, progress=progress),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _score(
+    model: Any,
+    tokenizer: Any,
+    *,
+    windows: Any,
+    pairs: list[BlimpPair] | None,
+    options: EvalOptions,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """The architecture, size, held-out metrics (with ``windows``) and BLiMP (with ``pairs``) of a model."""
+    held_out = blimp = None
+    if windows is not None:
         held_out = evaluate_held_out(
             model,
             windows,
@@ -239,15 +291,59 @@ def _evaluate_one(
         ).to_dict()
     architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
     return {
-        "name": name,
-        "path": str(model_dir.resolve()),
         "architecture": architectures[0],
         "model_type": getattr(model.config, "model_type", ""),
         "parameters": count_parameters(model),
         "held_out": held_out,
         "blimp": blimp,
-        "seconds": time.perf_counter() - start,
     }
+
+
+RANDOM_TWIN_SEED = 0
+# config.json keys that do not change what a model computes at initialisation
+_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
+def _random_twins(
+    model_dirs: list[Path],
+    names: list[str],
+    *,
+    data: PreparedData | None,
+    windows: Any,
+    pairs: list[BlimpPair] | None,
+    options: EvalOptions,
+    device: Any,
+    progress: bool | None,
+) -> list[dict[str, Any]]:
+    """One randomly initialised twin per distinct model configuration, scored like the models."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    groups: dict[str, tuple[Path, Any, list[str]]] = {}
+    for model_dir, name in zip(model_dirs, names, strict=True):
+        config = AutoConfig.from_pretrained(model_dir)
+        described = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+        key = json.dumps(described, sort_keys=True, default=str)
+        groups.setdefault(key, (model_dir, config, []))[2].append(name)
+    twins = []
+    for model_dir, config, twin_of in groups.values():
+        start = time.perf_counter()
+        torch.manual_seed(RANDOM_TWIN_SEED)
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(device).eval()
+        tokenizer = (
+            load_tokenizer(model_dir, fallback=data.root if data is not None else None)
+            if pairs is not None
+            else None
+        )
+        twins.append(
+            {
+                "name": f"random-init/{twin_of[0]}",
+                "twin_of": twin_of,
+                "init_seed": RANDOM_TWIN_SEED,
+                **_score(model, tokenizer, windows=windows, pairs=pairs, options=options, progress=progress),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return twins
 
 
 def summary_line(entry: dict[str, Any]) -> str:

@@ -324,31 +324,23 @@ def _html(
         settings = results.get("settings", {})
         split = settings.get("split", "")
         header = ["model", "parameters", f"{split} perplexity", f"{split} loss", "ECE", "BLiMP", *fields]
+        entries = [
+            *((m["name"], m) for m in models),
+            *((f"{t['name']} (untrained)", t) for t in results.get("random_twins", [])),
+            *((f"{r['name']} (reference)", r) for r in results.get("references", [])),
+        ]
         rows = []
-        for m in models:
-            h, b = m.get("held_out") or {}, m.get("blimp") or {}
+        for label, entry in entries:
+            h, b = entry.get("held_out") or {}, entry.get("blimp") or {}
             rows.append(
                 [
-                    m["name"],
-                    f"{m['parameters']:,}",
+                    label,
+                    f"{entry['parameters']:,}" if "parameters" in entry else "–",
                     _fmt(h.get("perplexity"), ".2f"),
                     _fmt(h.get("loss"), ".4f"),
                     _fmt(h.get("ece"), ".4f"),
                     _fmt(100 * b["overall"], ".1f") if b else "–",
                     *(_fmt(100 * b["fields"][f], ".1f") if b and f in b["fields"] else "–" for f in fields),
-                ]
-            )
-        for r in results.get("references", []):
-            h = r.get("held_out") or {}
-            rows.append(
-                [
-                    f"{r['name']} (reference)",
-                    "–",
-                    _fmt(h.get("perplexity"), ".2f"),
-                    _fmt(h.get("loss"), ".4f"),
-                    _fmt(h.get("ece"), ".4f"),
-                    "–",
-                    *("–" for _ in fields),
                 ]
             )
         headline = headline_lines(results)
