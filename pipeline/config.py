@@ -297,6 +297,10 @@ class Config:
             _drop_default(model, "init", "random")
         if data["cache"]["mode"] != "hybrid":  # tail_samples matters only there
             data["cache"].pop("tail_samples")
+        if data["cache"]["mode"] == "sampled":  # k is unused there (the draws are `samples`)
+            data["cache"].pop("k")
+        # (`samples` outside sampled mode still counts, as it always has: dropping it would change the
+        # fingerprint of every existing topk and hybrid cache)
         distill = data["student"]["distill"]
         if distill["divergence"] != "jsd":  # jsd_beta matters only there
             distill.pop("jsd_beta")

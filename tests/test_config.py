@@ -127,8 +127,16 @@ def test_hybrid_cache_settings_are_checked_at_load():
     assert load_config(demo, ["cache.mode=sampled", "cache.samples=40"]).cache.width == 40
     # tail_samples counts for the hybrid cache's fingerprint only: topk and sampled runs made before
     # the key existed keep theirs (the fingerprint is the section without it)
-    topk = load_config(demo)
-    assert cache_fingerprint(topk) == cache_fingerprint(load_config(demo, ["cache.tail_samples=7"]))
+    topk = load_config(demo, ["cache.mode=topk"])
+    assert cache_fingerprint(topk) == cache_fingerprint(
+        load_config(demo, ["cache.mode=topk", "cache.tail_samples=7"])
+    )
+    # k is unused by a sampled cache: its fingerprint ignores it (a topk one's does not)
+    sampled = ["cache.mode=sampled", "cache.samples=40"]
+    assert cache_fingerprint(load_config(demo, sampled)) == cache_fingerprint(
+        load_config(demo, [*sampled, "cache.k=3"])
+    )
+    assert cache_fingerprint(topk) != cache_fingerprint(load_config(demo, ["cache.mode=topk", "cache.k=3"]))
     assert cache_fingerprint(load_config(demo, hybrid)) != cache_fingerprint(
         load_config(demo, [*hybrid, "cache.tail_samples=7"])
     )
@@ -143,8 +151,9 @@ def test_hybrid_cache_settings_are_checked_at_load():
 
 def test_divergence_settings_are_checked_at_load():
     demo = REPO / "configs" / "demo.toml"
+    topk = "cache.mode=topk"  # the demo's hybrid cache takes forward_kl only (checked below)
     distill = load_config(
-        demo, ["student.distill.divergence=jsd", "student.distill.jsd_beta=0.1"]
+        demo, [topk, "student.distill.divergence=jsd", "student.distill.jsd_beta=0.1"]
     ).student.distill
     assert (distill.divergence, distill.jsd_beta) == ("jsd", 0.1)
     assert load_config(demo).student.distill.divergence == "forward_kl"
@@ -165,12 +174,12 @@ def test_divergence_settings_are_checked_at_load():
             load_config(demo, overrides)
         assert "\n" not in str(info.value)
     # students trained before the keys existed keep their fingerprint; jsd_beta counts for JSD only
-    fingerprint = student_fingerprint(load_config(demo))
-    assert fingerprint == student_fingerprint(load_config(demo, ["student.distill.jsd_beta=0.2"]))
-    jsd = student_fingerprint(load_config(demo, ["student.distill.divergence=jsd"]))
+    fingerprint = student_fingerprint(load_config(demo, [topk]))
+    assert fingerprint == student_fingerprint(load_config(demo, [topk, "student.distill.jsd_beta=0.2"]))
+    jsd = student_fingerprint(load_config(demo, [topk, "student.distill.divergence=jsd"]))
     assert len({fingerprint, jsd}) == 2
     assert jsd != student_fingerprint(
-        load_config(demo, ["student.distill.divergence=jsd", "student.distill.jsd_beta=0.2"])
+        load_config(demo, [topk, "student.distill.divergence=jsd", "student.distill.jsd_beta=0.2"])
     )
     # an online-only run does not read the cache: any divergence goes with any cache mode
     online = ["student.mode=online", 'run.students=["online"]', "cache.mode=sampled"]
