@@ -97,6 +97,11 @@ class RunLayout:
     def students(self) -> Path:
         return self.root / "students"
 
+    @property
+    def stage_log(self) -> Path:
+        """`pipe run`'s record of every stage it ran: one JSON line each (name, seconds, time, commit)."""
+        return self.root / "stages.jsonl"
+
     def student(self, name: str) -> Path:
         return self.students / name
 

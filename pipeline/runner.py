@@ -7,6 +7,8 @@ config (its fingerprint), so an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete, is
 from logitcache.pipeline.config import Config, data_fingerprint, eval_fingerprint, run_students
 from logitcache.pipeline.distributed import init_distributed
 from logitcache.pipeline.prepare import prepare_data
-from logitcache.pipeline.rundir import RunLayout, is_complete, mark_complete
+from logitcache.pipeline.rundir import RunLayout, git_commit, is_complete, mark_complete
 from logitcache.pipeline.student import is_student_complete, train_student
 from logitcache.pipeline.teachers import describe_training, is_teacher_complete, teacher_dir, train_teacher
 
@@ -36,6 +38,28 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes} min {rest:02d} s"
 
 
+def record_stage(layout: RunLayout, name: str, seconds: float, commit: str) -> None:
+    """Append one stage's wall time to ``RUN/stages.jsonl`` (what docs/results.md reports per stage)."""
+    entry = {
+        "stage": name,
+        "seconds": round(seconds, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": commit,
+        "cpus": os.cpu_count(),
+    }
+    with open(layout.stage_log, "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(entry) + "\n")
+
+
+def read_stage_log(layout: RunLayout) -> list[dict]:
+    """The entries of ``RUN/stages.jsonl``, oldest first ([] when there is none)."""
+    if not layout.stage_log.is_file():
+        return []
+    return [
+        json.loads(line) for line in layout.stage_log.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
 def run_pipeline(
     config: Config, *, progress: bool | None = None, log: Callable[[str], None] = print
 ) -> list[StageResult]:
@@ -45,6 +69,7 @@ def run_pipeline(
 
     ctx = init_distributed(config.run.device)
     layout = RunLayout.of(config)
+    commit = git_commit()
     results: list[StageResult] = []
 
     def stage(name: str, done: bool, action: Callable[[], object], *, main_only: bool = False) -> None:
@@ -57,6 +82,8 @@ def run_pipeline(
         seconds = 0.0 if done else time.perf_counter() - start
         if not done:
             log(f"[{name}] done in {format_seconds(seconds)}")
+            if ctx.is_main:
+                record_stage(layout, name, seconds, commit)
         results.append(StageResult(name, done, seconds))
 
     stage(

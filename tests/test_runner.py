@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import StageError
-from logitcache.pipeline.runner import run_pipeline
+from logitcache.pipeline.rundir import RunLayout
+from logitcache.pipeline.runner import read_stage_log, run_pipeline
 
 from .conftest import REPO, kill_when, write_config
 
@@ -67,6 +68,10 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     assert all(r.seconds > 0 for r in results)
     assert sum(line.startswith("[") and " done in " in line for line in lines) == len(STAGES)
     assert lines[-1].startswith(f"pipe run: {len(STAGES)} stages ran in ")
+    # every stage that ran is recorded with its wall time in RUN/stages.jsonl
+    recorded = read_stage_log(RunLayout(run))
+    assert [(e["stage"], e["seconds"]) for e in recorded] == [(r.name, round(r.seconds, 2)) for r in results]
+    assert all(e["git_commit"] == recorded[0]["git_commit"] and e["cpus"] >= 1 for e in recorded)
     # references and the headline comparisons are logged by the evaluate stage
     assert any(line.startswith("teachers/ensemble: test perplexity") for line in lines)
     assert any(
@@ -77,6 +82,7 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     again = run_pipeline(config, progress=False, log=lines.append)
     assert [(r.name, r.skipped) for r in again] == [(name, True) for name in STAGES]
     assert lines[0] == "[prepare-data] complete, skipped"
+    assert read_stage_log(RunLayout(run)) == recorded  # skipped stages are not recorded
 
     # A changed student setting: the earlier stages are still complete and skipped; the student
     # trained from the other config is not silently replaced.
