@@ -305,6 +305,7 @@ class Config:
         if distill["divergence"] != "jsd":  # jsd_beta matters only there
             distill.pop("jsd_beta")
         _drop_default(distill, "divergence", "forward_kl")
+        _drop_default(data["evaluate"], "random_twins", False)
         return data
 
     def fingerprint(self, *sections: str) -> str:
