@@ -37,7 +37,9 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shlex
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -53,6 +55,7 @@ from logitcache.pipeline.evaluation.compare import (
     SeedSpread,
     combined_verdict,
     compare,
+    headline_lines,
     one_factor_pairs,
     paired,
     relative_difference,
@@ -60,7 +63,7 @@ from logitcache.pipeline.evaluation.compare import (
 from logitcache.pipeline.evaluation.evaluate import EvalOptions, evaluate_models, read_results
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.rundir import PROVENANCE_FILE, RunLayout, git_commit, package_versions, read_marker
-from logitcache.pipeline.runner import run_pipeline
+from logitcache.pipeline.runner import format_seconds, read_stage_log, run_pipeline
 from logitcache.pipeline.student import train_student
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,6 +246,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
+        "--one-run",
+        metavar="NAME",
+        default="",
+        help="only `pipe run CONFIG` (no seed experiments), written as section NAME of --out",
+    )
+    parser.add_argument(
         "--render-only",
         action="store_true",
         help="rewrite --out from RUN/experiments/experiments.json; train nothing",
@@ -261,6 +270,9 @@ def main() -> None:
         return
     started = time.perf_counter()
     commit = git_commit()[:7]  # the code that runs, read before anything else can change it
+    if args.one_run:
+        one_run(args, commit)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
 
     base_config = load_config(args.config, [*args.set, BASE_STUDENTS], run_dir=args.run_dir)
@@ -352,12 +364,176 @@ def main() -> None:
 
 
 def write_markdown(document: dict, config: Config, out: Path) -> None:
+    """Write the seed experiments to ``out``, keeping the one-run sections already there (--one-run)."""
     run = Path(document["meta"]["run_dir"])
     layout = RunLayout(run)
-    out.write_text(
-        render(document, read_results(layout.eval_results), config, PreparedData.open(layout.data))
-    )
+    text = render(document, read_results(layout.eval_results), config, PreparedData.open(layout.data))
+    kept = _sections(out.read_text()) if out.is_file() else {}
+    out.write_text(text.rstrip("\n") + "\n" + "".join(f"\n{block}\n" for block in kept.values()))
     print(f"wrote {out} from {run / 'experiments' / 'experiments.json'}")
+
+
+def _section_marks(name: str) -> tuple[str, str]:
+    return f"<!-- section {name}: begin (scripts/reproduce_results.py --one-run {name}) -->", (
+        f"<!-- section {name}: end -->"
+    )
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The one-run sections of a results file by name, each with its begin and end marks."""
+    found = {}
+    for match in re.finditer(r"<!-- section (\S+): begin .*?-->.*?<!-- section \1: end -->", text, re.DOTALL):
+        found[match.group(1)] = match.group(0)
+    return found
+
+
+def write_section(name: str, block: str, out: Path) -> None:
+    """Put one one-run section into ``out``: in place of the section of that name, else at the end."""
+    begin, end = _section_marks(name)
+    block = f"{begin}\n{block.strip()}\n{end}"
+    text = out.read_text() if out.is_file() else "# Results\n"
+    old = _sections(text).get(name)
+    text = text.replace(old, block) if old else text.rstrip("\n") + f"\n\n{block}\n"
+    out.write_text(text)
+    print(f"wrote section {name!r} of {out}")
+
+
+def one_run(args: argparse.Namespace, commit: str) -> None:
+    """``pipe run CONFIG`` as configured, then its section of --out: stage times, models, targets."""
+    config = load_config(args.config, args.set, run_dir=args.run_dir)
+    run_pipeline(config, log=lambda line: print(line, flush=True))
+    layout = RunLayout.of(config)
+    meta = {
+        "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "commit": commit,
+        "device": _device(),
+        "config": str(args.config),
+    }
+    block = render_one_run(
+        meta,
+        config,
+        read_results(layout.eval_results),
+        read_stage_log(layout),
+        PreparedData.open(layout.data),
+    )
+    write_section(args.one_run, block, Path(args.out))
+
+
+def render_one_run(meta: dict, config: Config, results: dict, stages: list[dict], data: PreparedData) -> str:
+    """The section of one ``pipe run``: what ran where, each stage's time, every model, the targets."""
+    lines: list[str] = []
+    add = lines.append
+    name = Path(meta["config"]).name
+    add(f"## `{name}`: one `pipe run` (run seed {config.run.seed})")
+    add("")
+    add(
+        f"- Command: `{meta['command']}` (runs `pipe run {_shown_path(meta['config'])}`, then writes this section)."
+    )
+    add(f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}.")
+    train, test = data.windows("train"), data.windows("test")
+    add(
+        f"- Data: corpus `{_shown_path(config.data.corpus)}`, at most {config.data.max_chars_per_file:,} characters "
+        f"per source (0 = all), vocabulary {data.vocab_size}, {data.seq_len}-token windows: {train.size:,} training "
+        f"tokens, test split {test.shape[0]} windows."
+    )
+    student = config.student
+    add(
+        f"- Teachers: {', '.join(config.teachers)}; student {student.model.family} hidden {student.model.hidden_size} x "
+        f"{student.model.num_layers} layers; {_cache_description(config.cache)}; alpha {student.distill.alpha:g}, "
+        f"T {student.distill.temperature:g}."
+    )
+    add("")
+    latest = {entry["stage"]: entry for entry in stages}  # the last time each stage ran
+    if latest:
+        total = sum(entry["seconds"] for entry in latest.values())
+        add(f"Time of each stage (`RUN/stages.jsonl`, the last run of each; {len(latest)} stages):")
+        add("")
+        add("| stage | wall time | commit |")
+        add("|---|---:|---|")
+        for entry in latest.values():
+            add(f"| {entry['stage']} | {format_seconds(entry['seconds'])} | {entry['git_commit'][:7]} |")
+        add(f"| **total** | **{format_seconds(total)}** | |")
+        add("")
+    models = results["models"]
+    twins = {n: t for t in results.get("random_twins", []) for n in t.get("twin_of", [])}
+    fields = sorted({f for m in models if m.get("blimp") for f in m["blimp"]["fields"]})
+    add(
+        "| model | parameters | test perplexity | ECE | BLiMP | vs random-init twin | "
+        + " | ".join(fields)
+        + " |"
+    )
+    add("|---" * (6 + len(fields)) + "|")
+
+    def row(label: str, entry: dict, above: str) -> None:
+        h, b = entry.get("held_out") or {}, entry.get("blimp")
+        params = f"{entry['parameters']:,}" if "parameters" in entry else "-"
+        blimp = (
+            [
+                f"{100 * b['overall']:.1f}",
+                above,
+                *(f"{100 * b['fields'].get(f, float('nan')):.1f}" for f in fields),
+            ]
+            if b
+            else ["-", "-", *("-" for _ in fields)]
+        )
+        add(
+            f"| {label} | {params} | {h.get('perplexity', float('nan')):.1f} | {h.get('ece', float('nan')):.4f} | "
+            + " | ".join(blimp)
+            + " |"
+        )
+
+    gains = {}
+    for m in models:
+        twin = twins.get(m["name"])
+        if m.get("blimp") and twin and twin.get("blimp"):
+            gains[m["name"]] = 100 * (m["blimp"]["overall"] - twin["blimp"]["overall"])
+        row(m["name"], m, f"{gains[m['name']]:+.1f}" if m["name"] in gains else "-")
+    for twin in results.get("random_twins", []):
+        row(f"{twin['name']} (untrained)", twin, "")
+    for ref in results.get("references", []):
+        row(f"{ref['name']} (reference)", ref, "")
+    add("")
+    add("BLiMP in % (all pairs of every paradigm scored; a pair is right when the good sentence scores")
+    add('strictly higher); "vs random-init twin" = points above the same architecture untrained (seed 0).')
+    add("")
+    add("What the run shows (one seed; these sentences are computed from the table):")
+    add("")
+    for line in headline_lines(results):
+        add(f"- {line}")
+    add("")
+    checked = [n for n in gains if n.startswith("teachers/") or n == "students/cache"]
+    if checked:
+        met = all(gains[n] >= 5.0 for n in checked)
+        add(
+            "- Target: every teacher and the distilled student at least 5 BLiMP points above its random-init "
+            f"twin: **{'met' if met else 'not met'}** ("
+            + ", ".join(f"{n} {gains[n]:+.1f}" for n in checked)
+            + ")."
+        )
+    by_name = {m["name"]: m for m in models}
+    cache, ce = by_name.get("students/cache"), by_name.get("students/ce")
+    if cache and ce and cache.get("blimp") and ce.get("blimp"):
+        ppl_ok = cache["held_out"]["perplexity"] <= ce["held_out"]["perplexity"]
+        blimp_ok = cache["blimp"]["overall"] >= ce["blimp"]["overall"]
+        add(
+            "- Target: the distilled student at least as good as its CE twin on both perplexity and BLiMP: "
+            f"**{'met' if ppl_ok and blimp_ok else 'not met'}** (perplexity {cache['held_out']['perplexity']:.1f} vs "
+            f"{ce['held_out']['perplexity']:.1f}, BLiMP {100 * cache['blimp']['overall']:.1f} vs "
+            f"{100 * ce['blimp']['overall']:.1f}; one seed, so a BLiMP difference under a point is within noise)."
+        )
+    if latest:
+        add(
+            f"- Target: the whole `pipe run` in at most 90 minutes on the 2-core CPU: {format_seconds(total)} "
+            f"on {meta['device']}, **{'met' if total <= 90 * 60 else 'not met'}**."
+        )
+    seconds = [m["seconds"] for m in [*models, *results.get("random_twins", [])] if m.get("seconds")]
+    if seconds:
+        add(
+            f"- `pipe evaluate`: {statistics.median(seconds):.0f} s per model (median of {len(seconds)}, "
+            f"{min(seconds):.0f}-{max(seconds):.0f} s), test split and all BLiMP pairs."
+        )
+    return "\n".join(lines)
 
 
 def _shown_path(path: str | Path) -> str:
