@@ -494,7 +494,8 @@ def render_one_run(meta: dict, config: Config, results: dict, stages: list[dict]
     for ref in results.get("references", []):
         row(f"{ref['name']} (reference)", ref, "")
     add("")
-    add("BLiMP in % (all pairs of every paradigm scored; a pair is right when the good sentence scores")
+    per_paradigm = results["settings"].get("blimp_pairs_per_paradigm", "all")
+    add(f"BLiMP in % ({per_paradigm} pairs per paradigm; a pair is right when the good sentence scores")
     add('strictly higher); "vs random-init twin" = points above the same architecture untrained (seed 0).')
     add("")
     add("What the run shows (one seed; these sentences are computed from the table):")
@@ -531,7 +532,7 @@ def render_one_run(meta: dict, config: Config, results: dict, stages: list[dict]
     if seconds:
         add(
             f"- `pipe evaluate`: {statistics.median(seconds):.0f} s per model (median of {len(seconds)}, "
-            f"{min(seconds):.0f}-{max(seconds):.0f} s), test split and all BLiMP pairs."
+            f"{min(seconds):.0f}-{max(seconds):.0f} s): the test split and BLiMP ({per_paradigm} pairs per paradigm)."
         )
     return "\n".join(lines)
 
