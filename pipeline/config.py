@@ -391,8 +391,23 @@ def student_fingerprint(config: Config) -> str:
         parts["student"]["distill"] = {}  # no teacher: the distillation settings do not matter
     else:
         parts["teachers"] = _teachers_fingerprints(config)
-        parts["cache"] = cache_settings(config)  # the ensemble rule/temperature, and in cache mode k etc.
+        parts["cache"] = cache_settings(
+            config if config.student.mode == "cache" else _without_storage(config)
+        )
     return digest(parts)
+
+
+# [cache] keys that say how a cache stores the ensemble; an online student (live teachers) reads no
+# cache, so only the ensemble rule, weights and temperature count for it
+_CACHE_STORAGE_KEYS = ("k", "mode", "samples", "tail_samples", "id_code", "value_code", "windows_per_shard")
+
+
+def _without_storage(config: Config) -> Config:
+    """``config`` with the cache's storage settings at their defaults (not dropped: online students
+    made before this rule, with default storage settings, keep their fingerprint)."""
+    defaults = CacheConfig()
+    storage = {key: getattr(defaults, key) for key in _CACHE_STORAGE_KEYS}
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, **storage))
 
 
 def run_students(config: Config) -> list[Config]:

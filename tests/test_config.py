@@ -281,6 +281,28 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on():
         load_config(demo, ["student.mode=ce", "student.distill.alpha=0.9", "teachers.llama.train.lr=1e-2"])
     )
     assert student_fingerprint(ce) != student_fingerprint(base)
+    # Live teachers (mode "online") read no cache: how it stores the ensemble does not matter, the
+    # ensemble rule and temperature do; with default storage settings the fingerprint is the one it
+    # had before this rule (the whole section, as computed by hand here)
+    online = ["student.mode=online"]
+    assert student_fingerprint(load_config(demo, online)) == student_fingerprint(
+        load_config(demo, [*online, "cache.mode=sampled", "cache.k=3", "cache.value_code=logp_fp16"])
+    )
+    assert student_fingerprint(load_config(demo, online)) != student_fingerprint(
+        load_config(demo, [*online, "cache.temperature=2.0"])
+    )
+    plain = load_config(demo, [*online, "cache.mode=topk", "cache.k=64"])
+    whole_section = {
+        "data": data_fingerprint(plain),
+        "student": {**{k: v for k, v in plain.fingerprint_dict()["student"].items() if k != "name"}},
+        "seed": plain.run.seed,
+        "teachers": {name: teacher_fingerprint(plain, name) for name in plain.teachers},
+        "cache": {k: v for k, v in plain.fingerprint_dict()["cache"].items() if k != "store"},
+    }
+    whole_section["student"]["loader"] = {
+        k: v for k, v in whole_section["student"]["loader"].items() if k.startswith("shuffle")
+    }
+    assert student_fingerprint(load_config(demo, online)) == digest(whole_section)
     assert [c.student.mode for c in run_students(base)] == base.run.students
     assert (
         data_fingerprint(base)
