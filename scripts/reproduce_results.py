@@ -611,8 +611,12 @@ def _variants_sentence(
 
 def _sweep_cell(variant: dict) -> tuple[float, float, float]:
     """(k, T, alpha) of a sweep variant, read from its overrides."""
-    k, temp, alpha = (float(o.split("=")[1]) for o in (*variant["cache"], variant["student"][1]))
-    return k, temp, alpha
+    values = dict(o.split("=", 1) for o in (*variant["cache"], *variant["student"]))
+    return (
+        float(values["cache.k"]),
+        float(values["cache.temperature"]),
+        float(values["student.distill.alpha"]),
+    )
 
 
 def _sampled_label(name: str) -> str:
