@@ -1,7 +1,6 @@
 """Benchmarks of logitcache (run as modules, e.g. ``python -m benchmarks.bench_kernel``).
 
-Shared helpers: make ``logitcache`` importable from a plain source tree (the GPU machine may not
-have the package installed), environment facts for every row, timing, peak memory, table + CSV,
+Shared helpers: environment facts for every row, timing, peak memory, table + CSV,
 and JSON-lines rows (``append_jsonl``) that a driver (``benchmarks.gpu_check``) reads back even when
 it had to stop a benchmark at its time budget.
 
@@ -16,41 +15,19 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import json
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# First of ours: run from this checkout (not installed, as on the GPU machine), logitcache maps
+# logitcache.<sub> to ./<sub> and keeps ./kernels from shadowing an installed `kernels`
+# (logitcache/_source_tree.py).
+import logitcache  # noqa: F401, E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-_SUBPACKAGES = ("pipeline", "kernels", "cache")
-
-
-class _SourceTreeFinder(importlib.abc.MetaPathFinder):
-    """Maps ``logitcache.<sub>`` to ``<repo>/<sub>`` as pyproject.toml's package-dir does."""
-
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001
-        if name == "logitcache":
-            spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            spec.submodule_search_locations = []
-            return spec
-        parts = name.split(".")
-        if len(parts) == 2 and parts[0] == "logitcache" and parts[1] in _SUBPACKAGES:
-            folder = REPO_ROOT / parts[1]
-            return importlib.util.spec_from_file_location(
-                name, folder / "__init__.py", submodule_search_locations=[str(folder)]
-            )
-        return None
-
-
-def ensure_logitcache_importable() -> None:
-    if importlib.util.find_spec("logitcache") is None:
-        sys.meta_path.append(_SourceTreeFinder())
 
 
 def git_commit() -> str:

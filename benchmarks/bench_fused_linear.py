@@ -39,7 +39,6 @@ from benchmarks import (
     PeakMemory,
     append_jsonl,
     device_name,
-    ensure_logitcache_importable,
     git_commit,
     import_peer,
     report_rows,
@@ -254,7 +253,6 @@ def main(argv=None) -> None:  # noqa: ANN001
         # the interpreter runs one program per row: few rows, one timed call (plus the memory call)
         args.shapes, args.dtype = "9x16x300x5", "fp32"
         args.compile_backend, args.cpu_reps = "eager", 1
-    ensure_logitcache_importable()
     report_rows(run(args), COLUMNS, args.csv, smoke=args.smoke)
 
 

@@ -43,7 +43,6 @@ from benchmarks import (
     REPO_ROOT,
     append_jsonl,
     device_name,
-    ensure_logitcache_importable,
     git_commit,
     import_peer,
     peak_extra_mb,
@@ -272,7 +271,6 @@ def main(argv=None) -> None:  # noqa: ANN001
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.shapes, args.dtypes = "7x300x5", "fp32"
         args.compile_backend, args.cpu_reps = "eager", 2
-    ensure_logitcache_importable()
     report_rows(run(args), COLUMNS, args.csv, smoke=args.smoke)
 
 

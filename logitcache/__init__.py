@@ -18,6 +18,10 @@ Hugging Face ``Trainer``: :class:`DistillationTrainer` and :class:`DistillationC
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from logitcache import _source_tree
+
+_source_tree.install()  # in a source checkout: ./kernels is logitcache.kernels, never `kernels`
+
 if TYPE_CHECKING:
     from logitcache.cache import CacheReader, open_cache
     from logitcache.integrations.hf_trainer import DistillationCollator, DistillationTrainer

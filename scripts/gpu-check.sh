@@ -10,8 +10,9 @@
 # 1. wheels carried in .whl/ (zarr, numcodecs, ..., liger-kernel, cut-cross-entropy: fetched with
 #    ../shared/device/fetch-wheels.sh) are installed offline into a private --target folder put on
 #    PYTHONPATH; without .whl/ the installed packages are used as they are;
-# 2. this checkout is made importable as `logitcache` without installing it (pyproject.toml maps
-#    logitcache.<sub> to ./<sub>): a temporary folder holds logitcache/<sub> links to ./<sub>.
+# 2. this checkout is made importable as `logitcache` without installing it: the root goes on
+#    PYTHONPATH, and `import logitcache` maps logitcache.<sub> to ./<sub> as pyproject.toml does
+#    (logitcache/_source_tree.py).
 # Python: $PYTHON, else python3. Exit status: 0 when no part failed.
 set -uo pipefail
 started_at="$(date +%s)"
@@ -49,10 +50,8 @@ else
   say "no .whl/ folder: using the installed packages as they are"
 fi
 
-# 2. logitcache from this checkout, not installed: logitcache.<sub> -> ./<sub>
-mkdir -p "$scratch/shim/logitcache"
-for sub in pipeline kernels cache; do ln -s "$repo/$sub" "$scratch/shim/logitcache/$sub"; done
-export PYTHONPATH="$scratch/shim:$repo${PYTHONPATH:+:$PYTHONPATH}"
+# 2. logitcache from this checkout, not installed
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if ! "$python" -c 'import logitcache.kernels, logitcache.pipeline.cli' >>"$log" 2>&1; then
   say "WARNING: logitcache does not import (see the log); the parts will say why"

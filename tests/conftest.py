@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import logitcache  # noqa: F401  (first of ours: in this checkout `import kernels` must not find ./kernels)
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("LOGITCACHE_TEST_CORPUS", REPO / "corpus"))  # override to test on another corpus
 
