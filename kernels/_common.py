@@ -288,6 +288,29 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return choice
 
 
+def checked_call(
+    shape: torch.Size | tuple[int, ...],
+    vocab: int,
+    device: torch.device,
+    targets: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_weights: torch.Tensor,
+    tail: torch.Tensor | None,
+    backend: str,
+    **options: Unpack[LossKeywords],
+) -> tuple[SparseKDParams, str]:
+    """A public loss call's checks in one place: the inputs' shapes against ``shape`` (the logits',
+    (..., V), or the hidden states', (..., H)) and ``vocab``, the loss options, the backend for
+    ``device``, and on the torch backend the ids' values (Triton checks them in the kernel, without
+    a device sync). Returns ``(params, backend)``."""
+    check_shapes(tuple(shape[:-1]), vocab, targets, teacher_ids, teacher_weights, tail)
+    params = make_params(shape, **options)
+    chosen = resolve_backend(backend, device)
+    if chosen == "torch":
+        check_values(vocab, targets, teacher_ids, params.ignore_index)
+    return params, chosen
+
+
 def next_power_of_2(value: int) -> int:
     return 1 << max(int(value) - 1, 0).bit_length()
 

@@ -28,11 +28,8 @@ import torch
 from logitcache.kernels._common import (
     LossKeywords,
     SparseKDParams,
-    check_shapes,
-    check_values,
-    make_params,
+    checked_call,
     next_power_of_2,
-    resolve_backend,
 )
 from logitcache.kernels._sparse_kd_torch import (
     compute_dtype_of,
@@ -238,11 +235,16 @@ def fused_linear_sparse_kd_loss(
         )
     if hidden.dtype != weight.dtype:
         raise KernelError(f"Expected hidden and weight of one dtype. Got {hidden.dtype} and {weight.dtype}.")
-    lead = tuple(hidden.shape[:-1])
     vocab = weight.shape[0]
-    check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
-    params = make_params(
+    params, chosen = checked_call(
         hidden.shape,
+        vocab,
+        hidden.device,
+        targets,
+        teacher_ids,
+        teacher_weights,
+        tail,
+        backend,
         temperature=temperature,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
@@ -251,9 +253,6 @@ def fused_linear_sparse_kd_loss(
         divergence=divergence,
         jsd_beta=jsd_beta,
     )
-    chosen = resolve_backend(backend, hidden.device)
-    if chosen == "torch":
-        check_values(vocab, targets, teacher_ids, params.ignore_index)
     k = teacher_ids.shape[-1]
     loss, _, _, parts = _fused_linear_op(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(),

@@ -82,10 +82,10 @@ from logitcache.kernels._common import (
     SparseKDParams,
     check_shapes,
     check_values,
+    checked_call,
     divisors,
     launch_config,
     make_params,
-    resolve_backend,
     triton_interpreting,
 )
 from logitcache.kernels._sparse_kd_torch import compute_dtype_of, prepare_teacher, sparse_kd_forward_torch
@@ -576,10 +576,15 @@ def sparse_kd_loss(
     ``loss = ce_weight * parts[0] + kl_weight * T**2 * parts[1]``).
     """
     vocab = logits.shape[-1]
-    lead = tuple(logits.shape[:-1])
-    check_shapes(lead, vocab, targets, teacher_ids, teacher_weights, tail)
-    params = make_params(
+    params, chosen = checked_call(
         logits.shape,
+        vocab,
+        logits.device,
+        targets,
+        teacher_ids,
+        teacher_weights,
+        tail,
+        backend,
         temperature=temperature,
         ce_weight=ce_weight,
         kl_weight=kl_weight,
@@ -588,9 +593,6 @@ def sparse_kd_loss(
         divergence=divergence,
         jsd_beta=jsd_beta,
     )
-    chosen = resolve_backend(backend, logits.device)
-    if chosen == "torch":
-        check_values(vocab, targets, teacher_ids, params.ignore_index)
     k = teacher_ids.shape[-1]
     logits_2d = logits.reshape(-1, vocab)  # (N, V)
     if logits_2d.stride(-1) != 1:

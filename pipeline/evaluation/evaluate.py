@@ -167,6 +167,7 @@ def evaluate_models(
         else:
             check_model_dir(model_dir)
 
+    inputs = _Inputs(data, windows, pairs, options, device, progress)
     entries = []
     seen: dict[str, int] = {}
     for i, model_dir in enumerate(map(Path, model_dirs)):
@@ -174,31 +175,13 @@ def evaluate_models(
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name}#{seen[name]}"
-        entry = _evaluate_one(
-            model_dir,
-            name,
-            data=data,
-            windows=windows,
-            pairs=pairs,
-            options=options,
-            device=device,
-            progress=progress,
-        )
+        entry = _evaluate_one(model_dir, name, inputs)
         entries.append(entry)
         if log is not None:
             log(summary_line(entry))
 
     twins = (
-        _random_twins(
-            list(map(Path, model_dirs)),
-            [e["name"] for e in entries],
-            data=data,
-            windows=windows,
-            pairs=pairs,
-            options=options,
-            device=device,
-            progress=progress,
-        )
+        _random_twins(list(map(Path, model_dirs)), [e["name"] for e in entries], inputs)
         if options.random_twins
         else None
     )
@@ -239,63 +222,60 @@ def evaluate_models(
     return results
 
 
-def _evaluate_one(
-    model_dir: Path,
-    name: str,
-    *,
-    data: PreparedData | None,
-    windows: Any,
-    pairs: list[BlimpPair] | None,
-    options: EvalOptions,
-    device: Any,
-    progress: bool | None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Inputs:
+    """What every model (and random twin) of one evaluation is scored on, read once."""
+
+    data: PreparedData | None
+    windows: Any  # the split's windows, or None without data
+    pairs: list[BlimpPair] | None
+    options: EvalOptions
+    device: Any
+    progress: bool | None
+
+    def tokenizer(self, model_dir: Path) -> Any:
+        return load_tokenizer(model_dir, fallback=self.data.root if self.data is not None else None)
+
+    def score(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        """The architecture, size, held-out metrics (with windows) and BLiMP (with pairs) of a model."""
+        held_out = blimp = None
+        options = self.options
+        if self.windows is not None:
+            held_out = evaluate_held_out(
+                model,
+                self.windows,
+                split=options.split,
+                batch_size=options.batch_size,
+                num_bins=options.ece_bins,
+                progress=self.progress,
+            ).to_dict()
+        if self.pairs is not None:
+            blimp = evaluate_blimp(
+                model, tokenizer, self.pairs, batch_size=options.batch_size, progress=self.progress
+            ).to_dict()
+        architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
+        return {
+            "architecture": architectures[0],
+            "model_type": getattr(model.config, "model_type", ""),
+            "parameters": count_parameters(model),
+            "held_out": held_out,
+            "blimp": blimp,
+        }
+
+
+def _evaluate_one(model_dir: Path, name: str, inputs: _Inputs) -> dict[str, Any]:
     start = time.perf_counter()
-    model = load_causal_lm(model_dir, device=device)
+    model = load_causal_lm(model_dir, device=inputs.device)
     tokenizer = None
-    if pairs is not None or has_tokenizer(model_dir):
-        tokenizer = load_tokenizer(model_dir, fallback=data.root if data is not None else None)
-    if data is not None:
-        check_model_matches_data(model, model_dir, data)
+    if inputs.pairs is not None or has_tokenizer(model_dir):
+        tokenizer = inputs.tokenizer(model_dir)
+    if inputs.data is not None:
+        check_model_matches_data(model, model_dir, inputs.data)
     return {
         "name": name,
         "path": str(model_dir.resolve()),
-        **_score(model, tokenizer, windows=windows, pairs=pairs, options=options, progress=progress),
+        **inputs.score(model, tokenizer),
         "seconds": time.perf_counter() - start,
-    }
-
-
-def _score(
-    model: Any,
-    tokenizer: Any,
-    *,
-    windows: Any,
-    pairs: list[BlimpPair] | None,
-    options: EvalOptions,
-    progress: bool | None,
-) -> dict[str, Any]:
-    """The architecture, size, held-out metrics (with ``windows``) and BLiMP (with ``pairs``) of a model."""
-    held_out = blimp = None
-    if windows is not None:
-        held_out = evaluate_held_out(
-            model,
-            windows,
-            split=options.split,
-            batch_size=options.batch_size,
-            num_bins=options.ece_bins,
-            progress=progress,
-        ).to_dict()
-    if pairs is not None:
-        blimp = evaluate_blimp(
-            model, tokenizer, pairs, batch_size=options.batch_size, progress=progress
-        ).to_dict()
-    architectures = getattr(model.config, "architectures", None) or [type(model).__name__]
-    return {
-        "architecture": architectures[0],
-        "model_type": getattr(model.config, "model_type", ""),
-        "parameters": count_parameters(model),
-        "held_out": held_out,
-        "blimp": blimp,
     }
 
 
@@ -304,17 +284,7 @@ RANDOM_TWIN_SEED = 0
 _NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
 
 
-def _random_twins(
-    model_dirs: list[Path],
-    names: list[str],
-    *,
-    data: PreparedData | None,
-    windows: Any,
-    pairs: list[BlimpPair] | None,
-    options: EvalOptions,
-    device: Any,
-    progress: bool | None,
-) -> list[dict[str, Any]]:
+def _random_twins(model_dirs: list[Path], names: list[str], inputs: _Inputs) -> list[dict[str, Any]]:
     """One randomly initialised twin per distinct model configuration, scored like the models."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -328,18 +298,14 @@ def _random_twins(
     for model_dir, config, twin_of in groups.values():
         start = time.perf_counter()
         torch.manual_seed(RANDOM_TWIN_SEED)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(device).eval()
-        tokenizer = (
-            load_tokenizer(model_dir, fallback=data.root if data is not None else None)
-            if pairs is not None
-            else None
-        )
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).to(inputs.device).eval()
+        tokenizer = inputs.tokenizer(model_dir) if inputs.pairs is not None else None
         twins.append(
             {
                 "name": f"random-init/{twin_of[0]}",
                 "twin_of": twin_of,
                 "init_seed": RANDOM_TWIN_SEED,
-                **_score(model, tokenizer, windows=windows, pairs=pairs, options=options, progress=progress),
+                **inputs.score(model, tokenizer),
                 "seconds": time.perf_counter() - start,
             }
         )
