@@ -19,7 +19,9 @@
    --hybrid-tail-candidates whose cache size is closest to the top-k cache's, at the config's
    alpha and at alpha = 1, ``online-a1`` (online at alpha = 1, what hybrid at alpha 1 is compared
    with), and the sweep k x T x alpha (cache and distillation at temperature T; alpha = KL weight,
-   CE weight 1 - alpha).
+   CE weight 1 - alpha). With --storage-ks, the same comparison of the cache modes at alpha = 1 at
+   smaller (or larger) storage: at the size of a top-K cache, the top-K cache, the sampled cache
+   and the hybrid cache (head K/2) closest to it in bytes per position.
 3. RUN/experiments/experiments.json holds every number; the markdown goes to --out.
 
 Everything lives under RUN/experiments/CACHE/ (data and teachers linked from RUN); a finished
@@ -178,36 +180,65 @@ class Experiment:
                 flush=True,
             )
 
-    def sampled_variant(self, topk_bytes: float) -> Variant:
-        """The sampled cache whose storage is closest to the top-k cache's.
-
-        Caches are built in ascending order of draws until one is at least as large as the top-k
-        cache; of it and the one before, the closer in bytes per position is chosen.
-        """
+    def closest_in_size(self, target_bytes: float, variants: list[Variant]) -> Variant:
+        """Of ``variants`` (caches in ascending order of size), the one whose bytes per position are
+        closest to ``target_bytes``: caches are built in order until one is at least as large as the
+        target; of it and the one before, the closer one."""
         sizes: list[tuple[float, Variant]] = []
-        for n in [int(x) for x in self.args.sampled_candidates.split(",")]:
-            variant = Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ())
+        for variant in variants:
             self.ensure_cache(variant)
             sizes.append((self.cache_summaries[variant.cache_key()]["bytes_per_position"], variant))
-            if sizes[-1][0] >= topk_bytes:
+            if sizes[-1][0] >= target_bytes:
                 break
-        return min(sizes[-2:], key=lambda pair: abs(pair[0] - topk_bytes))[1]
+        return min(sizes[-2:], key=lambda pair: abs(pair[0] - target_bytes))[1]
 
-    def hybrid_variant(self, topk_bytes: float, head: int) -> Variant:
-        """The hybrid cache with a top-``head`` head whose storage is closest to the top-k cache's.
+    def sampled_variant(self, target_bytes: float) -> Variant:
+        """The sampled cache (draw count among --sampled-candidates) closest in size to the target."""
+        return self.closest_in_size(
+            target_bytes,
+            [
+                Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ())
+                for n in _ints(self.args.sampled_candidates)
+            ],
+        )
 
-        As :meth:`sampled_variant`: tail draw counts in ascending order until a cache is at least
-        as large as the top-k cache; of it and the one before, the closer one.
-        """
-        sizes: list[tuple[float, Variant]] = []
-        for m in [int(x) for x in self.args.hybrid_tail_candidates.split(",")]:
-            overrides = ("cache.mode=hybrid", f"cache.k={head}", f"cache.tail_samples={m}")
-            variant = Variant(f"hybrid-k{head}-m{m}", overrides, ())
-            self.ensure_cache(variant)
-            sizes.append((self.cache_summaries[variant.cache_key()]["bytes_per_position"], variant))
-            if sizes[-1][0] >= topk_bytes:
-                break
-        return min(sizes[-2:], key=lambda pair: abs(pair[0] - topk_bytes))[1]
+    def hybrid_variant(self, target_bytes: float, head: int) -> Variant:
+        """The hybrid cache with a top-``head`` head (tail draw count among --hybrid-tail-candidates)
+        closest in size to the target."""
+        return self.closest_in_size(
+            target_bytes,
+            [
+                Variant(
+                    f"hybrid-k{head}-m{m}",
+                    ("cache.mode=hybrid", f"cache.k={head}", f"cache.tail_samples={m}"),
+                    (),
+                )
+                for m in _ints(self.args.hybrid_tail_candidates)
+            ],
+        )
+
+    def storage_level(self, k: int) -> tuple[dict[str, Any], list[Variant]]:
+        """The three cache modes at the storage of a top-``k`` cache, each at alpha = 1 (no CE term:
+        what the cache alone teaches): top-k, sampled and hybrid (head k // 2) closest in size."""
+        topk = Variant(f"topk-k{k}", ("cache.mode=topk", f"cache.k={k}"), ())
+        self.ensure_cache(topk)
+        target = self.cache_summaries[topk.cache_key()]["bytes_per_position"]
+        chosen = {
+            "topk": topk,
+            "sampled": self.sampled_variant(target),
+            "hybrid": self.hybrid_variant(target, max(1, k // 2)),
+        }
+        variants = {
+            mode: dataclasses.replace(v, name=f"{v.name}-a1", student=ALPHA_1) for mode, v in chosen.items()
+        }
+        return {"k": k, "bytes_per_position": target} | {m: v.name for m, v in variants.items()}, list(
+            variants.values()
+        )
+
+
+def _ints(text: str) -> list[int]:
+    """Comma-separated integers: "16,32" -> [16, 32]; "" -> []."""
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def main() -> None:
@@ -225,7 +256,9 @@ def main() -> None:
     parser.add_argument("--temps", default="1,2")
     parser.add_argument("--alphas", default="0.5,1.0")
     parser.add_argument(
-        "--sampled-candidates", default="64,96,128,192,256", help="draw counts to try, ascending"
+        "--sampled-candidates",
+        default="8,16,24,32,48,64,96,128,192,256",
+        help="draw counts to try, ascending",
     )
     parser.add_argument(
         "--jobs",
@@ -237,7 +270,15 @@ def main() -> None:
         "--hybrid-heads", default="", help="head sizes k of the hybrid caches (default: half the config's k)"
     )
     parser.add_argument(
-        "--hybrid-tail-candidates", default="8,16,32,48,64,96,128", help="tail draw counts to try, ascending"
+        "--hybrid-tail-candidates",
+        default="2,4,8,16,32,48,64,96,128",
+        help="tail draw counts to try, ascending",
+    )
+    parser.add_argument(
+        "--storage-ks",
+        default="",
+        help="more storage levels (the size of a top-K cache, e.g. 16,32) at which top-k, sampled and "
+        "hybrid caches are compared at alpha = 1",
     )
     parser.add_argument(
         "--settings-note",
@@ -301,6 +342,13 @@ def main() -> None:
         hybrid = exp.hybrid_variant(topk_bytes, head)
         main_variants += [hybrid, dataclasses.replace(hybrid, name=f"{hybrid.name}-a1", student=ALPHA_1)]
     main_variants.append(Variant("online-a1", None, ("student.mode=online", *ALPHA_1)))
+    levels, level_variants = [], []
+    for k in _ints(args.storage_ks):
+        level, variants = exp.storage_level(k)
+        levels.append(level)
+        level_variants += [
+            v for v in variants if v.name not in {u.name for u in main_variants + level_variants}
+        ]
     # the config's own cache: the distilled student of `pipe run`, reused from the variant with the
     # same cache and settings when there is one
     twin = next(
@@ -333,7 +381,10 @@ def main() -> None:
                         same_as="topk" if is_default else "",
                     )
                 )
-    exp.train_all([(variant, seed) for seed in seeds for variant in [*main_variants, *sweep]], args.jobs)
+    exp.train_all(
+        [(variant, seed) for seed in seeds for variant in [*main_variants, *level_variants, *sweep]],
+        args.jobs,
+    )
 
     meta = {
         "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -357,6 +408,7 @@ def main() -> None:
         "variants": {
             "main": [v.name for v in main_variants],
             "sweep": [dataclasses.asdict(v) for v in sweep],
+            "levels": levels,
         },
     }
     (exp.root / "experiments.json").write_text(json.dumps(document, indent=2) + "\n")
@@ -634,6 +686,52 @@ def _hybrid_label(name: str) -> str:
     )
 
 
+def _cache_label(name: str) -> str:
+    """A level variant's cache in words: ``topk-k16-a1`` -> "top-16", ``sampled-n24-a1`` -> "sampled,
+    24 draws", ``hybrid-k8-m4-a1`` -> "hybrid, top-8 head + 4 tail draws"; the sweep's top-k cell
+    (``sweep-k64-T1-a1``) -> "top-64"."""
+    if match := re.fullmatch(r"(?:topk-k|sweep-k)(\d+)\b.*", name):
+        return f"top-{match.group(1)}"
+    if name.startswith("sampled"):
+        return "sampled, " + _sampled_label(name.removesuffix("-a1")).removeprefix("sampled cache, ").replace(
+            " per position", ""
+        )
+    return "hybrid, " + _hybrid_label(name.removesuffix("-a1")).removeprefix("hybrid cache, ")
+
+
+def _storage_levels(document: dict, config: Config) -> list[dict[str, Any]]:
+    """The storage levels of the alpha = 1 comparison: the main one (top --topk-k: its sweep cell,
+    the sampled and every hybrid cache at alpha 1, where trained) then each of --storage-ks. Each
+    level: ``k``, ``bytes_per_position`` and the variant names per mode (lists)."""
+    meta, rows = document["meta"], document["rows"]
+    trained = {r["variant"] for r in rows}
+    topk_k = meta.get("topk_k", config.cache.k)
+    main_names = document["variants"]["main"]
+    topk_a1 = [
+        v["name"]
+        for v in document["variants"]["sweep"]
+        if _sweep_cell(v) == (topk_k, config.cache.temperature, 1.0)
+        and config.student.distill.temperature == config.cache.temperature
+    ]
+    main = {
+        "k": topk_k,
+        "bytes_per_position": next(
+            (r["bytes_per_position"] for r in rows if r["variant"] == "topk"), float("nan")
+        ),
+        "topk": topk_a1,
+        "sampled": [n for n in main_names if n.startswith("sampled") and n.endswith("-a1")],
+        "hybrid": [n for n in main_names if n.startswith("hybrid") and n.endswith("-a1")],
+    }
+    extra = [
+        level | {mode: [level[mode]] for mode in ("topk", "sampled", "hybrid")}
+        for level in document["variants"].get("levels", [])
+    ]
+    return [
+        level | {mode: [n for n in level[mode] if n in trained] for mode in ("topk", "sampled", "hybrid")}
+        for level in [main, *extra]
+    ]
+
+
 def _sweep_verdicts(sweep: list[dict], rows: list[dict]) -> list[str]:
     """For each factor (k, T, alpha): every pair of sweep cells that differ in it alone."""
     cells = {_sweep_cell(v): v["name"] for v in sweep}
@@ -793,6 +891,26 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         )
     add("")
 
+    levels = _storage_levels(document, config)
+    if len(levels) > 1:
+        add("## Cache modes at equal storage, alpha = 1")
+        add("")
+        add("No CE term: what each cache alone teaches. At each storage level (the size of a top-K cache),")
+        add("the sampled and hybrid caches are those closest to it in bytes per position.")
+        add("")
+        add("| storage level | cache | bytes/position | test perplexity | ECE |")
+        add("|---|---|---:|---:|---:|")
+        for level in levels:
+            for mode in ("topk", "sampled", "hybrid"):
+                for name in level[mode]:
+                    size = next(r["bytes_per_position"] for r in rows if r["variant"] == name)
+                    add(
+                        f"| top-{level['k']} ({level['bytes_per_position']:.1f} B) | {_cache_label(name)} | "
+                        f"{size:.1f} | {_spreads(rows, name, 'perplexity').format(1)} | "
+                        f"{_spreads(rows, name, 'ece').format(4)} |"
+                    )
+        add("")
+
     # Verdicts
     add("## What the numbers support")
     add("")
@@ -832,15 +950,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         )
     sampled = next(n for n in document["variants"]["main"] if n.startswith("sampled"))
     sampled_a1 = f"{sampled}-a1" if f"{sampled}-a1" in ppl else None
-    topk_a1 = next(
-        (
-            v["name"]
-            for v in document["variants"]["sweep"]
-            if _sweep_cell(v) == (topk_k, cache.temperature, 1.0)
-            and config.student.distill.temperature == cache.temperature
-        ),
-        None,
-    )
+    topk_a1 = next(iter(levels[0]["topk"]), None)  # the sweep's top-k cell at alpha 1
     sampled_bytes = next(r["bytes_per_position"] for r in rows if r["variant"] == sampled)
     topk_bytes = topk_summary.get("bytes_per_position", float("nan"))
     add(
@@ -868,6 +978,16 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
                 "unbiased estimate of the whole distribution (Anshumann et al., ACL 2025)."
             )
     lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, topk_k))
+    for level in levels[1:]:
+        (topk_name,), (sampled_name,), (hybrid_name,) = level["topk"], level["sampled"], level["hybrid"]
+        add(
+            f"- At the storage of a top-{level['k']} cache ({level['bytes_per_position']:.1f} bytes/position), "
+            f"alpha = 1: "
+            + _variants_sentence(rows, "hybrid", hybrid_name, f"top-{level['k']}", topk_name, "perplexity", 1)
+            + "; "
+            + _variants_sentence(rows, "hybrid", hybrid_name, "sampled", sampled_name, "perplexity", 1)
+            + f" ({_cache_label(hybrid_name)} vs {_cache_label(sampled_name)})."
+        )
     add(
         "- "
         + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)
