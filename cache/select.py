@@ -35,12 +35,14 @@ for the culprit). Per block of ``n`` positions, with ``z`` the tempered ensemble
 ``s = sum(e[top]) + sum(e[rest])`` (the tail's sum taken directly over the rest, so a tiny tail
 stays accurate) and ``H = log s - sum(e (z - m)) / s``.
 
-The ``hybrid`` and ``sampled`` modes of ``pipe cache-logits`` (:func:`ensemble_hybrid`,
-:func:`ensemble_sampled`) run ``select_*(ensemble_logprobs(...))`` a block of windows at a time:
-every step is per position or per window, so the result is the whole batch's bit for bit, without
-its (B, T, V) temporaries. Every top-k here is :func:`sorted_topk`, torch.topk's exact answer
-found from a few candidates per row. So what a cache stores does not depend on the block size,
-the batch size or which of these paths computed it.
+The ``hybrid`` mode of ``pipe cache-logits`` (:func:`ensemble_hybrid`) runs the same fused pass
+and draws the tail from its ``e`` with the head zeroed (summed in float64): the head is
+:func:`ensemble_topk`'s, the draws :func:`select_hybrid`'s up to float32 rounding at a CDF step.
+The ``sampled`` mode (:func:`ensemble_sampled`) runs ``select_sampled(ensemble_logprobs(...))`` a
+block of windows at a time. Every step is per position or per window, so each result is the
+whole batch's bit for bit, without its (B, T, V) temporaries. Every top-k here is
+:func:`sorted_topk`, torch.topk's exact answer found from a few candidates per row. So what a
+cache stores does not depend on the block size or the batch size.
 """
 
 from __future__ import annotations
@@ -340,23 +342,79 @@ def ensemble_topk(
     batch, seq_len, vocab = teacher_logits[0].shape
     if not 0 < k < vocab:
         raise CacheError(f"Expected 0 < k < vocab size. Got k={k}, vocab size={vocab}. Choose a smaller k.")
+    head = _Head.empty(batch * seq_len, k, teacher_logits[0].device)
+    for start, stop, block in _head_blocks(
+        teacher_logits, teacher_names, window_indices, k, rule, weights, temperature, block_elements
+    ):
+        head.put(start, stop, block)
+    return head.selection(batch, seq_len)
+
+
+_Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The per-position outputs of :func:`_head_blocks`, filled block by block: (P, k) ids and log p,
+    (P,) tail mass and entropy."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    entropy: torch.Tensor
+
+    @classmethod
+    def empty(cls, positions: int, k: int, device: torch.device) -> _Head:
+        return cls(
+            torch.empty(positions, k, dtype=torch.int64, device=device),
+            torch.empty(positions, k, dtype=torch.float32, device=device),
+            torch.empty(positions, dtype=torch.float32, device=device),
+            torch.empty(positions, dtype=torch.float32, device=device),
+        )
+
+    def put(self, start: int, stop: int, block: _Block) -> None:
+        for out, value in zip((self.ids, self.logprobs, self.tail, self.entropy), block[:4], strict=True):
+            out[start:stop] = value
+
+    def selection(self, batch: int, seq_len: int) -> TopkSelection:
+        k = self.ids.shape[-1]
+        return TopkSelection(
+            ids=self.ids.view(batch, seq_len, k),
+            logprobs=self.logprobs.view(batch, seq_len, k),
+            tail=self.tail.view(batch, seq_len),
+            entropy=self.entropy.view(batch, seq_len),
+        )
+
+
+def _head_blocks(
+    teacher_logits: Sequence[torch.Tensor],
+    teacher_names: Sequence[str],
+    window_indices: Sequence[int] | torch.Tensor,
+    k: int,
+    rule: str,
+    weights: Sequence[float],
+    temperature: float,
+    block_elements: int | None,
+) -> Iterator[tuple[int, int, _Block]]:
+    """The fused pass of :func:`ensemble_topk` (module docstring): ``(start, stop, block)`` for
+    consecutive blocks of positions, ``block`` = (top ids, their log p, tail mass, entropy, the
+    block's unnormalised probabilities (n, V) with the top-k zeroed: scratch, valid until the next
+    block). A non-finite logit raises :class:`TeacherError` naming the teacher and window."""
+    batch, seq_len, vocab = teacher_logits[0].shape
     dtype = torch.float64 if teacher_logits[0].dtype == torch.float64 else torch.float32
     device = teacher_logits[0].device
     flat = [z.reshape(batch * seq_len, vocab) for z in teacher_logits]  # views when contiguous
     total = float(sum(weights))
     scales = [w / total for w in weights]
     positions = batch * seq_len
-    ids = torch.empty(positions, k, dtype=torch.int64, device=device)
-    logprobs = torch.empty(positions, k, dtype=torch.float32, device=device)
-    tail = torch.empty(positions, dtype=torch.float32, device=device)
-    entropy = torch.empty(positions, dtype=torch.float32, device=device)
     rows = min(positions, max(1, (block_elements or default_block_elements(device)) // vocab))
     work = torch.empty(2, rows, vocab, dtype=dtype, device=device)  # a block's z and exp(z - m), reused
-    block = _mean_logits_block if rule == "mean_logits" else _mean_probs_block
+    compute = _mean_logits_block if rule == "mean_logits" else _mean_probs_block
     for start in range(0, positions, rows):
         stop = min(start + rows, positions)
         parts = [z[start:stop] for z in flat]  # (n, V) each
-        top_ids, top_logp, tail_mass, ent = block(parts, scales, temperature, k, work[:, : stop - start])
+        block = compute(parts, scales, temperature, k, work[:, : stop - start])
+        ent = block[3]
         if not bool(torch.isfinite(ent).all()):  # any NaN/inf logit in the block lands here
             for name, logits in zip(teacher_names, teacher_logits, strict=True):
                 check_finite(logits, teacher_name=name, window_indices=window_indices)
@@ -366,19 +424,7 @@ def ensemble_topk(
                 f"{int(window_indices[row // seq_len])}, position {row % seq_len} although every "
                 "teacher's logits are finite; check the teachers' logit scale or run them in float32."
             )
-        ids[start:stop] = top_ids
-        logprobs[start:stop] = top_logp
-        tail[start:stop] = tail_mass
-        entropy[start:stop] = ent
-    return TopkSelection(
-        ids=ids.view(batch, seq_len, k),
-        logprobs=logprobs.view(batch, seq_len, k),
-        tail=tail.view(batch, seq_len),
-        entropy=entropy.view(batch, seq_len),
-    )
-
-
-_Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        yield start, stop, block
 
 
 def _mean_logits_block(
@@ -412,7 +458,7 @@ def _mean_logits_block(
     s = rest + e_top.sum(-1)  # (n,) sum(exp(z - m))
     log_s = s.log()
     top_logp = (top_z - m) - log_s[:, None]  # (n, k) log p of the top-k ids
-    return top_ids, top_logp.float(), (rest / s).float(), (log_s - ez / s).float()
+    return top_ids, top_logp.float(), (rest / s).float(), (log_s - ez / s).float(), e
 
 
 def _mean_probs_block(
@@ -433,7 +479,7 @@ def _mean_probs_block(
     entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (n,) 0 log 0 = 0
     rest = probs.scatter_(-1, top_ids, 0.0).sum(-1)  # (n,)
     s = rest + top_p.sum(-1)  # (n,) 1 up to rounding
-    return top_ids, (top_p / s[:, None]).log().float(), (rest / s).float(), entropy.float()
+    return top_ids, (top_p / s[:, None]).log().float(), (rest / s).float(), entropy.float(), probs
 
 
 def select_sampled(
@@ -488,11 +534,16 @@ def tail_cdf(logprobs: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
     ``tail * count / m`` are 0 anyway.
     """
     probs = logprobs.to(torch.float64).exp().scatter_(-1, head_ids, 0.0)  # (..., V) head removed
-    cdf = torch.cumsum(probs, dim=-1)  # (..., V)
+    return _uniform_where_empty(torch.cumsum(probs, dim=-1), head_ids)  # (..., V)
+
+
+def _uniform_where_empty(cdf: torch.Tensor, head_ids: torch.Tensor) -> torch.Tensor:
+    """``cdf`` (..., V), with each row whose total is 0 replaced in place by the CDF of a uniform
+    distribution over the ids not in ``head_ids`` (..., k)."""
     empty = cdf[..., -1] <= 0  # (...)
     if bool(empty.any()):
-        outside = torch.ones_like(probs).scatter_(-1, head_ids, 0.0)  # (..., V)
-        cdf = torch.where(empty.unsqueeze(-1), torch.cumsum(outside, dim=-1), cdf)
+        outside = torch.ones_like(cdf[empty]).scatter_(-1, head_ids[empty], 0.0)  # (e, V)
+        cdf[empty] = torch.cumsum(outside, dim=-1)
     return cdf
 
 
@@ -610,19 +661,51 @@ def ensemble_hybrid(
     temperature: float = 1.0,
     block_elements: int | None = None,
 ) -> HybridSelection:
-    """``select_hybrid(ensemble_logprobs(...), ...)`` a block of windows at a time (:func:`_logprob_blocks`).
+    """``select_hybrid(ensemble_logprobs(...), ...)`` in the fused pass of :func:`ensemble_topk`.
 
-    Bit for bit the same result (head, tail mass and entropy per position, draws per window), at
-    a fraction of the memory traffic: no (B, T, V) temporaries, no separate finiteness passes.
+    The head (ids, log p, tail mass, entropy) is :func:`ensemble_topk`'s, bit for bit. The tail
+    draws use the same uniforms and inverse-CDF rule as :func:`select_hybrid`, on the block's
+    unnormalised probabilities (``exp(z - m)``, head zeroed, summed in float64) instead of
+    ``exp(log p)``: the same distribution up to float32 rounding, so a draw can differ from
+    :func:`select_hybrid`'s only where its uniform lies within rounding of a CDF step (about one
+    draw in 10^5; ``verify-cache --recompute`` allows for it). Independent of the batching, as
+    every step is per position. A row whose tail underflows to 0 in float32 draws uniformly among
+    the non-head ids, as :func:`tail_cdf` does; its stored tail mass, hence every draw's weight, is 0.
     """
-    return _select_by_blocks(
-        HybridSelection,
-        lambda logp, windows: select_hybrid(
-            logp, k=k, num_samples=num_samples, seed=seed, window_indices=windows
-        ),
-        lambda: _check_hybrid_args(k, num_samples, teacher_logits[0].shape, window_indices),
-        teacher_logits, teacher_names, window_indices, rule, weights, temperature, block_elements,
-    )  # fmt: skip
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    _check_rule(rule)
+    _check_hybrid_args(k, num_samples, teacher_logits[0].shape, window_indices)
+    batch, seq_len, vocab = teacher_logits[0].shape
+    device = teacher_logits[0].device
+    positions = batch * seq_len
+    uniforms = torch.cat(
+        [tail_uniforms(seed, int(w), seq_len=seq_len, num_samples=num_samples) for w in window_indices]
+    ).to(device)  # (P, m) float64
+    draws = torch.empty(positions, num_samples, dtype=torch.int64, device=device)
+    head = _Head.empty(positions, k, device)
+    cdf_rows = max(1, (1 << 23) // vocab)  # float64 CDF scratch, reused: 64 MiB at most
+    cdf_buffer = torch.empty(min(positions, cdf_rows), vocab, dtype=torch.float64, device=device)
+    for start, stop, block in _head_blocks(
+        teacher_logits, teacher_names, window_indices, k, rule, weights, temperature, block_elements
+    ):
+        head.put(start, stop, block)
+        top_ids, rest = block[0], block[4]  # rest: (n, V) unnormalised, head zeroed
+        for first in range(0, stop - start, cdf_rows):
+            last = min(first + cdf_rows, stop - start)
+            cdf = cdf_buffer[: last - first].copy_(rest[first:last])
+            torch.cumsum(cdf, dim=-1, out=cdf)  # (c, V) into a buffer: fresh pages cost more
+            _uniform_where_empty(cdf, top_ids[first:last])
+            draws[start + first : start + last] = draws_from_cdf(cdf, uniforms[start + first : start + last])
+    tail_ids, tail_counts = unique_counts(draws.view(batch, seq_len, num_samples))
+    selected = head.selection(batch, seq_len)
+    return HybridSelection(
+        head_ids=selected.ids,
+        head_logprobs=selected.logprobs,
+        tail=selected.tail,
+        tail_ids=tail_ids,
+        tail_counts=tail_counts,
+        entropy=selected.entropy,
+    )
 
 
 _Selection = TypeVar("_Selection", "SampledSelection", "HybridSelection")

@@ -755,9 +755,10 @@ def _recompute_head(
 
 
 # Hybrid tail draws: the draw of uniform u is the id v with F(v-1) <= u < F(v), F the tail's
-# normalised CDF (cache/select.py). Writer and checker compute F with the same float32 function
-# (`ensemble_logprobs`) from the same teachers; another batch composition moves each probability
-# by float32 rounding (relative ~1e-6), F by a few 1e-6 at most: 1e-4 is a wide margin that is
+# normalised CDF (cache/select.py). The writer sums the float32 exp(z - max z) of the fused pass,
+# the checker exp(log p) of `ensemble_logprobs`, both in float64, from the same teachers: the two,
+# and another batch composition, differ by float32 rounding in each probability (relative ~1e-6),
+# so F by a few 1e-6 at most: 1e-4 is a wide margin that is
 # still far below the width of most ids' intervals. bf16 teachers (GPU autocast) rounded logits to
 # 8 bits of mantissa (|d z| up to ~0.03 at |z| ~ 8, so relative |d p| ~3 %): F may move by ~0.05.
 TAIL_CDF_SLACK = 1e-4
@@ -773,7 +774,8 @@ def _recompute_hybrid(
     ``sum p`` outside the stored head. Draws: the window's uniforms are regenerated from the cache
     seed (:func:`~logitcache.cache.select.tail_uniforms`); sorted, the i-th uniform must fall in
     the CDF interval ``[F(d - 1), F(d)]`` (+- :data:`TAIL_CDF_SLACK`) of the i-th drawn id ``d``
-    (the drawn ids expanded by their counts, ascending: the inverse CDF is monotone).
+    (the drawn ids expanded by their counts, ascending: the inverse CDF is monotone). Positions
+    whose stored tail mass is 0 are skipped: their draws weigh nothing.
     """
     meta = reader.metadata
     k, m = meta.k, meta.num_samples
@@ -809,6 +811,9 @@ def _recompute_hybrid(
         below = lower.gather(1, draws) - uniforms  # > 0: u before the id's interval
         above = uniforms - cdf.gather(1, draws)  # > 0: u after it
         distance = torch.maximum(below, above).clamp(min=0.0)  # (T, m)
+        # a stored tail mass of 0 (the tail underflowed in float32 when the cache was written) has
+        # uniform, zero-weight draws outside the head: nothing to check against F
+        distance[stored_tail[b] <= 0] = 0.0
         worst = max(worst, float(distance.max()))
         outside_draws += int((distance > cdf_slack).sum())
     return {

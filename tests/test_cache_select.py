@@ -8,7 +8,6 @@ import torch
 
 from logitcache.cache.select import (
     HybridSelection,
-    SampledSelection,
     ensemble_hybrid,
     ensemble_logprobs,
     ensemble_sampled,
@@ -17,6 +16,8 @@ from logitcache.cache.select import (
     select_sampled,
     select_topk,
     sorted_topk,
+    tail_cdf,
+    tail_uniforms,
     window_seed,
 )
 from logitcache.pipeline.errors import CacheError, TeacherError
@@ -385,39 +386,83 @@ def test_ensemble_topk_is_the_plain_formula_bit_for_bit(
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-# ensemble_hybrid / ensemble_sampled: select_*(ensemble_logprobs(...)) a block of windows at a time.
+# ensemble_sampled: select_sampled(ensemble_logprobs(...)) a block of windows at a time;
+# ensemble_hybrid: ensemble_topk's fused pass, plus the tail draws from its unnormalised probabilities.
 
 
-@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
-@pytest.mark.parametrize("block_elements", [1, 2 * 6 * 1031, None])  # one window, two, all five at once
-def test_blockwise_hybrid_and_sampled_are_the_whole_batch_bit_for_bit(
-    rule: str, block_elements: int | None
-) -> None:
+def _hybrid_case(rule: str) -> tuple[list[torch.Tensor], dict]:
     g = torch.Generator().manual_seed(13)
     zs = [torch.randn(5, 6, 1031, generator=g) * 3 for _ in range(2)]  # V > 1024: the fast top-k path
-    windows = [7, 3, 9, 1, 4]
     args = {
         "teacher_names": ["a", "b"],
-        "window_indices": windows,
+        "window_indices": [7, 3, 9, 1, 4],
         "rule": rule,
         "weights": [2.0, 1.0],
         "temperature": 1.3,
     }
+    return zs, args
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("block_elements", [1, 2 * 6 * 1031, None])  # one position, two windows, all at once
+def test_blockwise_hybrid_and_sampled_are_the_whole_batch_bit_for_bit(
+    rule: str, block_elements: int | None
+) -> None:
+    zs, args = _hybrid_case(rule)
+    windows = args["window_indices"]
     logp = ensemble_logprobs(zs, **args)
-    pairs = [
-        (
-            ensemble_hybrid(zs, k=16, num_samples=8, seed=5, block_elements=block_elements, **args),
-            select_hybrid(logp, k=16, num_samples=8, seed=5, window_indices=windows),
-        ),
-        (
-            ensemble_sampled(zs, num_samples=12, seed=5, block_elements=block_elements, **args),
-            select_sampled(logp, num_samples=12, seed=5, window_indices=windows),
-        ),
-    ]
-    for got, want in pairs:
-        assert isinstance(got, (HybridSelection, SampledSelection)) and type(got) is type(want)
-        for field in want.__dataclass_fields__:
-            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    got = ensemble_sampled(zs, num_samples=12, seed=5, block_elements=block_elements, **args)
+    want = select_sampled(logp, num_samples=12, seed=5, window_indices=windows)
+    for field in want.__dataclass_fields__:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    # hybrid: any block size gives the whole batch's result, whose head is ensemble_topk's
+    whole = ensemble_hybrid(zs, k=16, num_samples=8, seed=5, **args)
+    got = ensemble_hybrid(zs, k=16, num_samples=8, seed=5, block_elements=block_elements, **args)
+    assert isinstance(got, HybridSelection)
+    for field in HybridSelection.__dataclass_fields__:
+        torch.testing.assert_close(getattr(got, field), getattr(whole, field), rtol=0, atol=0)
+    head = ensemble_topk(zs, k=16, **args)
+    pairs = ((got.head_ids, head.ids), (got.head_logprobs, head.logprobs), (got.tail, head.tail))
+    for mine, theirs in (*pairs, (got.entropy, head.entropy)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+def test_hybrid_draws_follow_the_reference_tail_distribution(rule: str) -> None:
+    """The fused draws against select_hybrid (float64 CDF of the float32 log p): every draw in its
+    uniform's CDF interval up to rounding, and here (no uniform on a step) the same draws."""
+    zs, args = _hybrid_case(rule)
+    windows = args["window_indices"]
+    m = 40
+    got = ensemble_hybrid(zs, k=16, num_samples=m, seed=5, **args)
+    logp = ensemble_logprobs(zs, **args)
+    want = select_hybrid(logp, k=16, num_samples=m, seed=5, window_indices=windows)
+    assert torch.equal(got.head_ids.sort(-1).values, want.head_ids.sort(-1).values)
+    torch.testing.assert_close(got.tail, want.tail, rtol=1e-5, atol=1e-7)
+    for b, window in enumerate(windows):
+        cdf = tail_cdf(logp[b], want.head_ids[b])  # (T, V) the reference's
+        cdf = cdf / cdf[:, -1:]
+        lower = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1)
+        uniforms = tail_uniforms(5, window, seq_len=cdf.shape[0], num_samples=m).sort(-1).values
+        drawn = torch.stack(
+            [
+                torch.repeat_interleave(got.tail_ids[b, t], got.tail_counts[b, t].long())
+                for t in range(cdf.shape[0])
+            ]
+        )  # (T, m) ascending
+        below, above = lower.gather(1, drawn) - uniforms, uniforms - cdf.gather(1, drawn)
+        assert float(torch.maximum(below, above).max()) < 1e-6
+    assert torch.equal(got.tail_counts, want.tail_counts) and torch.equal(got.tail_ids, want.tail_ids)
+
+
+def test_hybrid_row_with_an_underflowed_tail_draws_uniformly_outside_the_head() -> None:
+    z = torch.full((1, 2, 1031), -200.0)
+    z[0, :, :3] = 0.0  # three ids hold all the mass; exp(-200) underflows in float32
+    sel = ensemble_hybrid([z], teacher_names=["a"], window_indices=[0], k=3, num_samples=64, seed=1)
+    assert torch.equal(sel.head_ids.sort(-1).values, torch.tensor([[[0, 1, 2]] * 2]))
+    assert bool((sel.tail == 0).all())
+    drawn = sel.tail_ids[sel.tail_counts > 0]
+    assert bool((drawn >= 3).all()) and drawn.unique().numel() > 40  # spread over the other 1028 ids
 
 
 @pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
