@@ -94,9 +94,9 @@ def measure(args: argparse.Namespace) -> None:
     tokens = windows.size
     batch = config.cache.batch_size
 
-    def plain_forward() -> float:
+    def plain_forward() -> tuple[float, float]:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             for begin in range(0, windows.shape[0], batch):
                 ids = torch.from_numpy(windows[begin : begin + batch].astype(np.int64)).to(device)
@@ -104,41 +104,44 @@ def measure(args: argparse.Namespace) -> None:
                     with selector.autocast:
                         _ = model(input_ids=ids).logits
         _sync(device)
-        return tokens / (time.perf_counter() - start)
+        return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
-    def forward_and_select() -> float:
+    def forward_and_select() -> tuple[float, float]:
         """The teachers plus ensemble and selection (results on the host), without the writer."""
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for begin in range(0, windows.shape[0], batch):
             ids = torch.from_numpy(windows[begin : begin + batch].astype(np.int64))
             selector.select(ids, torch.arange(begin, begin + ids.shape[0]))
         _sync(device)
-        return tokens / (time.perf_counter() - start)
+        return tokens / (time.perf_counter() - start), tokens / (time.process_time() - cpu)
 
-    def whole_stage() -> tuple[float, dict]:
+    def whole_stage() -> tuple[float, float, dict]:
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
             run.mkdir()
             (run / "data").symlink_to(Path(args.run_dir).resolve() / "data")
             (run / "teachers").symlink_to(Path(args.run_dir).resolve() / "teachers")
             cfg = load_config(args.config, args.set, run_dir=run)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = cache_logits(cfg, progress=False)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             summary = json.loads((out / "COMPLETE.json").read_text())["summary"]
             shutil.rmtree(out)
-        return tokens / seconds, summary
+        return tokens / seconds, tokens / cpu_seconds, summary
 
     # Steady state: one warm-up round (not counted), then `repeats` rounds in which the three
     # measurements alternate, so a change in the machine's load hits all three alike. Every
-    # round is printed with the load average; the row reports the medians.
+    # round is printed with the load average; the row reports the medians. Beside the wall-clock
+    # rates, tokens per CPU-second of the process (all its threads): on a shared or virtual
+    # machine the wall clock also counts time the process was not given, the CPU time does not
+    # (but it does not see a stage that waits with cores idle: read both).
     plain_forward(), forward_and_select(), whole_stage()
     rounds, summary = [], {}
     for index in range(args.repeats):
-        forward_rate = plain_forward()
-        select_rate = forward_and_select()
-        stage_rate, summary = whole_stage()
+        forward_rate, forward_cpu = plain_forward()
+        select_rate, _ = forward_and_select()
+        stage_rate, stage_cpu, summary = whole_stage()
         rounds.append(
             {
                 "round": index + 1,
@@ -146,18 +149,20 @@ def measure(args: argparse.Namespace) -> None:
                 "forward_select_tokens_per_s": round(select_rate),
                 "cache_logits_tokens_per_s": round(stage_rate),
                 "ratio": round(stage_rate / forward_rate, 3),
+                "ratio_cpu_time": round(stage_cpu / forward_cpu, 3),
                 "load_1min": round(os.getloadavg()[0], 2),
             }
         )
     print_table(rounds, list(rounds[0]))
     print()
-    forward, selected, stage, ratio = (
+    forward, selected, stage, ratio, ratio_cpu = (
         float(np.median([r[key] for r in rounds]))
         for key in (
             "forward_tokens_per_s",
             "forward_select_tokens_per_s",
             "cache_logits_tokens_per_s",
             "ratio",
+            "ratio_cpu_time",
         )
     )
     row = {
@@ -176,6 +181,7 @@ def measure(args: argparse.Namespace) -> None:
         "forward_select_tokens_per_s": round(selected),
         "cache_logits_tokens_per_s": round(stage),
         "ratio": round(ratio, 3),  # median of the per-round ratios
+        "ratio_cpu_time": round(ratio_cpu, 3),
         "rounds": args.repeats,
         "bytes_per_position": round(summary.get("bytes_per_position", float("nan")), 1),
         "shards": summary.get("num_shards", ""),

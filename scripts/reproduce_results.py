@@ -21,7 +21,8 @@
    with), and the sweep k x T x alpha (cache and distillation at temperature T; alpha = KL weight,
    CE weight 1 - alpha). With --storage-ks, the same comparison of the cache modes at alpha = 1 at
    smaller (or larger) storage: at the size of a top-K cache, the top-K cache, the sampled cache
-   and the hybrid cache (head K/2) closest to it in bytes per position.
+   and the hybrid caches (head K/2, or the head sizes given as K:H1/H2) closest to it in bytes
+   per position.
 3. RUN/experiments/experiments.json holds every number; the markdown goes to --out.
 
 Everything lives under RUN/experiments/CACHE/ (data and teachers linked from RUN); a finished
@@ -217,23 +218,24 @@ class Experiment:
             ],
         )
 
-    def storage_level(self, k: int) -> tuple[dict[str, Any], list[Variant]]:
+    def storage_level(self, k: int, heads: list[int]) -> tuple[dict[str, Any], list[Variant]]:
         """The three cache modes at the storage of a top-``k`` cache, each at alpha = 1 (no CE term:
-        what the cache alone teaches): top-k, sampled and hybrid (head k // 2) closest in size."""
+        what the cache alone teaches): top-k, the sampled cache and, for each head size in
+        ``heads`` (default k // 2), the hybrid cache closest in size."""
         topk = Variant(f"topk-k{k}", ("cache.mode=topk", f"cache.k={k}"), ())
         self.ensure_cache(topk)
         target = self.cache_summaries[topk.cache_key()]["bytes_per_position"]
         chosen = {
-            "topk": topk,
-            "sampled": self.sampled_variant(target),
-            "hybrid": self.hybrid_variant(target, max(1, k // 2)),
+            "topk": [topk],
+            "sampled": [self.sampled_variant(target)],
+            "hybrid": [self.hybrid_variant(target, head) for head in heads or [max(1, k // 2)]],
         }
         variants = {
-            mode: dataclasses.replace(v, name=f"{v.name}-a1", student=ALPHA_1) for mode, v in chosen.items()
+            mode: [dataclasses.replace(v, name=f"{v.name}-a1", student=ALPHA_1) for v in group]
+            for mode, group in chosen.items()
         }
-        return {"k": k, "bytes_per_position": target} | {m: v.name for m, v in variants.items()}, list(
-            variants.values()
-        )
+        level = {"k": k, "bytes_per_position": target} | {m: [v.name for v in g] for m, g in variants.items()}
+        return level, [v for group in variants.values() for v in group]
 
 
 def _ints(text: str) -> list[int]:
@@ -278,7 +280,8 @@ def main() -> None:
         "--storage-ks",
         default="",
         help="more storage levels (the size of a top-K cache, e.g. 16,32) at which top-k, sampled and "
-        "hybrid caches are compared at alpha = 1",
+        "hybrid caches are compared at alpha = 1; K:H1/H2 sets the hybrids' head sizes (default K/2), "
+        "e.g. 16:2/4/8,32:16",
     )
     parser.add_argument(
         "--settings-note",
@@ -343,8 +346,9 @@ def main() -> None:
         main_variants += [hybrid, dataclasses.replace(hybrid, name=f"{hybrid.name}-a1", student=ALPHA_1)]
     main_variants.append(Variant("online-a1", None, ("student.mode=online", *ALPHA_1)))
     levels, level_variants = [], []
-    for k in _ints(args.storage_ks):
-        level, variants = exp.storage_level(k)
+    for item in filter(None, args.storage_ks.split(",")):
+        k, _, heads = item.partition(":")
+        level, variants = exp.storage_level(int(k), [int(h) for h in heads.split("/") if h])
         levels.append(level)
         level_variants += [
             v for v in variants if v.name not in {u.name for u in main_variants + level_variants}
@@ -699,6 +703,9 @@ def _cache_label(name: str) -> str:
     return "hybrid, " + _hybrid_label(name.removesuffix("-a1")).removeprefix("hybrid cache, ")
 
 
+_MODES = ("topk", "sampled", "hybrid")
+
+
 def _storage_levels(document: dict, config: Config) -> list[dict[str, Any]]:
     """The storage levels of the alpha = 1 comparison: the main one (top --topk-k: its sweep cell,
     the sampled and every hybrid cache at alpha 1, where trained) then each of --storage-ks. Each
@@ -722,12 +729,12 @@ def _storage_levels(document: dict, config: Config) -> list[dict[str, Any]]:
         "sampled": [n for n in main_names if n.startswith("sampled") and n.endswith("-a1")],
         "hybrid": [n for n in main_names if n.startswith("hybrid") and n.endswith("-a1")],
     }
-    extra = [
-        level | {mode: [level[mode]] for mode in ("topk", "sampled", "hybrid")}
+    extra = [  # one name per mode in documents written before --storage-heads
+        level | {mode: [level[mode]] if isinstance(level[mode], str) else level[mode] for mode in _MODES}
         for level in document["variants"].get("levels", [])
     ]
     return [
-        level | {mode: [n for n in level[mode] if n in trained] for mode in ("topk", "sampled", "hybrid")}
+        level | {mode: [n for n in level[mode] if n in trained] for mode in _MODES}
         for level in [main, *extra]
     ]
 
@@ -979,15 +986,18 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
             )
     lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, topk_k))
     for level in levels[1:]:
-        (topk_name,), (sampled_name,), (hybrid_name,) = level["topk"], level["sampled"], level["hybrid"]
-        add(
-            f"- At the storage of a top-{level['k']} cache ({level['bytes_per_position']:.1f} bytes/position), "
-            f"alpha = 1: "
-            + _variants_sentence(rows, "hybrid", hybrid_name, f"top-{level['k']}", topk_name, "perplexity", 1)
-            + "; "
-            + _variants_sentence(rows, "hybrid", hybrid_name, "sampled", sampled_name, "perplexity", 1)
-            + f" ({_cache_label(hybrid_name)} vs {_cache_label(sampled_name)})."
-        )
+        (topk_name,), (sampled_name,) = level["topk"], level["sampled"]
+        for hybrid_name in level["hybrid"]:
+            add(
+                f"- At the storage of a top-{level['k']} cache ({level['bytes_per_position']:.1f} bytes/position), "
+                f"alpha = 1, {_cache_label(hybrid_name)}: "
+                + _variants_sentence(
+                    rows, "hybrid", hybrid_name, f"top-{level['k']}", topk_name, "perplexity", 1
+                )
+                + "; "
+                + _variants_sentence(rows, "hybrid", hybrid_name, "sampled", sampled_name, "perplexity", 1)
+                + f" ({_cache_label(sampled_name)})."
+            )
     add(
         "- "
         + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)

@@ -56,16 +56,20 @@ def test_closest_in_size_builds_in_order_until_the_target_and_takes_the_closer()
 def test_storage_level_at_alpha_1():
     sizes = {"topk-k16": 25.0, "sampled-n8": 10.0, "sampled-n16": 18.0, "sampled-n32": 34.0}
     sizes |= {"hybrid-k8-m2": 15.0, "hybrid-k8-m4": 19.0, "hybrid-k8-m8": 27.0}
-    level, variants = SizedExperiment(sizes).storage_level(16)
+    sizes |= {"hybrid-k4-m2": 9.0, "hybrid-k4-m4": 12.0, "hybrid-k4-m8": 17.0, "hybrid-k4-m16": 26.0}
+    level, variants = SizedExperiment(sizes).storage_level(16, [])
     assert level == {
         "k": 16,
         "bytes_per_position": 25.0,
-        "topk": "topk-k16-a1",
-        "sampled": "sampled-n16-a1",  # 18 is 7 from 25, 34 is 9
-        "hybrid": "hybrid-k8-m8-a1",  # head 16 // 2; 27 is 2 from 25, 19 is 6
+        "topk": ["topk-k16-a1"],
+        "sampled": ["sampled-n16-a1"],  # 18 is 7 from 25, 34 is 9
+        "hybrid": ["hybrid-k8-m8-a1"],  # head 16 // 2 by default; 27 is 2 from 25, 19 is 6
     }
     assert [v.student for v in variants] == [rr.ALPHA_1] * 3
     assert variants[2].cache == ("cache.mode=hybrid", "cache.k=8", "cache.tail_samples=8")
+    level, variants = SizedExperiment(sizes).storage_level(16, [4, 8])
+    assert level["hybrid"] == ["hybrid-k4-m16-a1", "hybrid-k8-m8-a1"]
+    assert len(variants) == 4
 
 
 def test_storage_levels_read_back_from_the_document():
