@@ -48,9 +48,8 @@ cache stores does not depend on the block size or the batch size.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -640,12 +639,19 @@ def ensemble_sampled(
 
     Bit for bit the same result: the ensemble is per position and the draws per window.
     """
-    return _select_by_blocks(
-        SampledSelection,
-        lambda logp, windows: select_sampled(logp, num_samples=num_samples, seed=seed, window_indices=windows),
-        lambda: _check_sampled_args(num_samples, teacher_logits[0].shape, window_indices),
-        teacher_logits, teacher_names, window_indices, rule, weights, temperature, block_elements,
-    )  # fmt: skip
+    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
+    _check_rule(rule)
+    _check_sampled_args(num_samples, teacher_logits[0].shape, window_indices)
+    blocks = _logprob_blocks(
+        teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
+    )
+    pieces = [
+        select_sampled(logp, num_samples=num_samples, seed=seed, window_indices=window_indices[start:stop])
+        for start, stop, logp in blocks
+    ]
+    return SampledSelection(
+        **{f: torch.cat([getattr(p, f) for p in pieces]) for f in SampledSelection.__dataclass_fields__}
+    )
 
 
 def ensemble_hybrid(
@@ -706,34 +712,3 @@ def ensemble_hybrid(
         tail_counts=tail_counts,
         entropy=selected.entropy,
     )
-
-
-_Selection = TypeVar("_Selection", "SampledSelection", "HybridSelection")
-
-
-def _select_by_blocks(
-    cls: type[_Selection],
-    select: Callable[[torch.Tensor, Sequence[int] | torch.Tensor], _Selection],
-    check: Callable[[], None],
-    teacher_logits: Sequence[torch.Tensor],
-    teacher_names: Sequence[str],
-    window_indices: Sequence[int] | torch.Tensor,
-    rule: str,
-    weights: Sequence[float] | None,
-    temperature: float,
-    block_elements: int | None,
-) -> _Selection:
-    """``select(ensemble log-probs of a block, its window indices)`` over :func:`_logprob_blocks`,
-    concatenated into one ``cls``; the teachers, the rule, then ``check()`` are validated first."""
-    weights = _validate_teachers(teacher_logits, teacher_names, weights, temperature)
-    _check_rule(rule)
-    check()
-    blocks = _logprob_blocks(
-        teacher_logits, teacher_names, window_indices, weights, rule, temperature, block_elements
-    )
-    pieces = [select(logp, window_indices[start:stop]) for start, stop, logp in blocks]
-    return cls(**{f: torch.cat([getattr(p, f) for p in pieces]) for f in _fields(cls)})
-
-
-def _fields(cls: type) -> tuple[str, ...]:
-    return tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]

@@ -487,11 +487,9 @@ def render_one_run(meta: dict, config: Config, results: dict, stages: list[dict]
         f"- Command: `{meta['command']}` (runs `pipe run {_shown_path(meta['config'])}`, then writes this section)."
     )
     add(f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}.")
-    train, test = data.windows("train"), data.windows("test")
     add(
         f"- Data: corpus `{_shown_path(config.data.corpus)}`, at most {config.data.max_chars_per_file:,} characters "
-        f"per source (0 = all), vocabulary {data.vocab_size}, {data.seq_len}-token windows: {train.size:,} training "
-        f"tokens, test split {test.shape[0]} windows."
+        f"per source (0 = all), {_data_sizes(data)}."
     )
     student = config.student
     add(
@@ -791,11 +789,9 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
         f"- Software: Python {versions.get('python')}, torch {versions.get('torch')}, "
         f"transformers {versions.get('transformers')}."
     )
-    train, test = data.windows("train"), data.windows("test")
     add(
         f"- Data: corpus `{_shown_path(config.data.corpus)}` as configured in `{_shown_path(meta['config'])}` "
-        f"(vocabulary {data.vocab_size}, {data.seq_len}-token windows, {train.size:,} training tokens, "
-        f"test split {test.shape[0]} windows); BLiMP: `{_shown_path(config.evaluate.blimp_dir) if config.evaluate.blimp_dir else '-'}`."
+        f"({_data_sizes(data)}); BLiMP: `{_shown_path(config.evaluate.blimp_dir) if config.evaluate.blimp_dir else '-'}`."
     )
     cache = config.cache
     topk_k = meta.get("topk_k", cache.k)
@@ -1046,6 +1042,15 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
     add("file (pass a larger config to the same command on a GPU machine).")
     add("")
     return "\n".join(lines)
+
+
+def _data_sizes(data: PreparedData) -> str:
+    """ "vocabulary 4096, 64-token windows, 74,176 training tokens, test split 686 windows" """
+    train, test = data.windows("train"), data.windows("test")
+    return (
+        f"vocabulary {data.vocab_size}, {data.seq_len}-token windows, {train.size:,} training tokens, "
+        f"test split {test.shape[0]} windows"
+    )
 
 
 def _cache_description(cache: CacheConfig) -> str:
