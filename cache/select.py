@@ -579,6 +579,11 @@ def select_hybrid(
         cdf = tail_cdf(logprobs[b], head.ids[b])  # (T, V)
         uniforms = tail_uniforms(seed, int(window_indices[b]), seq_len=seq_len, num_samples=num_samples)
         draws[b] = draws_from_cdf(cdf, uniforms.to(logprobs.device))  # (T, m)
+    return _hybrid(head, draws)
+
+
+def _hybrid(head: TopkSelection, draws: torch.Tensor) -> HybridSelection:
+    """The stored hybrid entries: the head, and the tail draws (B, T, m) as unique ids + counts."""
     tail_ids, tail_counts = unique_counts(draws)
     return HybridSelection(
         head_ids=head.ids,
@@ -702,13 +707,4 @@ def ensemble_hybrid(
             torch.cumsum(cdf, dim=-1, out=cdf)  # (c, V) into a buffer: fresh pages cost more
             _uniform_where_empty(cdf, top_ids[first:last])
             draws[start + first : start + last] = draws_from_cdf(cdf, uniforms[start + first : start + last])
-    tail_ids, tail_counts = unique_counts(draws.view(batch, seq_len, num_samples))
-    selected = head.selection(batch, seq_len)
-    return HybridSelection(
-        head_ids=selected.ids,
-        head_logprobs=selected.logprobs,
-        tail=selected.tail,
-        tail_ids=tail_ids,
-        tail_counts=tail_counts,
-        entropy=selected.entropy,
-    )
+    return _hybrid(head.selection(batch, seq_len), draws.view(batch, seq_len, num_samples))
