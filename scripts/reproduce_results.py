@@ -218,6 +218,19 @@ class Experiment:
             ],
         )
 
+    def storage_levels(
+        self, spec: str, taken: set[str] | frozenset[str] = frozenset()
+    ) -> tuple[list[dict], list[Variant]]:
+        """The levels of ``--storage-ks`` (``16,32`` or ``16:2/4/8,32:16``) and their variants, less
+        those named in ``taken`` (trained anyway)."""
+        levels, variants = [], []
+        for item in filter(None, spec.split(",")):
+            k, _, heads = item.partition(":")
+            level, level_variants = self.storage_level(int(k), [int(h) for h in heads.split("/") if h])
+            levels.append(level)
+            variants += [v for v in level_variants if v.name not in taken | {u.name for u in variants}]
+        return levels, variants
+
     def storage_level(self, k: int, heads: list[int]) -> tuple[dict[str, Any], list[Variant]]:
         """The three cache modes at the storage of a top-``k`` cache, each at alpha = 1 (no CE term:
         what the cache alone teaches): top-k, the sampled cache and, for each head size in
@@ -296,6 +309,12 @@ def main() -> None:
         help="only `pipe run CONFIG` (no seed experiments), written as section NAME of --out",
     )
     parser.add_argument(
+        "--levels-only",
+        metavar="NAME",
+        default="",
+        help="only the --storage-ks students (after `pipe run CONFIG`), written as section NAME of --out",
+    )
+    parser.add_argument(
         "--render-only",
         action="store_true",
         help="rewrite --out from RUN/experiments/experiments.json; train nothing",
@@ -316,6 +335,9 @@ def main() -> None:
     commit = git_commit()[:7]  # the code that runs, read before anything else can change it
     if args.one_run:
         one_run(args, commit)
+        return
+    if args.levels_only:
+        levels_only(args, commit, started)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
 
@@ -345,14 +367,7 @@ def main() -> None:
         hybrid = exp.hybrid_variant(topk_bytes, head)
         main_variants += [hybrid, dataclasses.replace(hybrid, name=f"{hybrid.name}-a1", student=ALPHA_1)]
     main_variants.append(Variant("online-a1", None, ("student.mode=online", *ALPHA_1)))
-    levels, level_variants = [], []
-    for item in filter(None, args.storage_ks.split(",")):
-        k, _, heads = item.partition(":")
-        level, variants = exp.storage_level(int(k), [int(h) for h in heads.split("/") if h])
-        levels.append(level)
-        level_variants += [
-            v for v in variants if v.name not in {u.name for u in main_variants + level_variants}
-        ]
+    levels, level_variants = exp.storage_levels(args.storage_ks, taken={v.name for v in main_variants})
     # the config's own cache: the distilled student of `pipe run`, reused from the variant with the
     # same cache and settings when there is one
     twin = next(
@@ -452,6 +467,63 @@ def write_section(name: str, block: str, out: Path) -> None:
     text = text.replace(old, block) if old else text.rstrip("\n") + f"\n\n{block}\n"
     out.write_text(text)
     print(f"wrote section {name!r} of {out}")
+
+
+def levels_only(args: argparse.Namespace, commit: str, started: float) -> None:
+    """``pipe run CONFIG``, then only the students of ``--storage-ks`` over ``--seeds``: their
+    table and verdicts as section ``--levels-only NAME`` of --out (RUN/experiments/levels-NAME.json
+    holds the numbers). For a config too large for the whole seed experiment."""
+    if not args.storage_ks:
+        sys.exit("error: --levels-only needs --storage-ks (e.g. --storage-ks 16,32).")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base_config = load_config(args.config, args.set, run_dir=args.run_dir)
+    run_pipeline(base_config, log=lambda line: print(line, flush=True))
+    exp = Experiment(args)
+    levels, variants = exp.storage_levels(args.storage_ks)
+    exp.train_all([(variant, seed) for seed in seeds for variant in variants], args.jobs)
+    document = {
+        "meta": {
+            "command": "python scripts/reproduce_results.py "
+            + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+            "commit": commit,
+            "device": _device(),
+            "wall_minutes": (time.perf_counter() - started) / 60,
+            "seeds": seeds,
+            "config": str(args.config),
+            "overrides": args.set,
+        },
+        "cache_summaries": exp.cache_summaries,
+        "rows": exp.rows,
+        "levels": levels,
+    }
+    (exp.root / f"levels-{args.levels_only}.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_section(args.levels_only, render_levels_only(document, base_config), Path(args.out))
+
+
+def render_levels_only(document: dict, config: Config) -> str:
+    """The section of ``--levels-only``: what ran, the alpha = 1 table and its verdicts."""
+    meta, rows = document["meta"], document["rows"]
+    trained = {r["variant"] for r in rows}
+    levels = [
+        level | {mode: [n for n in level[mode] if n in trained] for mode in _MODES}
+        for level in document["levels"]
+    ]
+    table = _levels_table(levels, rows)
+    lines = [
+        f"## `{Path(meta['config']).name}`: cache modes at equal storage, alpha = 1, seeds "
+        + ", ".join(map(str, meta["seeds"])),
+        "",
+        f"- Command: `{meta['command']}`.",
+        f"- Device: {meta['device']}; date {meta['date']}; commit {meta['commit']}; "
+        f"{meta['wall_minutes']:.0f} min wall for this invocation (models already trained in RUN are reused).",
+        f"- Teachers: {', '.join(config.teachers)}; student {config.student.model.family} hidden "
+        f"{config.student.model.hidden_size} x {config.student.model.num_layers} layers.",
+        "",
+        *table[2:],  # the table without its heading
+        *_levels_verdicts(levels, rows),
+    ]
+    return "\n".join(lines)
 
 
 def one_run(args: argparse.Namespace, commit: str) -> None:
@@ -704,6 +776,50 @@ def _cache_label(name: str) -> str:
 _MODES = ("topk", "sampled", "hybrid")
 
 
+def _levels_table(levels: list[dict[str, Any]], rows: list[dict]) -> list[str]:
+    """The alpha = 1 table of the cache modes at each storage level (markdown lines)."""
+    out = [
+        "## Cache modes at equal storage, alpha = 1",
+        "",
+        "No CE term: what each cache alone teaches. At each storage level (the size of a top-K cache),",
+        "the sampled and hybrid caches are those closest to it in bytes per position.",
+        "",
+        "| storage level | cache | bytes/position | test perplexity | ECE |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for level in levels:
+        for mode in _MODES:
+            for name in level[mode]:
+                size = next(r["bytes_per_position"] for r in rows if r["variant"] == name)
+                out.append(
+                    f"| top-{level['k']} ({level['bytes_per_position']:.1f} B) | {_cache_label(name)} | "
+                    f"{size:.1f} | {_spreads(rows, name, 'perplexity').format(1)} | "
+                    f"{_spreads(rows, name, 'ece').format(4)} |"
+                )
+    return [*out, ""]
+
+
+def _levels_verdicts(levels: list[dict[str, Any]], rows: list[dict]) -> list[str]:
+    """Each hybrid of a storage level against that level's top-k and sampled caches (markdown items)."""
+    out = []
+    for level in levels:
+        if not (level["topk"] and level["sampled"]):
+            continue
+        (topk_name,), (sampled_name,) = level["topk"], level["sampled"]
+        for hybrid_name in level["hybrid"]:
+            out.append(
+                f"- At the storage of a top-{level['k']} cache ({level['bytes_per_position']:.1f} bytes/position), "
+                f"alpha = 1, {_cache_label(hybrid_name)}: "
+                + _variants_sentence(
+                    rows, "hybrid", hybrid_name, f"top-{level['k']}", topk_name, "perplexity", 1
+                )
+                + "; "
+                + _variants_sentence(rows, "hybrid", hybrid_name, "sampled", sampled_name, "perplexity", 1)
+                + f" ({_cache_label(sampled_name)})."
+            )
+    return out
+
+
 def _storage_levels(document: dict, config: Config) -> list[dict[str, Any]]:
     """The storage levels of the alpha = 1 comparison: the main one (top --topk-k: its sweep cell,
     the sampled and every hybrid cache at alpha 1, where trained) then each of --storage-ks. Each
@@ -896,23 +1012,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
 
     levels = _storage_levels(document, config)
     if len(levels) > 1:
-        add("## Cache modes at equal storage, alpha = 1")
-        add("")
-        add("No CE term: what each cache alone teaches. At each storage level (the size of a top-K cache),")
-        add("the sampled and hybrid caches are those closest to it in bytes per position.")
-        add("")
-        add("| storage level | cache | bytes/position | test perplexity | ECE |")
-        add("|---|---|---:|---:|---:|")
-        for level in levels:
-            for mode in ("topk", "sampled", "hybrid"):
-                for name in level[mode]:
-                    size = next(r["bytes_per_position"] for r in rows if r["variant"] == name)
-                    add(
-                        f"| top-{level['k']} ({level['bytes_per_position']:.1f} B) | {_cache_label(name)} | "
-                        f"{size:.1f} | {_spreads(rows, name, 'perplexity').format(1)} | "
-                        f"{_spreads(rows, name, 'ece').format(4)} |"
-                    )
-        add("")
+        lines.extend(_levels_table(levels, rows))
 
     # Verdicts
     add("## What the numbers support")
@@ -981,19 +1081,7 @@ def render(document: dict, base_results: dict, config: Config, data: PreparedDat
                 "unbiased estimate of the whole distribution (Anshumann et al., ACL 2025)."
             )
     lines.extend(_hybrid_verdicts(document, rows, ppl, sampled, sampled_a1, topk_a1, topk_k))
-    for level in levels[1:]:
-        (topk_name,), (sampled_name,) = level["topk"], level["sampled"]
-        for hybrid_name in level["hybrid"]:
-            add(
-                f"- At the storage of a top-{level['k']} cache ({level['bytes_per_position']:.1f} bytes/position), "
-                f"alpha = 1, {_cache_label(hybrid_name)}: "
-                + _variants_sentence(
-                    rows, "hybrid", hybrid_name, f"top-{level['k']}", topk_name, "perplexity", 1
-                )
-                + "; "
-                + _variants_sentence(rows, "hybrid", hybrid_name, "sampled", sampled_name, "perplexity", 1)
-                + f" ({_cache_label(sampled_name)})."
-            )
+    lines.extend(_levels_verdicts(levels[1:], rows))
     add(
         "- "
         + _variants_sentence(rows, "renormalised top-k", "topk-renormalize", "ghost tail", "topk", "ece", 4)

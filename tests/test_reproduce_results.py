@@ -139,3 +139,63 @@ def test_cache_labels():
     assert rr._cache_label("sweep-k64-T1-a1") == "top-64"
     assert rr._cache_label("sampled-n24-a1") == "sampled, 24 draws"
     assert rr._cache_label("hybrid-k8-m4-a1") == "hybrid, top-8 head + 4 tail draws"
+
+
+def test_storage_levels_parse_heads_and_skip_taken_variants():
+    sizes = {"topk-k16": 25.0, "sampled-n8": 10.0, "sampled-n16": 18.0, "sampled-n32": 34.0}
+    sizes |= {"hybrid-k8-m2": 15.0, "hybrid-k8-m4": 19.0, "hybrid-k8-m8": 27.0}
+    sizes |= {"hybrid-k4-m2": 9.0, "hybrid-k4-m4": 12.0, "hybrid-k4-m8": 17.0, "hybrid-k4-m16": 26.0}
+    levels, variants = SizedExperiment(sizes).storage_levels("16:4/8", taken={"sampled-n16-a1"})
+    assert [level["hybrid"] for level in levels] == [["hybrid-k4-m16-a1", "hybrid-k8-m8-a1"]]
+    assert [v.name for v in variants] == ["topk-k16-a1", "hybrid-k4-m16-a1", "hybrid-k8-m8-a1"]
+
+
+def test_levels_only_section_has_the_table_and_a_verdict_per_hybrid():
+    names = {
+        "topk-k16-a1": 700.0,
+        "sampled-n24-a1": 280.0,
+        "hybrid-k2-m16-a1": 279.0,
+        "hybrid-k8-m4-a1": 300.0,
+    }
+    rows = [
+        {"variant": name, "seed": seed, "perplexity": ppl + seed, "ece": 0.02, "bytes_per_position": 28.0}
+        for seed in (1, 2)
+        for name, ppl in names.items()
+    ]
+    document = {
+        "meta": {
+            "command": "python scripts/reproduce_results.py --levels-only lv",
+            "date": "2026-12-03",
+            "commit": "abc1234",
+            "device": "CPU",
+            "wall_minutes": 3.0,
+            "seeds": [1, 2],
+            "config": "configs/small.toml",
+        },
+        "rows": rows,
+        "levels": [
+            {
+                "k": 16,
+                "bytes_per_position": 28.8,
+                "topk": ["topk-k16-a1"],
+                "sampled": ["sampled-n24-a1"],
+                "hybrid": ["hybrid-k2-m16-a1", "hybrid-k8-m4-a1", "hybrid-k4-m8-a1"],  # the last not trained
+            }
+        ],
+    }
+    config = SimpleNamespace(
+        teachers={"a": None, "b": None},
+        student=SimpleNamespace(model=SimpleNamespace(family="llama", hidden_size=128, num_layers=4)),
+    )
+    text = rr.render_levels_only(document, config)
+    assert text.startswith("## `small.toml`: cache modes at equal storage, alpha = 1, seeds 1, 2")
+    table = [line for line in text.splitlines() if line.startswith("| top-16")]
+    assert [line.split(" | ")[1] for line in table] == [
+        "top-16",
+        "sampled, 24 draws",
+        "hybrid, top-2 head + 16 tail draws",
+        "hybrid, top-8 head + 4 tail draws",
+    ]
+    assert "| 281.5 (281.0-282.0) |" in table[1]
+    verdicts = [line for line in text.splitlines() if line.startswith("- At the storage of")]
+    assert len(verdicts) == 2 and "hybrid, top-8 head + 4 tail draws" in verdicts[1]
