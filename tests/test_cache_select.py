@@ -493,3 +493,26 @@ def test_blockwise_hybrid_refuses_bad_arguments() -> None:
         ensemble_hybrid(zs, k=3, num_samples=7, **{**args, "window_indices": [0]})
     with pytest.raises(CacheError, match="ensemble rule"):
         ensemble_sampled(zs, num_samples=7, rule="median", **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hybrid_on_cuda_matches_the_cpu_up_to_rounding() -> None:
+    """The GPU run of `pipe cache-logits`: same head ids, and every draw in its uniform's interval of
+    the CPU reference CDF (the uniforms come from the CPU generator on every device)."""
+    zs, args = _hybrid_case("mean_logits")
+    m = 40
+    cpu = ensemble_hybrid(zs, k=16, num_samples=m, seed=5, **args)
+    gpu = ensemble_hybrid([z.cuda() for z in zs], k=16, num_samples=m, seed=5, **args)
+    assert torch.equal(gpu.head_ids.cpu().sort(-1).values, cpu.head_ids.sort(-1).values)
+    torch.testing.assert_close(gpu.tail.cpu(), cpu.tail, rtol=1e-4, atol=1e-6)
+    logp = ensemble_logprobs(zs, **args)
+    for b, window in enumerate(args["window_indices"]):
+        cdf = tail_cdf(logp[b], cpu.head_ids[b])
+        cdf = cdf / cdf[:, -1:]
+        lower = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=1)
+        uniforms = tail_uniforms(5, window, seq_len=cdf.shape[0], num_samples=m).sort(-1).values
+        ids, counts = gpu.tail_ids[b].cpu(), gpu.tail_counts[b].cpu().long()
+        drawn = torch.stack([torch.repeat_interleave(ids[t], counts[t]) for t in range(cdf.shape[0])])
+        below, above = lower.gather(1, drawn) - uniforms, uniforms - cdf.gather(1, drawn)
+        assert float(torch.maximum(below, above).max()) < 1e-4  # TAIL_CDF_SLACK of verify-cache
