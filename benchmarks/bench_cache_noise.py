@@ -25,19 +25,18 @@ import numpy as np
 import torch
 
 import logitcache  # noqa: F401  (first of ours: see benchmarks/__init__.py)
+from logitcache.cache.select import draws_from_cdf
 
 
 def _draws(dist: torch.Tensor, m: int, systematic: bool, generator: torch.Generator) -> torch.Tensor:
-    """(P, m) ids drawn from the rows of ``dist`` (P, V), unnormalised, by inverse CDF."""
-    cdf = dist.cumsum(-1)
-    cdf = cdf / cdf[:, -1:]
+    """(P, m) ids drawn from the rows of ``dist`` (P, V), unnormalised, by the caches' inverse CDF."""
     rows = dist.shape[0]
     if systematic:
         offset = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
         u = (torch.arange(m, dtype=torch.float64) + offset) / m
     else:
         u = torch.rand(rows, m, generator=generator, dtype=torch.float64)
-    return torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=dist.shape[1] - 1)
+    return draws_from_cdf(dist.cumsum(-1), u)
 
 
 def estimate(
