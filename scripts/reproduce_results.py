@@ -339,7 +339,7 @@ def main() -> None:
     if args.levels_only:
         levels_only(args, commit, started)
         return
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = _ints(args.seeds)
 
     base_config = load_config(args.config, [*args.set, BASE_STUDENTS], run_dir=args.run_dir)
     run_pipeline(base_config, log=lambda line: print(line, flush=True))
@@ -406,15 +406,11 @@ def main() -> None:
     )
 
     meta = {
-        "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-        "commit": commit,
-        "device": _device(),
+        **_invocation(args, commit),
         "versions": package_versions(),
         "wall_minutes": (time.perf_counter() - started) / 60,
         "seeds": seeds,
         "topk_k": topk_k,
-        "config": str(args.config),
         "overrides": args.set,
         "run_dir": str(args.run_dir),
         "settings_note": args.settings_note,
@@ -469,13 +465,25 @@ def write_section(name: str, block: str, out: Path) -> None:
     print(f"wrote section {name!r} of {out}")
 
 
+def _invocation(args: argparse.Namespace, commit: str) -> dict[str, str]:
+    """What every results document records of the run that wrote it: command, date, commit,
+    device and config."""
+    return {
+        "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "commit": commit,
+        "device": _device(),
+        "config": str(args.config),
+    }
+
+
 def levels_only(args: argparse.Namespace, commit: str, started: float) -> None:
     """``pipe run CONFIG``, then only the students of ``--storage-ks`` over ``--seeds``: their
     table and verdicts as section ``--levels-only NAME`` of --out (RUN/experiments/levels-NAME.json
     holds the numbers). For a config too large for the whole seed experiment."""
     if not args.storage_ks:
         sys.exit("error: --levels-only needs --storage-ks (e.g. --storage-ks 16,32).")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = _ints(args.seeds)
     base_config = load_config(args.config, args.set, run_dir=args.run_dir)
     run_pipeline(base_config, log=lambda line: print(line, flush=True))
     exp = Experiment(args)
@@ -483,14 +491,9 @@ def levels_only(args: argparse.Namespace, commit: str, started: float) -> None:
     exp.train_all([(variant, seed) for seed in seeds for variant in variants], args.jobs)
     document = {
         "meta": {
-            "command": "python scripts/reproduce_results.py "
-            + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-            "commit": commit,
-            "device": _device(),
+            **_invocation(args, commit),
             "wall_minutes": (time.perf_counter() - started) / 60,
             "seeds": seeds,
-            "config": str(args.config),
             "overrides": args.set,
         },
         "cache_summaries": exp.cache_summaries,
@@ -531,13 +534,7 @@ def one_run(args: argparse.Namespace, commit: str) -> None:
     config = load_config(args.config, args.set, run_dir=args.run_dir)
     run_pipeline(config, log=lambda line: print(line, flush=True))
     layout = RunLayout.of(config)
-    meta = {
-        "command": "python scripts/reproduce_results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
-        "commit": commit,
-        "device": _device(),
-        "config": str(args.config),
-    }
+    meta = _invocation(args, commit)
     block = render_one_run(
         meta,
         config,
@@ -843,13 +840,9 @@ def _storage_levels(document: dict, config: Config) -> list[dict[str, Any]]:
         "sampled": [n for n in main_names if n.startswith("sampled") and n.endswith("-a1")],
         "hybrid": [n for n in main_names if n.startswith("hybrid") and n.endswith("-a1")],
     }
-    extra = [  # one name per mode in documents written before --storage-heads
-        level | {mode: [level[mode]] if isinstance(level[mode], str) else level[mode] for mode in _MODES}
-        for level in document["variants"].get("levels", [])
-    ]
     return [
         level | {mode: [n for n in level[mode] if n in trained] for mode in _MODES}
-        for level in [main, *extra]
+        for level in [main, *document["variants"].get("levels", [])]
     ]
 
 

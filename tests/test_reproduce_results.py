@@ -106,9 +106,9 @@ def test_storage_levels_read_back_from_the_document():
                 {
                     "k": 16,
                     "bytes_per_position": 25.0,
-                    "topk": "topk-k16-a1",
-                    "sampled": "sampled-n16-a1",
-                    "hybrid": "hybrid-k8-m8-a1",
+                    "topk": ["topk-k16-a1"],
+                    "sampled": ["sampled-n16-a1"],
+                    "hybrid": ["hybrid-k8-m8-a1"],
                 }
             ],
         },
