@@ -50,6 +50,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -349,7 +350,14 @@ def ensemble_topk(
     return head.selection(batch, seq_len)
 
 
-_Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+class _Block(NamedTuple):
+    """One block of positions of the fused pass."""
+
+    ids: torch.Tensor  # (n, k) the top-k ids, most probable first
+    logprobs: torch.Tensor  # (n, k) float32 their log p
+    tail: torch.Tensor  # (n,) float32 the mass outside them
+    entropy: torch.Tensor  # (n,) float32
+    rest: torch.Tensor  # (n, V) unnormalised probabilities, top-k zeroed: scratch, reused by the next block
 
 
 @dataclass(frozen=True)
@@ -372,8 +380,10 @@ class _Head:
         )
 
     def put(self, start: int, stop: int, block: _Block) -> None:
-        for out, value in zip((self.ids, self.logprobs, self.tail, self.entropy), block[:4], strict=True):
-            out[start:stop] = value
+        self.ids[start:stop] = block.ids
+        self.logprobs[start:stop] = block.logprobs
+        self.tail[start:stop] = block.tail
+        self.entropy[start:stop] = block.entropy
 
     def selection(self, batch: int, seq_len: int) -> TopkSelection:
         k = self.ids.shape[-1]
@@ -396,9 +406,8 @@ def _head_blocks(
     block_elements: int | None,
 ) -> Iterator[tuple[int, int, _Block]]:
     """The fused pass of :func:`ensemble_topk` (module docstring): ``(start, stop, block)`` for
-    consecutive blocks of positions, ``block`` = (top ids, their log p, tail mass, entropy, the
-    block's unnormalised probabilities (n, V) with the top-k zeroed: scratch, valid until the next
-    block). A non-finite logit raises :class:`TeacherError` naming the teacher and window."""
+    consecutive blocks of positions (``block.rest`` is valid until the next block). A non-finite
+    logit raises :class:`TeacherError` naming the teacher and window."""
     batch, seq_len, vocab = teacher_logits[0].shape
     dtype = torch.float64 if teacher_logits[0].dtype == torch.float64 else torch.float32
     device = teacher_logits[0].device
@@ -413,7 +422,7 @@ def _head_blocks(
         stop = min(start + rows, positions)
         parts = [z[start:stop] for z in flat]  # (n, V) each
         block = compute(parts, scales, temperature, k, work[:, : stop - start])
-        ent = block[3]
+        ent = block.entropy
         if not bool(torch.isfinite(ent).all()):  # any NaN/inf logit in the block lands here
             for name, logits in zip(teacher_names, teacher_logits, strict=True):
                 check_finite(logits, teacher_name=name, window_indices=window_indices)
@@ -457,7 +466,7 @@ def _mean_logits_block(
     s = rest + e_top.sum(-1)  # (n,) sum(exp(z - m))
     log_s = s.log()
     top_logp = (top_z - m) - log_s[:, None]  # (n, k) log p of the top-k ids
-    return top_ids, top_logp.float(), (rest / s).float(), (log_s - ez / s).float(), e
+    return _Block(top_ids, top_logp.float(), (rest / s).float(), (log_s - ez / s).float(), e)
 
 
 def _mean_probs_block(
@@ -478,7 +487,7 @@ def _mean_probs_block(
     entropy = -torch.special.xlogy(probs, probs).sum(-1)  # (n,) 0 log 0 = 0
     rest = probs.scatter_(-1, top_ids, 0.0).sum(-1)  # (n,)
     s = rest + top_p.sum(-1)  # (n,) 1 up to rounding
-    return top_ids, (top_p / s[:, None]).log().float(), (rest / s).float(), entropy.float(), probs
+    return _Block(top_ids, (top_p / s[:, None]).log().float(), (rest / s).float(), entropy.float(), probs)
 
 
 def select_sampled(
@@ -700,11 +709,10 @@ def ensemble_hybrid(
         teacher_logits, teacher_names, window_indices, k, rule, weights, temperature, block_elements
     ):
         head.put(start, stop, block)
-        top_ids, rest = block[0], block[4]  # rest: (n, V) unnormalised, head zeroed
         for first in range(0, stop - start, cdf_rows):
             last = min(first + cdf_rows, stop - start)
-            cdf = cdf_buffer[: last - first].copy_(rest[first:last])
+            cdf = cdf_buffer[: last - first].copy_(block.rest[first:last])
             torch.cumsum(cdf, dim=-1, out=cdf)  # (c, V) into a buffer: fresh pages cost more
-            _uniform_where_empty(cdf, top_ids[first:last])
+            _uniform_where_empty(cdf, block.ids[first:last])
             draws[start + first : start + last] = draws_from_cdf(cdf, uniforms[start + first : start + last])
     return _hybrid(head.selection(batch, seq_len), draws.view(batch, seq_len, num_samples))
