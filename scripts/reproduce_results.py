@@ -22,7 +22,10 @@
    CE weight 1 - alpha). With --storage-ks, the same comparison of the cache modes at alpha = 1 at
    smaller (or larger) storage: at the size of a top-K cache, the top-K cache, the sampled cache
    and the hybrid caches (head K/2, or the head sizes given as K:H1/H2) closest to it in bytes
-   per position.
+   per position. The candidates' sizes come from caches built one after another until one is at
+   least the target's size; with --estimate-sizes, from the dry run's estimate instead (``pipe
+   cache-logits --dry-run``: a few batches encoded and compressed as stored, seconds each), so that
+   only the chosen caches are built.
 3. RUN/experiments/experiments.json holds every number; the markdown goes to --out.
 
 Everything lives under RUN/experiments/CACHE/ (data and teachers linked from RUN); a finished
@@ -51,7 +54,7 @@ from typing import Any
 
 import torch
 
-from logitcache.pipeline.cache_logits import cache_logits
+from logitcache.pipeline.cache_logits import DryRunEstimate, cache_logits, dry_run
 from logitcache.pipeline.config import CacheConfig, Config, load_config
 from logitcache.pipeline.evaluation.compare import (
     PairedDifference,
@@ -181,14 +184,28 @@ class Experiment:
                 flush=True,
             )
 
+    def cache_size(self, variant: Variant) -> float:
+        """Bytes per position of ``variant``'s cache: built and measured, or with --estimate-sizes
+        the dry run's estimate (the compression measured on a few batches; nothing is written)."""
+        if not self.args.estimate_sizes:
+            self.ensure_cache(variant)
+            return self.cache_summaries[variant.cache_key()]["bytes_per_position"]
+        run = self.root / variant.cache_key()
+        _link_base(self.base, run)
+        return self.estimate(self.config(run, variant.cache)).bytes_per_position
+
+    @staticmethod
+    def estimate(config: Config) -> DryRunEstimate:
+        return dry_run(config, batches=4)
+
     def closest_in_size(self, target_bytes: float, variants: list[Variant]) -> Variant:
         """Of ``variants`` (caches in ascending order of size), the one whose bytes per position are
-        closest to ``target_bytes``: caches are built in order until one is at least as large as the
-        target; of it and the one before, the closer one."""
+        closest to ``target_bytes``: sizes are taken in order (:meth:`cache_size`) until one is at
+        least as large as the target; of it and the one before, the closer one. Only the chosen
+        cache has to be built (without --estimate-sizes, every size taken was a cache built)."""
         sizes: list[tuple[float, Variant]] = []
         for variant in variants:
-            self.ensure_cache(variant)
-            sizes.append((self.cache_summaries[variant.cache_key()]["bytes_per_position"], variant))
+            sizes.append((self.cache_size(variant), variant))
             if sizes[-1][0] >= target_bytes:
                 break
         return min(sizes[-2:], key=lambda pair: abs(pair[0] - target_bytes))[1]
@@ -295,6 +312,13 @@ def main() -> None:
         help="more storage levels (the size of a top-K cache, e.g. 16,32) at which top-k, sampled and "
         "hybrid caches are compared at alpha = 1; K:H1/H2 sets the hybrids' head sizes (default K/2), "
         "e.g. 16:2/4/8,32:16",
+    )
+    parser.add_argument(
+        "--estimate-sizes",
+        action="store_true",
+        help="choose the sampled and hybrid draw counts by the dry run's size estimate (`pipe "
+        "cache-logits --dry-run`: seconds per candidate) and build only the chosen caches, instead of "
+        "building every candidate up to the target (for configs whose caches take minutes each)",
     )
     parser.add_argument(
         "--settings-note",

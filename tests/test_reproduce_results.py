@@ -32,6 +32,7 @@ class SizedExperiment(rr.Experiment):
             "sampled_candidates": "8,16,32,64",
             "hybrid_tail_candidates": "2,4,8,16",
             "run_dir": "unused",
+            "estimate_sizes": False,
         }
         super().__init__(argparse.Namespace(**(defaults | args)))
         self.sizes, self.built = sizes, []
@@ -51,6 +52,39 @@ def test_closest_in_size_builds_in_order_until_the_target_and_takes_the_closer()
     assert SizedExperiment(sizes).sampled_variant(30.0).name == "sampled-n32"
     # larger than every candidate: the largest
     assert SizedExperiment(sizes).sampled_variant(500.0).name == "sampled-n64"
+
+
+class EstimatedExperiment(SizedExperiment):
+    """With --estimate-sizes: each candidate's size is the dry run's estimate; no cache is built."""
+
+    def __init__(self, sizes: dict[str, float], **args):
+        super().__init__(sizes, estimate_sizes=True, **args)
+        self.estimated = []
+
+    def config(self, run, overrides):
+        return SimpleNamespace(run=run, overrides=tuple(overrides))
+
+    def estimate(self, config):
+        name = {v.cache: v.name for v in self.candidates()}[config.overrides]
+        self.estimated.append((config.run.name, name))
+        return SimpleNamespace(bytes_per_position=self.sizes[name])
+
+    def candidates(self):
+        return [rr.Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ()) for n in (8, 16, 32, 64)]
+
+
+def test_estimated_sizes_choose_the_same_cache_without_building_any(tmp_path):
+    sizes = {"sampled-n8": 10.0, "sampled-n16": 18.0, "sampled-n32": 34.0, "sampled-n64": 66.0}
+    exp = EstimatedExperiment(sizes, run_dir=str(tmp_path))
+    assert exp.sampled_variant(20.0).name == "sampled-n16"
+    assert exp.built == []  # the chosen cache is built when its students are trained
+    # estimated in order until the first >= 20, each in its own experiment run dir
+    assert exp.estimated == [
+        ("cache-modesampled-samples8", "sampled-n8"),
+        ("cache-modesampled-samples16", "sampled-n16"),
+        ("cache-modesampled-samples32", "sampled-n32"),
+    ]
+    assert EstimatedExperiment(sizes, run_dir=str(tmp_path)).sampled_variant(30.0).name == "sampled-n32"
 
 
 def test_storage_level_at_alpha_1():
