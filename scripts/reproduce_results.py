@@ -190,9 +190,8 @@ class Experiment:
         if not self.args.estimate_sizes:
             self.ensure_cache(variant)
             return self.cache_summaries[variant.cache_key()]["bytes_per_position"]
-        run = self.root / variant.cache_key()
-        _link_base(self.base, run)
-        return self.estimate(self.config(run, variant.cache)).bytes_per_position
+        # in the base run (its data and teachers): a dry run writes nothing
+        return self.estimate(self.config(self.base, variant.cache)).bytes_per_position
 
     @staticmethod
     def estimate(config: Config) -> DryRunEstimate:

@@ -70,7 +70,10 @@ class EstimatedExperiment(SizedExperiment):
         return SimpleNamespace(bytes_per_position=self.sizes[name])
 
     def candidates(self):
-        return [rr.Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ()) for n in (8, 16, 32, 64)]
+        return [
+            rr.Variant(f"sampled-n{n}", ("cache.mode=sampled", f"cache.samples={n}"), ())
+            for n in (8, 16, 32, 64)
+        ]
 
 
 def test_estimated_sizes_choose_the_same_cache_without_building_any(tmp_path):
@@ -78,12 +81,9 @@ def test_estimated_sizes_choose_the_same_cache_without_building_any(tmp_path):
     exp = EstimatedExperiment(sizes, run_dir=str(tmp_path))
     assert exp.sampled_variant(20.0).name == "sampled-n16"
     assert exp.built == []  # the chosen cache is built when its students are trained
-    # estimated in order until the first >= 20, each in its own experiment run dir
-    assert exp.estimated == [
-        ("cache-modesampled-samples8", "sampled-n8"),
-        ("cache-modesampled-samples16", "sampled-n16"),
-        ("cache-modesampled-samples32", "sampled-n32"),
-    ]
+    # estimated in order until the first >= 20, in the base run (a dry run writes nothing)
+    assert exp.estimated == [(tmp_path.name, n) for n in ("sampled-n8", "sampled-n16", "sampled-n32")]
+    assert not (tmp_path / "experiments").exists()
     assert EstimatedExperiment(sizes, run_dir=str(tmp_path)).sampled_variant(30.0).name == "sampled-n32"
 
 
