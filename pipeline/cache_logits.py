@@ -72,6 +72,7 @@ from logitcache.pipeline.rundir import (
     locate_cache_store,
     mark_complete,
     read_marker,
+    records,
     write_provenance,
 )
 from logitcache.pipeline.teacher_signal import TeacherEnsemble, resolve_teacher_path
@@ -836,7 +837,7 @@ def verify_stage(config: Config, *, progress: bool | None = None) -> dict[str, A
         progress=progress,
         stage_dir=layout.cache if remote else None,
     )
-    report["fingerprint"] = cache_fingerprint(config)
+    report["fingerprint"] = str(cache_fingerprint(config))
     atomic_write_text(layout.verify_report, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not report["ok"]:
         raise CacheError(f"The cache at {layout.cache} failed verification; see {layout.verify_report}.")
@@ -848,7 +849,7 @@ def is_verified(config: Config) -> bool:
     if not path.is_file():
         return False
     report = json.loads(path.read_text())
-    return bool(report.get("ok")) and report.get("fingerprint") == cache_fingerprint(config)
+    return bool(report.get("ok")) and records(path, report, cache_fingerprint(config))
 
 
 def is_cache_complete(config: Config) -> bool:

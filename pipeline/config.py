@@ -11,8 +11,10 @@ the command line (``--run-dir``, ``--set run.dir=...``) are relative to the work
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -283,14 +285,25 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""  # the config file this was loaded from (informational)
+    # each input path that the config file gave relative to itself: resolved path -> as written there
+    # (fingerprints use the written form, so a moved checkout keeps its runs: see fingerprint_dict)
+    written_paths: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` as fingerprints see it: keys added to the config later are left out while
-        at their default, so that the stages of runs made before those keys existed stay complete."""
+        """:meth:`to_dict` as fingerprints see it: the input paths (corpus, tokenizer, model folders,
+        BLiMP) as the config file wrote them, relative to itself where it did, not resolved (so a
+        checkout that moves, or a clone elsewhere, finds its runs complete; an absolute path counts
+        as it is); keys added to the config later are left out while at their default, so that the
+        stages of runs made before those keys existed stay complete."""
         data = self.to_dict()
+        del data["written_paths"]
+        if not _INPUTS_BY_PATH.get():
+            for section, key in _PATH_KEYS:
+                if section != "run":
+                    _map_key(data[section], key, lambda value: self.written_paths.get(value, value))
         _drop_default(data["data"], "tokenizer", "")
         models = [data["student"]["model"]]
         for teacher in data["teachers"].values():
@@ -323,6 +336,21 @@ class Config:
         return Path(self.run.dir)
 
 
+def _map_key(table: Any, key: str, function: typing.Callable[[Any], Any]) -> None:
+    """Replace every value of ``key`` anywhere under ``table`` (nested dicts) by ``function(value)``."""
+    if isinstance(table, dict):
+        for name, value in table.items():
+            if name == key:
+                table[name] = function(value)
+            else:
+                _map_key(value, key, function)
+
+
+# Fingerprints as runs made before they named inputs as written (logitcache 0.1.0 up to December
+# 2026) recorded them: every input path resolved to an absolute one (Fingerprint.legacy)
+_INPUTS_BY_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar("inputs_by_path", default=False)
+
+
 def _drop_default(table: dict[str, Any], key: str, default: Any) -> None:
     if table.get(key) == default:
         del table[key]
@@ -333,16 +361,60 @@ def _drop_default(table: dict[str, Any], key: str, default: Any) -> None:
 # A stage is skipped when its fingerprint is unchanged; each builds on the ones before it.
 
 
+class Fingerprint(str):
+    """A stage's fingerprint (the string, recorded in its COMPLETE.json) and the fingerprint the same
+    config had before fingerprints took input paths as written (``legacy``: absolute paths), which a
+    run made then, where it was made, still matches (:meth:`matches`)."""
+
+    legacy: str
+
+    def __new__(cls, current: str, legacy: str) -> Fingerprint:
+        fingerprint = super().__new__(cls, current)
+        fingerprint.legacy = legacy
+        return fingerprint
+
+    def matches(self, recorded: object) -> bool:
+        return isinstance(recorded, str) and recorded in (str(self), self.legacy)
+
+
+def _stage_fingerprint(function: typing.Callable[..., str]) -> typing.Callable[..., Fingerprint]:
+    """Make ``function`` return a :class:`Fingerprint`: its value, and its value with inputs named by
+    path (nested stage fingerprints inside either are plain strings of the same kind)."""
+
+    @functools.wraps(function)
+    def fingerprint(*args: Any, **kwargs: Any) -> Any:
+        if _IN_FINGERPRINT.get():
+            return function(*args, **kwargs)
+        inner = _IN_FINGERPRINT.set(True)
+        try:
+            current = function(*args, **kwargs)
+            by_path = _INPUTS_BY_PATH.set(True)
+            try:
+                legacy = function(*args, **kwargs)
+            finally:
+                _INPUTS_BY_PATH.reset(by_path)
+        finally:
+            _IN_FINGERPRINT.reset(inner)
+        return Fingerprint(current, legacy)
+
+    return fingerprint
+
+
+_IN_FINGERPRINT: contextvars.ContextVar[bool] = contextvars.ContextVar("in_fingerprint", default=False)
+
+
 def digest(parts: Mapping[str, Any]) -> str:
     """SHA-256 of a JSON document with sorted keys: the one way a fingerprint is computed."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+@_stage_fingerprint
 def data_fingerprint(config: Config) -> str:
     """`pipe prepare-data`: the ``[data]`` section."""
     return config.fingerprint("data")
 
 
+@_stage_fingerprint
 def teacher_fingerprint(config: Config, name: str) -> str:
     """`pipe train-teacher NAME`: the data, the teacher's own table and the run's seed."""
     teacher = config.fingerprint_dict()["teachers"][name]
@@ -360,6 +432,7 @@ def cache_settings(config: Config) -> dict[str, Any]:
     return settings
 
 
+@_stage_fingerprint
 def cache_fingerprint(config: Config) -> str:
     """`pipe cache-logits`: the data, every teacher, the ``[cache]`` section and the seed.
 
@@ -377,6 +450,7 @@ def cache_fingerprint(config: Config) -> str:
     return digest(parts)
 
 
+@_stage_fingerprint
 def student_fingerprint(config: Config) -> str:
     """`pipe train-student`: the data, the ``[student]`` section and, unless mode "ce", the teachers.
 
@@ -418,6 +492,7 @@ def run_students(config: Config) -> list[Config]:
     ]
 
 
+@_stage_fingerprint
 def eval_fingerprint(config: Config) -> str:
     """`pipe run`'s evaluate stage: its settings and every model it evaluates."""
     parts = {
@@ -447,7 +522,8 @@ def load_config(
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}).") from None
-    raw = _resolve_file_paths(raw, path.parent)
+    written: dict[str, str] = {}
+    raw = _resolve_file_paths(raw, path.parent, written)
     for item in overrides:
         _apply_override(raw, item)
     if run_dir is not None:
@@ -456,7 +532,7 @@ def load_config(
         config = from_dict(Config, raw, where="")
         if not config.run.dir:
             config = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=f"runs/{path.stem}"))
-        config = dataclasses.replace(config, source=str(path))
+        config = dataclasses.replace(config, source=str(path), written_paths=written)
         validate(config)
     except ConfigError as exc:  # every config error says where it is fixed
         message = str(exc)
@@ -490,22 +566,19 @@ _PATH_KEYS = {
 }
 
 
-def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+def _resolve_file_paths(raw: dict[str, Any], base: Path, written: dict[str, str]) -> dict[str, Any]:
+    """``raw`` with every relative path of :data:`_PATH_KEYS` resolved against ``base``; each such
+    resolved path -> its written form is added to ``written``."""
+
     def fix(value: Any) -> Any:
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((base / value).resolve())
+            resolved = str((base / value).resolve())
+            written[resolved] = value
+            return resolved
         return value
 
-    def fix_under(table: Any, key: str) -> None:
-        if isinstance(table, dict):
-            for name, value in table.items():
-                if name == key:
-                    table[name] = fix(value)
-                else:
-                    fix_under(value, key)
-
     for section, key in _PATH_KEYS:
-        fix_under(raw.get(section), key)
+        _map_key(raw.get(section), key, fix)
     return raw
 
 
@@ -548,14 +621,17 @@ def _check_key_path(keys: list[str]) -> None:
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"Unknown config key {'.'.join(keys)!r}: {'.'.join(prefix)!r} has no sub-keys.")
         hints = typing.get_type_hints(cls)
-        if key not in hints or key == "source":
+        if key not in hints or key in _NOT_IN_TOML:
             raise ConfigError(_unknown_key_message(".".join(prefix + [key]), key, list(hints)))
         cls = hints[key]
         prefix.append(key)
 
 
+_NOT_IN_TOML = ("source", "written_paths")  # Config fields that load_config fills in itself
+
+
 def _unknown_key_message(dotted: str, key: str, valid: list[str]) -> str:
-    valid = [name for name in valid if name != "source"]
+    valid = [name for name in valid if name not in _NOT_IN_TOML]
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
     return f"Unknown config key {dotted!r}.{hint}"
@@ -572,7 +648,7 @@ def from_dict(cls: type[T], raw: Any, *, where: str) -> T:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{where}.{key}" if where else key
-        if key not in hints or key == "source":
+        if key not in hints or key in _NOT_IN_TOML:
             raise ConfigError(_unknown_key_message(dotted, key, list(hints)))
         kwargs[key] = _convert(hints[key], value, dotted)
     return cls(**kwargs)

@@ -29,7 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from logitcache.pipeline.config import Config
+from logitcache.pipeline.config import Config, Fingerprint
 from logitcache.pipeline.errors import StageError
 
 COMPLETE_MARKER = "COMPLETE.json"
@@ -146,8 +146,36 @@ def read_marker(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+    """Whether ``stage_dir`` holds a finished stage made from ``fingerprint`` (see :func:`records`)."""
     marker = read_marker(stage_dir)
-    return marker is not None and marker.get("fingerprint") == fingerprint
+    return marker is not None and records(stage_dir / COMPLETE_MARKER, marker, fingerprint)
+
+
+def records(path: Path, document: dict[str, Any], fingerprint: str) -> bool:
+    """Whether ``document`` (the JSON read from ``path``: a COMPLETE.json, verify.json) records
+    ``fingerprint`` under the key "fingerprint".
+
+    A :class:`Fingerprint` also accepts its ``legacy`` form, which runs made before fingerprints took
+    input paths as written recorded (absolute paths, so only where the run was made); such a document
+    is rewritten with the current fingerprint (only that key changes), after which the checkout can
+    move. One that cannot be rewritten (a read-only folder) is left as it is.
+    """
+    recorded = document.get("fingerprint")
+    if not fingerprint_matches(fingerprint, recorded):
+        return False
+    if recorded != str(fingerprint):
+        try:
+            text = json.dumps(document | {"fingerprint": str(fingerprint)}, indent=2, sort_keys=True) + "\n"
+            atomic_write_text(path, text)
+        except OSError:
+            pass
+    return True
+
+
+def fingerprint_matches(fingerprint: str, recorded: object) -> bool:
+    if isinstance(fingerprint, Fingerprint):
+        return fingerprint.matches(recorded)
+    return recorded == fingerprint
 
 
 def stage_is_done(stage_dir: Path, fingerprint: str, *, overwrite: bool, what: str) -> bool:
@@ -170,7 +198,7 @@ def stage_is_done(stage_dir: Path, fingerprint: str, *, overwrite: bool, what: s
 
 def mark_complete(stage_dir: Path, fingerprint: str, summary: dict[str, Any] | None = None) -> None:
     """Write the completion marker last, atomically (temp file + rename)."""
-    payload = {"fingerprint": fingerprint, "summary": summary or {}}
+    payload = {"fingerprint": str(fingerprint), "summary": summary or {}}
     atomic_write_text(stage_dir / COMPLETE_MARKER, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 

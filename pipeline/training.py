@@ -52,6 +52,7 @@ from logitcache.pipeline.data_order import (
 from logitcache.pipeline.distributed import DistContext
 from logitcache.pipeline.errors import ConfigError, LogitcacheError, StageError, error_line
 from logitcache.pipeline.progress import progress_bar
+from logitcache.pipeline.rundir import fingerprint_matches
 from logitcache.pipeline.tracking import MetricsLog, TrackedModel
 
 # A loss function gets the (possibly DDP-wrapped) model and a batch dict, and returns the mean
@@ -213,7 +214,7 @@ def _write_checkpoint(
     if torch.cuda.is_available():
         rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, str(tmp / "rng.safetensors"))
-    trainer_state = {"train_state": asdict(state), "optimizer": meta, "fingerprint": fingerprint}
+    trainer_state = {"train_state": asdict(state), "optimizer": meta, "fingerprint": str(fingerprint)}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     _fsync_tree(tmp)  # the files are on disk before the rename makes the checkpoint visible
 
@@ -290,7 +291,7 @@ def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str
 ) -> TrainState:
     trainer_state = json.loads((path / "trainer_state.json").read_text())
-    if trainer_state.get("fingerprint") != fingerprint:
+    if not fingerprint_matches(fingerprint, trainer_state.get("fingerprint")):
         raise StageError(
             f"The checkpoint {path} was made with a different config. Remove {path.parent} to start "
             "over, or use another run directory."

@@ -318,13 +318,23 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on():
 
 def test_keys_added_later_leave_old_fingerprints_alone():
     """At their defaults, the keys of HF teachers/students are left out of every fingerprint: runs made
-    before they existed keep their fingerprints (computed here as the code before those keys did)."""
+    before they existed keep their fingerprints (computed here as the code before those keys did,
+    with the corpus by absolute path: the legacy fingerprint; the current one names it as written)."""
     config = load_config(REPO / "configs" / "demo.toml")
     data = config.to_dict()
     del data["data"]["tokenizer"]
     for table in [data["student"], *data["teachers"].values()]:
         table.pop("dtype", None)
         del table["model"]["path"], table["model"]["init"]
+    assert data_fingerprint(config).legacy == digest({"data": data["data"]})
+    assert teacher_fingerprint(config, "llama").legacy == digest(
+        {
+            "data": data_fingerprint(config).legacy,
+            "teacher": data["teachers"]["llama"],
+            "seed": config.run.seed,
+        }
+    )
+    data["data"]["corpus"] = "../corpus"  # as configs/demo.toml writes it
     assert data_fingerprint(config) == digest({"data": data["data"]})
     assert teacher_fingerprint(config, "llama") == digest(
         {"data": data_fingerprint(config), "teacher": data["teachers"]["llama"], "seed": config.run.seed}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,11 @@ STAGES = [
 
 
 def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path):
+    # a checkout: the config in configs/, the corpus and the run beside it, written relative to it
+    (tmp_path / "configs").mkdir()
+    assert small_corpus == tmp_path / "corpus"
     config_path = write_config(
-        tmp_path / "c.toml", small_corpus, tmp_path / "run", extra=TINY_STUDENT_AND_EVAL
+        tmp_path / "configs" / "c.toml", Path("../corpus"), Path("../run"), extra=TINY_STUDENT_AND_EVAL
     )
     config = load_config(config_path)
     lines: list[str] = []
@@ -83,6 +87,15 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     assert [(r.name, r.skipped) for r in again] == [(name, True) for name in STAGES]
     assert lines[0] == "[prepare-data] complete, skipped"
     assert read_stage_log(RunLayout(run)) == recorded  # skipped stages are not recorded
+
+    # The checkout copied elsewhere (another clone, another machine): every stage is complete there
+    # (fingerprints take input paths as the config wrote them)
+    clone = tmp_path / "elsewhere" / "clone"
+    for name in ("configs", "corpus", "run"):
+        shutil.copytree(tmp_path / name, clone / name, symlinks=True)
+    elsewhere = run_pipeline(load_config(clone / "configs" / "c.toml"), progress=False, log=lambda line: None)
+    assert [(r.name, r.skipped) for r in elsewhere] == [(name, True) for name in STAGES]
+    shutil.rmtree(tmp_path / "elsewhere")
 
     # A changed student setting: the earlier stages are still complete and skipped; the student
     # trained from the other config is not silently replaced.
