@@ -463,23 +463,24 @@ def write_markdown(document: dict, config: Config, out: Path) -> None:
     print(f"wrote {out} from {run / 'experiments' / 'experiments.json'}")
 
 
-def _section_marks(name: str) -> tuple[str, str]:
-    return f"<!-- section {name}: begin (scripts/reproduce_results.py --one-run {name}) -->", (
+def _section_marks(name: str, option: str) -> tuple[str, str]:
+    return f"<!-- section {name}: begin (scripts/reproduce_results.py {option} {name}) -->", (
         f"<!-- section {name}: end -->"
     )
 
 
 def _sections(text: str) -> dict[str, str]:
-    """The one-run sections of a results file by name, each with its begin and end marks."""
+    """The sections of a results file (--one-run, --levels-only) by name, each with its marks."""
     found = {}
     for match in re.finditer(r"<!-- section (\S+): begin .*?-->.*?<!-- section \1: end -->", text, re.DOTALL):
         found[match.group(1)] = match.group(0)
     return found
 
 
-def write_section(name: str, block: str, out: Path) -> None:
-    """Put one one-run section into ``out``: in place of the section of that name, else at the end."""
-    begin, end = _section_marks(name)
+def write_section(name: str, block: str, out: Path, option: str) -> None:
+    """Put one section (written by ``option NAME``: --one-run, --levels-only) into ``out``: in place
+    of the section of that name, else at the end."""
+    begin, end = _section_marks(name, option)
     block = f"{begin}\n{block.strip()}\n{end}"
     text = out.read_text() if out.is_file() else "# Results\n"
     old = _sections(text).get(name)
@@ -524,7 +525,9 @@ def levels_only(args: argparse.Namespace, commit: str, started: float) -> None:
         "levels": levels,
     }
     (exp.root / f"levels-{args.levels_only}.json").write_text(json.dumps(document, indent=2) + "\n")
-    write_section(args.levels_only, render_levels_only(document, base_config), Path(args.out))
+    write_section(
+        args.levels_only, render_levels_only(document, base_config), Path(args.out), "--levels-only"
+    )
 
 
 def render_levels_only(document: dict, config: Config) -> str:
@@ -565,7 +568,7 @@ def one_run(args: argparse.Namespace, commit: str) -> None:
         read_stage_log(layout),
         PreparedData.open(layout.data),
     )
-    write_section(args.one_run, block, Path(args.out))
+    write_section(args.one_run, block, Path(args.out), "--one-run")
 
 
 def render_one_run(meta: dict, config: Config, results: dict, stages: list[dict], data: PreparedData) -> str:

@@ -233,3 +233,19 @@ def test_levels_only_section_has_the_table_and_a_verdict_per_hybrid():
     assert "| 281.5 (281.0-282.0) |" in table[1]
     verdicts = [line for line in text.splitlines() if line.startswith("- At the storage of")]
     assert len(verdicts) == 2 and "hybrid, top-8 head + 4 tail draws" in verdicts[1]
+
+
+def test_sections_are_replaced_in_place_and_name_their_option(tmp_path):
+    out = tmp_path / "results.md"
+    out.write_text("# Results\n\nhand-written text\n")
+    rr.write_section("small", "first", out, "--one-run")
+    rr.write_section("small-levels", "levels", out, "--levels-only")
+    rr.write_section("small", "second", out, "--one-run")
+    text = out.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n")
+    assert "first" not in text and text.count("second") == 1 and text.count("levels\n") == 1
+    assert (
+        "<!-- section small-levels: begin (scripts/reproduce_results.py --levels-only small-levels) -->"
+        in text
+    )
+    assert text.index("small: end") < text.index("small-levels: begin")  # the replaced one kept its place
