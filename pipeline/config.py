@@ -377,6 +377,10 @@ class Fingerprint(str):
         return isinstance(recorded, str) and recorded in (str(self), self.legacy)
 
 
+# set while a stage fingerprint is computed: the stage fingerprints nested in it are plain strings
+_IN_FINGERPRINT: contextvars.ContextVar[bool] = contextvars.ContextVar("in_fingerprint", default=False)
+
+
 def _stage_fingerprint(function: typing.Callable[..., str]) -> typing.Callable[..., Fingerprint]:
     """Make ``function`` return a :class:`Fingerprint`: its value, and its value with inputs named by
     path (nested stage fingerprints inside either are plain strings of the same kind)."""
@@ -398,9 +402,6 @@ def _stage_fingerprint(function: typing.Callable[..., str]) -> typing.Callable[.
         return Fingerprint(current, legacy)
 
     return fingerprint
-
-
-_IN_FINGERPRINT: contextvars.ContextVar[bool] = contextvars.ContextVar("in_fingerprint", default=False)
 
 
 def digest(parts: Mapping[str, Any]) -> str:
