@@ -80,7 +80,7 @@ from logitcache.pipeline.teacher_signal import TeacherEnsemble, resolve_teacher_
 
 def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble) -> CacheMetadata:
     """The metadata of ``RUN/cache``: :func:`cache_metadata` of the prepared training windows."""
-    resolved = config.to_dict()
+    written = config.as_written()  # input paths as the config file wrote them: equal in every clone
     return cache_metadata(
         config.cache,
         TokenWindows.from_prepared(data),
@@ -88,10 +88,11 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
         seed=config.run.seed,
         base=config.run_dir,
         # Sections that decide the cache's content (not run.dir or cache.store: where the cache
-        # lives changes nothing, so a moved run or a cache uploaded elsewhere has the same bytes).
+        # lives changes nothing, so a moved run or a cache uploaded elsewhere has the same bytes;
+        # nor where the checkout is, so an unfinished cache resumes after the checkout moved).
         config_sections={
-            "data": resolved["data"],
-            "teachers": resolved["teachers"],
+            "data": written["data"],
+            "teachers": written["teachers"],
             "cache": cache_settings(config),
         },
     )

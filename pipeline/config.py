@@ -292,18 +292,27 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint_dict(self) -> dict[str, Any]:
-        """:meth:`to_dict` as fingerprints see it: the input paths (corpus, tokenizer, model folders,
-        BLiMP) as the config file wrote them, relative to itself where it did, not resolved (so a
-        checkout that moves, or a clone elsewhere, finds its runs complete; an absolute path counts
-        as it is); keys added to the config later are left out while at their default, so that the
-        stages of runs made before those keys existed stay complete."""
+    def as_written(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the input paths (corpus, tokenizer, model folders, BLiMP) as the config
+        file wrote them (relative to itself where it did), not resolved: the same in every clone or
+        moved checkout. ``run.dir`` stays resolved; ``written_paths`` is left out."""
         data = self.to_dict()
         del data["written_paths"]
-        if not _INPUTS_BY_PATH.get():
-            for section, key in _PATH_KEYS:
-                if section != "run":
-                    _map_key(data[section], key, lambda value: self.written_paths.get(value, value))
+        for section, key in _PATH_KEYS:
+            if section != "run":
+                _map_key(data[section], key, lambda value: self.written_paths.get(value, value))
+        return data
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as fingerprints see it: :meth:`as_written` (so a checkout that moves, or a
+        clone elsewhere, finds its runs complete; an absolute path counts as it is); keys added to
+        the config later are left out while at their default, so that the stages of runs made
+        before those keys existed stay complete."""
+        if _INPUTS_BY_PATH.get():
+            data = self.to_dict()
+            del data["written_paths"]
+        else:
+            data = self.as_written()
         _drop_default(data["data"], "tokenizer", "")
         models = [data["student"]["model"]]
         for teacher in data["teachers"].values():

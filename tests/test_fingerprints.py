@@ -51,6 +51,12 @@ def test_a_checkout_elsewhere_has_the_same_fingerprints(tmp_path: Path, small_co
     here = _stages(_checkout(tmp_path / "a", small_corpus))
     there = _stages(_checkout(tmp_path / "b" / "deeper", small_corpus))
     assert there == here
+    written = [
+        load_config(root / "configs" / "c.toml").as_written()
+        for root in (tmp_path / "a", tmp_path / "b" / "deeper")
+    ]
+    assert written[0]["data"] == written[1]["data"] and written[0]["data"]["corpus"] == "../corpus"
+    assert written[0]["evaluate"]["blimp_dir"] == "../blimp" and "written_paths" not in written[0]
     # the fingerprints of the first rule (absolute paths) differ between the two, as they did
     assert all(there[stage].legacy != here[stage].legacy for stage in here)
     assert all(here[stage] != here[stage].legacy for stage in here)

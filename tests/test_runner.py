@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
+from logitcache.cache import open_cache
+from logitcache.cache.errors import CacheError
+from logitcache.cache.writer import CacheWriter
+from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete
 from logitcache.pipeline.config import load_config
 from logitcache.pipeline.errors import StageError
 from logitcache.pipeline.rundir import RunLayout
@@ -43,13 +47,18 @@ blimp_dir = "{REPO / "tests" / "fixtures" / "blimp_mini"}"
 batch_size = 32
 """
 
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 STAGES = [
     "prepare-data", "train-teacher llama", "train-teacher gpt", "cache-logits", "verify-cache",
     "train-student cache", "train-student ce", "evaluate", "report",
 ]  # fmt: skip
 
 
-def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path):
+def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path, monkeypatch):
     # a checkout: the config in configs/, the corpus and the run beside it, written relative to it
     (tmp_path / "configs").mkdir()
     assert small_corpus == tmp_path / "corpus"
@@ -95,6 +104,24 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
         shutil.copytree(tmp_path / name, clone / name, symlinks=True)
     elsewhere = run_pipeline(load_config(clone / "configs" / "c.toml"), progress=False, log=lambda line: None)
     assert [(r.name, r.skipped) for r in elsewhere] == [(name, True) for name in STAGES]
+    # the cache records the corpus as written too, so a cache left unfinished in one checkout
+    # resumes in a copy of it elsewhere (here: the first shard's write fails in the clone)
+    assert open_cache(run / "cache" / "logits.zarr").metadata.config["data"]["corpus"] == "../corpus"
+    shutil.rmtree(clone / "run" / "cache")
+    real_write = CacheWriter.write_shard
+
+    def failing_write(self, shard, selection):  # noqa: ANN001, ANN202
+        raise CacheError("Expected to write the shard. Got an error: the disk is full.")
+
+    monkeypatch.setattr(CacheWriter, "write_shard", failing_write)
+    with pytest.raises(CacheError, match="disk is full"):
+        cache_logits(load_config(clone / "configs" / "c.toml"), progress=False)
+    monkeypatch.setattr(CacheWriter, "write_shard", real_write)
+    shutil.copytree(clone, tmp_path / "elsewhere" / "again", symlinks=True)
+    again = load_config(tmp_path / "elsewhere" / "again" / "configs" / "c.toml")
+    cache_logits(again, progress=False)
+    assert is_cache_complete(again)
+    assert _files(again.run_dir / "cache" / "logits.zarr") == _files(run / "cache" / "logits.zarr")
     shutil.rmtree(tmp_path / "elsewhere")
 
     # A changed student setting: the earlier stages are still complete and skipped; the student
