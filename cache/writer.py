@@ -137,6 +137,18 @@ def existing_cache(store: storage.StoreLike) -> bool:
     return _probe(zstore) is not None
 
 
+def unfinished_metadata(store: storage.StoreLike) -> CacheMetadata | None:
+    """The metadata of the unfinished cache at ``store`` (the one a resume would continue); None
+    when the location is empty or missing or its cache is complete. Touches nothing.
+
+    Raises :class:`CacheError` for a file or for foreign content.
+    """
+    if not existing_cache(store):
+        return None
+    metadata, _, complete = read_attrs(_probe(storage.resolve_store(store, read_only=True, must_exist=True)))
+    return metadata if complete is None else None
+
+
 def _probe(store: Store) -> zarr.Group | None:
     """The existing cache group, None for an empty location; refuses foreign content."""
     if storage.is_empty(store):

@@ -48,7 +48,7 @@ from logitcache.cache.layout import sharded_names
 from logitcache.cache.metadata import SAMPLED_ENCODING
 from logitcache.cache.select import tail_cdf, tail_uniforms
 from logitcache.cache.storage import StoreLike, is_url, key_size, list_keys
-from logitcache.cache.writer import Selection, existing_cache
+from logitcache.cache.writer import Selection, existing_cache, unfinished_metadata
 from logitcache.pipeline import __version__
 from logitcache.pipeline.config import (
     CacheConfig,
@@ -96,6 +96,21 @@ def build_metadata(config: Config, data: PreparedData, teachers: TeacherEnsemble
             "cache": cache_settings(config),
         },
     )
+
+
+def _as_recorded_by_unfinished(config: Config, metadata: CacheMetadata, store: StoreLike) -> CacheMetadata:
+    """``metadata``, or, when the unfinished cache at ``store`` was started by a version that recorded
+    the input paths resolved (up to 2026-12-03: absolute paths) and differs in nothing else, the same
+    with the record it started with, so that it resumes where it was started (a moved checkout still
+    needs ``--overwrite``: its resolved paths differ)."""
+    started = unfinished_metadata(store)
+    if started is None or started.differences(metadata) != ["config"]:
+        return metadata
+    resolved = config.to_dict()
+    by_path = {**metadata.config, "data": resolved["data"], "teachers": resolved["teachers"]}
+    if json.loads(json.dumps(by_path)) != started.config:  # as stored: JSON (tuples are lists)
+        return metadata
+    return dataclasses.replace(metadata, config=started.config)
 
 
 def cache_metadata(
@@ -193,6 +208,8 @@ def cache_logits(
     data = PreparedData.open(layout.data)
     teachers = TeacherEnsemble.load(config, data, ctx.device)
     metadata = build_metadata(config, data, teachers)  # validates k < vocab, weights, ...
+    if not overwrite:
+        metadata = _as_recorded_by_unfinished(config, metadata, layout.cache_location)
 
     def setup() -> None:  # main process, once everything is validated
         if overwrite:

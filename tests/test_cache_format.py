@@ -34,6 +34,7 @@ from logitcache.cache import (
 )
 from logitcache.cache.encoding import _sorted_gaps, decode_probs, encode_values
 from logitcache.cache.metadata import VALUE_CODES
+from logitcache.cache.writer import unfinished_metadata
 from logitcache.pipeline.errors import CacheError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,6 +317,18 @@ def test_complete_cache_refused_unless_overwrite(tmp_path: Path) -> None:
     assert writer.pending_shards() == [0]
     with pytest.raises(CacheError, match="unfinished"):
         open_cache(tmp_path / "c")
+
+
+def test_unfinished_metadata_is_that_of_the_cache_a_resume_continues(tmp_path: Path) -> None:
+    assert unfinished_metadata(tmp_path / "missing") is None
+    writer = write_all(tmp_path / "c", make_metadata(k=5), finalize=False)
+    assert unfinished_metadata(tmp_path / "c") == make_metadata(k=5)
+    writer.finalize()
+    assert unfinished_metadata(tmp_path / "c") is None  # complete: nothing to resume
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="Got other files"):
+        unfinished_metadata(tmp_path / "other")
 
 
 def test_resume_with_mismatched_dataset_refused(tmp_path: Path) -> None:

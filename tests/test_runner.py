@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import zarr
 from transformers import AutoModelForCausalLM
 
 from logitcache.cache import open_cache
 from logitcache.cache.errors import CacheError
+from logitcache.cache.layout import METADATA_KEY
 from logitcache.cache.writer import CacheWriter
 from logitcache.pipeline.cache_logits import cache_logits, is_cache_complete
 from logitcache.pipeline.config import load_config
@@ -122,6 +124,31 @@ def test_pipeline_runs_every_stage_then_skips(tmp_path: Path, small_corpus: Path
     cache_logits(again, progress=False)
     assert is_cache_complete(again)
     assert _files(again.run_dir / "cache" / "logits.zarr") == _files(run / "cache" / "logits.zarr")
+    # A cache left unfinished by a version that recorded the input paths resolved (absolute, up to
+    # 2026-12-03) resumes where it was started, keeping its record; its entries are the same bytes
+    older = clone.parent / "older"
+    shutil.copytree(clone, older, symlinks=True)
+    older_config = load_config(older / "configs" / "c.toml")
+    store = older / "run" / "cache" / "logits.zarr"
+    group = zarr.open_group(store, mode="r+")
+    recorded = dict(group.attrs[METADATA_KEY])
+    resolved = older_config.to_dict()
+    recorded["config"] = {**recorded["config"], "data": resolved["data"], "teachers": resolved["teachers"]}
+    assert recorded["config"]["data"]["corpus"] == str(older / "corpus")
+    group.attrs[METADATA_KEY] = recorded
+    cache_logits(older_config, progress=False)
+    assert open_cache(store).metadata.config["data"]["corpus"] == str(older / "corpus")
+    resumed, original = _files(store), _files(run / "cache" / "logits.zarr")
+    assert resumed.pop(Path("zarr.json")) != original.pop(Path("zarr.json"))  # the group's attributes
+    assert resumed == original
+    # ... but not when anything else differs (here: the corpus it was started from)
+    shutil.rmtree(older / "run" / "cache")
+    shutil.copytree(clone / "run" / "cache", older / "run" / "cache", symlinks=True)
+    group = zarr.open_group(store, mode="r+")
+    recorded["config"]["data"]["corpus"] = str(tmp_path / "another-corpus")
+    group.attrs[METADATA_KEY] = recorded
+    with pytest.raises(CacheError, match="Got different config"):
+        cache_logits(older_config, progress=False)
     shutil.rmtree(tmp_path / "elsewhere")
 
     # A changed student setting: the earlier stages are still complete and skipped; the student
