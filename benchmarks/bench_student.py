@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import append_csv, device_name, git_commit, print_table, steady_state_rate
 from logitcache.pipeline.config import load_config
-from logitcache.pipeline.data_order import MicroBatchSampler, make_loader
+from logitcache.pipeline.data_order import MicroBatchSampler, loader_workers, make_loader
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.student import make_dataset, make_order, student_seed, train_student
@@ -81,7 +81,7 @@ def loader_rate(config_path: str, run_dir: Path, overrides: list[str], windows_l
     loader = make_loader(
         make_dataset(config, data, windows),
         sampler,
-        workers=config.student.loader.workers,
+        workers=loader_workers(config.student.loader.workers, device),
         prefetch_factor=config.student.loader.prefetch_factor,
         pin_memory=device.type == "cuda",
     )

@@ -315,26 +315,35 @@ def next_power_of_2(value: int) -> int:
     return 1 << max(int(value) - 1, 0).bit_length()
 
 
+# With a tail, a row's outside sum is its whole sum minus S's unless S holds more than 1 - this of
+# the row's mass at T (the difference would cancel): such rows sum the outside directly.
+OUT_SHARE_MIN = 1.0 / 16.0
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     block_v: int
+    block_t: int
     k_pad: int
     num_warps: int
 
 
-def launch_config(vocab: int, k: int, *, has_tail: bool, block_v: int | None = None) -> LaunchConfig:
+def launch_config(vocab: int, k: int, *, block_v: int | None = None) -> LaunchConfig:
     """Fixed block sizes per V (no autotuning; see docs/kernels.md for why).
 
-    One program handles one row. Without a tail, BLOCK_V covers up to 16384 vocab entries, so a
-    row of V <= 16384 is one chunk: pass 2 re-reads it from L2 right after pass 1, and DRAM sees one
-    read and one write. Larger V streams in 16384-wide chunks (like Liger's cross-entropy kernel).
-    With a tail (ghost bucket), membership in S is tested per chunk against the ids that fall in
-    the chunk (sorted), which costs k * BLOCK_V compares per row, so chunks are kept at 1024.
-    num_warps keeps ~16 fp32 values per thread per live chunk tensor.
+    One program handles one row. BLOCK_V covers up to 16384 vocab entries, so a row of V <= 16384
+    is one chunk: pass 2 re-reads it from L2 right after pass 1, and DRAM sees one read and one
+    write. Larger V streams in 16384-wide chunks (like Liger's cross-entropy kernel). With a tail
+    (ghost bucket), the rare rows whose outside sum is taken directly (``OUT_SHARE_MIN``) test
+    membership in S per chunk of BLOCK_T <= 2048 against the ids that fall in the chunk (sorted),
+    which costs k * BLOCK_T compares per such row. num_warps keeps ~16 fp32 values per thread per
+    live chunk tensor.
     """
     if block_v is None:
-        block_v = min(next_power_of_2(vocab), 1024 if has_tail else 16384)
+        block_v = min(next_power_of_2(vocab), 16384)
     if block_v & (block_v - 1):
         raise KernelError(f"Expected block_v to be a power of two. Got {block_v}.")
     num_warps = max(1, min(32, block_v // 512))
-    return LaunchConfig(block_v=block_v, k_pad=max(next_power_of_2(k), 2), num_warps=num_warps)
+    return LaunchConfig(
+        block_v=block_v, block_t=min(block_v, 2048), k_pad=max(next_power_of_2(k), 2), num_warps=num_warps
+    )

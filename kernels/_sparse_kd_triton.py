@@ -7,10 +7,11 @@ One program per row:
 1. gather the teacher entries' logits z[S] and the target logit z[y] (before any write, so the
    gradient may overwrite the logits in place);
 2. pass 1 over V in BLOCK_V chunks: online log-sum-exp at T = 1 and at T with one running max
-   (max(z / T) = max(z) / T); with a tail, also a masked online log-sum-exp over v not in S with its
-   own running max: S is sorted, the ids inside a chunk are the contiguous range
-   [#ids < chunk_start, #ids < chunk_end) and are compared against the chunk's vocab indices
-   (k * BLOCK_V compares per row in all);
+   (max(z / T) = max(z) / T); with a tail, the sum over v not in S is the row's sum at T minus the
+   distinct gathered entries' sum, or, when S holds more than 1 - OUT_SHARE_MIN of the row's mass
+   at T (the difference would cancel), a masked online log-sum-exp over v not in S in an extra pass
+   with its own max: S is sorted, the ids inside a BLOCK_T chunk are the contiguous range
+   [#ids < chunk_start, #ids < chunk_end) and are compared against the chunk's vocab indices;
 3. the row loss, and the gradient values at S and at y (from registers);
 4. pass 2 writes the generic gradient ce_coef * p + kl_coef / T * (W q - r q / q_out) for every v,
    then (after a barrier) overwrites the k + 1 special positions.
@@ -53,7 +54,9 @@ def sparse_kd_fwd_kernel(
     TEMP_IS_ONE: tl.constexpr,
     DIVERGENCE: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD, 3 TV (_common.DIVERGENCES)
     BLOCK_V: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # chunk of the direct outside sum (rows whose S holds nearly all mass)
     K_PAD: tl.constexpr,
+    OUT_SHARE_MIN: tl.constexpr,  # below this outside share at T, the outside sum is direct
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
@@ -100,13 +103,10 @@ def sparse_kd_fwd_kernel(
     else:
         tail_mass = 0.0
 
-    # Pass 1: online log-sum-exp at T = 1 and at T (shared running max: max(z/T) = max(z)/T),
-    # plus, with a tail, a masked online log-sum-exp over v not in S with its own max.
+    # Pass 1: online log-sum-exp at T = 1 and at T (shared running max: max(z/T) = max(z)/T).
     run_max = float("-inf")
     sum_exp_1 = 0.0
     sum_exp_t = 0.0
-    out_max = float("-inf")
-    out_sum = 0.0
     for chunk_start in range(0, vocab_size, BLOCK_V):
         offs = chunk_start + offs_v
         in_vocab = offs < vocab_size
@@ -118,21 +118,46 @@ def sparse_kd_fwd_kernel(
                 tl.exp((z - new_max) * inv_temperature), axis=0
             )
         run_max = new_max
-        if HAS_TAIL:
-            # ids are sorted, so those inside [chunk_start, chunk_start + BLOCK_V) are a range
-            first = tl.sum((ids_for_count < chunk_start).to(tl.int32), axis=0)
-            last = tl.sum((ids_for_count < chunk_start + BLOCK_V).to(tl.int32), axis=0)
-            in_s = offs < 0  # all False, (BLOCK_V,)
-            for slot in range(first, last):
-                in_s = in_s | (offs == tl.load(ids_row + slot).to(tl.int64))
-            outside = in_vocab & (~in_s)
-            z_out = tl.where(outside, z, float("-inf"))
-            new_out_max = tl.maximum(out_max, tl.max(z_out, axis=0))
-            safe_out_max = tl.where(new_out_max == float("-inf"), 0.0, new_out_max)
-            out_sum = out_sum * tl.exp((out_max - safe_out_max) * inv_temperature) + tl.sum(
-                tl.where(outside, tl.exp((z - safe_out_max) * inv_temperature), 0.0), axis=0
-            )
-            out_max = new_out_max
+
+    # With a tail: the sum of exp((z - out_max) / T) over v not in S. Usually the whole row's sum
+    # minus S's (distinct ids: sorted, so a repeat follows its first copy), with out_max = run_max:
+    # no extra exp per vocab entry. When S holds more than 1 - OUT_SHARE_MIN of the row's mass at
+    # T, that difference would cancel, so this row sums v not in S directly in an extra pass.
+    subtracted = False
+    out_max = float("-inf")
+    out_sum = 0.0
+    if HAS_TAIL:
+        if TEMP_IS_ONE:
+            total_t = sum_exp_1
+        else:
+            total_t = sum_exp_t
+        prev_ids = tl.load(ids_row + offs_k - 1, mask=present & (offs_k > 0), other=-1).to(tl.int64)
+        first_copy = present & (ids != prev_ids)
+        in_sum = tl.sum(tl.where(first_copy, tl.exp((z_s - run_max) * inv_temperature), 0.0), axis=0)
+        subtracted = total_t - in_sum >= OUT_SHARE_MIN * total_t
+        if subtracted:
+            out_max = run_max
+            out_sum = total_t - in_sum
+        else:
+            offs_t = tl.arange(0, BLOCK_T)
+            for chunk_start in range(0, vocab_size, BLOCK_T):
+                offs = chunk_start + offs_t
+                in_vocab = offs < vocab_size
+                z = tl.load(logits_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+                # ids are sorted, so those inside [chunk_start, chunk_start + BLOCK_T) are a range
+                first = tl.sum((ids_for_count < chunk_start).to(tl.int32), axis=0)
+                last = tl.sum((ids_for_count < chunk_start + BLOCK_T).to(tl.int32), axis=0)
+                in_s = offs < 0  # all False, (BLOCK_T,)
+                for slot in range(first, last):
+                    in_s = in_s | (offs == tl.load(ids_row + slot).to(tl.int64))
+                outside = in_vocab & (~in_s)
+                z_out = tl.where(outside, z, float("-inf"))
+                new_out_max = tl.maximum(out_max, tl.max(z_out, axis=0))
+                safe_out_max = tl.where(new_out_max == float("-inf"), 0.0, new_out_max)
+                out_sum = out_sum * tl.exp((out_max - safe_out_max) * inv_temperature) + tl.sum(
+                    tl.where(outside, tl.exp((z - safe_out_max) * inv_temperature), 0.0), axis=0
+                )
+                out_max = new_out_max
 
     # Log-probabilities are formed as (z - max) - log(sum): never subtract an absolute lse from z,
     # which loses ulp(|lse|) when the logits are large (e.g. +-1e4).
@@ -186,7 +211,13 @@ def sparse_kd_fwd_kernel(
         q_y = tl.exp((z_y - run_max) * inv_temperature - log_sum_t)
         grad_y = ce_coef * (p_1_y - 1.0) + kl_grad_coef * (total_mass * q_y - target_teacher)
 
-        # Pass 2: the gradient for every v as if v were neither y nor in S ...
+        # Pass 2: the gradient for every v as if v were neither y nor in S: ce_coef p + kl_grad_coef
+        # (total_mass q - ghost_mass q / Q_out), Q_out = the student's mass outside S at T. When
+        # pass 1 subtracted, Q_out >= OUT_SHARE_MIN and the ghost share folds into q's coefficient.
+        q_coef = kl_grad_coef * total_mass
+        if HAS_TAIL:
+            if subtracted:
+                q_coef -= kl_grad_coef * ghost_mass * tl.exp(log_sum_t - log_out_sum)
         for chunk_start in range(0, vocab_size, BLOCK_V):
             offs = chunk_start + offs_v
             in_vocab = offs < vocab_size
@@ -196,9 +227,12 @@ def sparse_kd_fwd_kernel(
                 q_t = p_1
             else:
                 q_t = tl.exp((z - run_max) * inv_temperature - log_sum_t)
-            grad = ce_coef * p_1 + kl_grad_coef * total_mass * q_t
+            grad = ce_coef * p_1 + q_coef * q_t
             if HAS_TAIL:
-                grad -= kl_grad_coef * ghost_mass * tl.exp((z - out_shift) * inv_temperature - log_out_sum)
+                if not subtracted:
+                    grad -= (
+                        kl_grad_coef * ghost_mass * tl.exp((z - out_shift) * inv_temperature - log_out_sum)
+                    )
             tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
         # ... then overwrite S and y. The barrier orders these stores after pass 2's stores of the
         # same addresses by other threads of this program. Duplicate addresses get equal values.

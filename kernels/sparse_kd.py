@@ -76,6 +76,7 @@ import torch
 
 from logitcache.kernels._common import (
     DIVERGENCES,
+    OUT_SHARE_MIN,
     PROB_FLOOR,
     LaunchConfig,
     LossKeywords,
@@ -363,7 +364,7 @@ def sparse_kd_forward_triton(
     row_parts = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)  # (N, 2)
     if n_rows == 0:
         return row_loss, row_parts
-    config: LaunchConfig = launch_config(vocab, k, has_tail=tail is not None, block_v=block_v)
+    config: LaunchConfig = launch_config(vocab, k, block_v=block_v)
     reduction = params.reduction
     _fwd_kernel()[(n_rows,)](
         logits,
@@ -393,7 +394,9 @@ def sparse_kd_forward_triton(
         TEMP_IS_ONE=params.temperature == 1.0,
         DIVERGENCE=DIVERGENCES.index(params.divergence),
         BLOCK_V=config.block_v,
+        BLOCK_T=config.block_t,
         K_PAD=config.k_pad,
+        OUT_SHARE_MIN=OUT_SHARE_MIN,
         num_warps=config.num_warps,
     )
     return row_loss, row_parts

@@ -232,9 +232,11 @@ class DistillConfig:
 class LoaderConfig:
     """How the student's micro-batches are ordered and read (pipeline/data_order.py, student_data.py)."""
 
-    # DataLoader worker processes; 0 = read in the training process. 0 is the fastest for the demo
-    # on a 2-core CPU machine (docs/benchmarks.md); with spare cores (a GPU machine) try 2.
-    workers: int = 0
+    # DataLoader worker processes; 0 = read in the training process. "auto": 0 when training on
+    # the CPU (the fastest for the demo on a 2-core machine), on a GPU min(4, CPU cores per local
+    # process - 1): a GPU step is short enough that reading in the training process halves its
+    # speed (docs/benchmarks.md, GPU). See data_order.loader_workers.
+    workers: int | Literal["auto"] = "auto"
     prefetch_factor: int = 2  # micro-batches read ahead per worker
     # Shuffle order: windows are permuted in blocks of `shuffle_block` consecutive windows, then
     # within buffers of `shuffle_buffer_blocks` blocks (cheap cache reads). 0 = one cache chunk.
@@ -664,6 +666,12 @@ def from_dict(cls: type[T], raw: Any, *, where: str) -> T:
     return cls(**kwargs)
 
 
+def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
 def _convert(tp: Any, value: Any, dotted: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -686,7 +694,16 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
             )
         return value
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {tp}")  # keep configs free of Optional
+        members = typing.get_args(tp)
+        if type(None) in members:
+            raise TypeError(f"unsupported config type {tp}")  # keep configs free of Optional
+        for member in members:  # e.g. int | Literal["auto"]: the first member that takes the value
+            try:
+                return _convert(member, value, dotted)
+            except ConfigError:
+                continue
+        expected = " or ".join(_describe_type(member) for member in members)
+        raise ConfigError(f"Expected {dotted!r} to be {expected}. Got {value!r}.")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"Expected {dotted!r} to be a number. Got {value!r}.")
@@ -802,7 +819,10 @@ def validate(config: Config) -> None:
     _positive(student.distill.temperature, "student.distill.temperature")
     _validate_divergence(config)
     loader = student.loader
-    _at_least(loader.workers, 0, "student.loader.workers", " (0 = read in the training process)")
+    if loader.workers != "auto":
+        _at_least(
+            loader.workers, 0, "student.loader.workers", ' (0 = read in the training process, or "auto")'
+        )
     _at_least(loader.prefetch_factor, 1, "student.loader.prefetch_factor")
     _at_least(loader.shuffle_block, 0, "student.loader.shuffle_block", " (0 = one cache chunk)")
     _at_least(loader.shuffle_buffer_blocks, 1, "student.loader.shuffle_buffer_blocks")

@@ -18,8 +18,10 @@ student), by ``workers`` processes when > 0, pinned when training on CUDA.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -189,6 +191,28 @@ class WindowsDataset(Dataset[Batch]):
 def _whole_batch(batch: Batch) -> Batch:
     """The loader's collate function: ``__getitems__`` already returns the batched dict."""
     return batch
+
+
+AUTO_WORKERS_MAX = 4
+
+
+def loader_workers(setting: int | Literal["auto"], device: torch.device) -> int:
+    """The DataLoader worker count for ``setting`` (``student.loader.workers``) when training on ``device``.
+
+    An integer is used as given. ``"auto"``: 0 on the CPU, where the reads cost ~2 % of a step and
+    workers would compete with the training threads for the cores (docs/benchmarks.md); on a GPU
+    ``min(4, cores - 1)`` with ``cores`` the CPU cores available to each process of this node
+    (``LOCAL_WORLD_SIZE`` processes under torchrun): there a step takes milliseconds and a read in
+    the training process would leave the GPU idle while it decodes (on an H200 it halved the
+    cache student's tokens/s against its CE twin, docs/benchmarks.md, GPU).
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(AUTO_WORKERS_MAX, per_process - 1))
 
 
 def make_loader(

@@ -261,13 +261,13 @@ def objective_loss(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> d
 def _check_loader(config: Config) -> None:
     loader = config.student.loader
     if (
-        loader.workers < 0
+        (loader.workers != "auto" and loader.workers < 0)
         or loader.prefetch_factor < 1
         or loader.shuffle_block < 0
         or loader.shuffle_buffer_blocks < 1
     ):
         raise ConfigError(
-            "Expected student.loader.workers >= 0, prefetch_factor >= 1, shuffle_block >= 0 and "
+            'Expected student.loader.workers >= 0 or "auto", prefetch_factor >= 1, shuffle_block >= 0 and '
             f"shuffle_buffer_blocks >= 1. Got {loader}."
         )
 

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -47,6 +47,7 @@ from logitcache.pipeline.data_order import (
     MicroBatchSampler,
     OrderFn,
     epoch_order,
+    loader_workers,
     make_loader,
 )
 from logitcache.pipeline.distributed import DistContext
@@ -430,7 +431,7 @@ def train_model(
     progress: bool | None = None,
     desc: str = "train",
     order: OrderFn = epoch_order,
-    workers: int = 0,
+    workers: int | Literal["auto"] = 0,
     prefetch_factor: int = 2,
     wrap: Callable[[PreTrainedModel], torch.nn.Module] | None = None,
     report_to: Sequence[str] = (),
@@ -443,7 +444,7 @@ def train_model(
     (:class:`~logitcache.pipeline.data_order.WindowsDataset` for the teachers). ``order`` gives
     each epoch's window order (default :func:`~logitcache.pipeline.data_order.epoch_order`);
     ``workers`` and ``prefetch_factor`` configure the DataLoader (0 workers: read in this
-    process); batches are pinned when training on CUDA and copied without blocking.
+    process; ``"auto"``: :func:`~logitcache.pipeline.data_order.loader_workers`); batches are pinned when training on CUDA and copied without blocking.
     ``wrap(model)`` builds the module that is compiled, DDP-wrapped and handed to ``loss_fn``
     (e.g. the model plus its loss), sharing the model's parameters. Returns a summary (steps,
     tokens, final dev loss). Only rank 0 writes files. Metrics go to ``out_dir/metrics.jsonl`` and
@@ -484,7 +485,11 @@ def train_model(
         grad_accum_steps=train.grad_accum_steps, rank=ctx.rank, world_size=ctx.world_size,
     )  # fmt: skip
     loader = make_loader(
-        dataset, sampler, workers=workers, prefetch_factor=prefetch_factor, pin_memory=use_cuda
+        dataset,
+        sampler,
+        workers=loader_workers(workers, ctx.device),
+        prefetch_factor=prefetch_factor,
+        pin_memory=use_cuda,
     )
 
     tokens_per_step = plan.batch_size * (seq_len - 1)

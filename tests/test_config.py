@@ -432,6 +432,17 @@ RANGE_RULES = [
 ]
 
 
+def test_loader_workers_take_an_integer_or_auto():
+    demo = REPO / "configs" / "demo.toml"
+    assert load_config(demo).student.loader.workers == "auto"  # the default
+    assert load_config(demo, ["student.loader.workers=3"]).student.loader.workers == 3
+    assert load_config(demo, ['student.loader.workers="auto"']).student.loader.workers == "auto"
+    for bad in ['"four"', "1.5", "true"]:
+        with pytest.raises(ConfigError, match="student.loader.workers' to be an integer or 'auto'") as info:
+            load_config(demo, [f"student.loader.workers={bad}"])
+        assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize(("override", "message"), RANGE_RULES, ids=[case[0] for case in RANGE_RULES])
 def test_range_rules_refuse_with_one_line(override: str, message: str):
     with pytest.raises(ConfigError, match=message) as info:

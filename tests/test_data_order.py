@@ -11,6 +11,7 @@ from logitcache.pipeline.data_order import (
     WindowsDataset,
     block_shuffled_order,
     epoch_order,
+    loader_workers,
     make_block_order,
     make_loader,
 )
@@ -120,3 +121,20 @@ def test_loader_reads_one_micro_batch_per_item_across_epochs(workers: int):
             assert torch.equal(batch["input_ids"], torch.from_numpy(windows[indices].astype(np.int64)))
     assert torch.equal(torch.get_rng_state(), rng_before)  # the loader leaves the global RNG alone
     assert torch.equal(dataset[4]["input_ids"], torch.from_numpy(windows[4].astype(np.int64)))
+
+
+def test_loader_workers_auto_is_0_on_cpu_and_leaves_a_core_per_gpu_process(monkeypatch):
+    assert loader_workers(3, torch.device("cuda")) == 3  # an integer is used as given
+    assert loader_workers(0, torch.device("cuda")) == 0
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers("auto", gpu) == 4  # 16 cores, one process: capped at 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers("auto", gpu) == 1  # 2 cores per process: one for training, one reading
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers("auto", gpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers("auto", gpu) == 1  # never 0 on a GPU

@@ -14,6 +14,7 @@ wrong term, which would be >= 1e-4 here).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -31,6 +32,7 @@ from logitcache.kernels import (
     sparse_kd_loss,
     sparse_kd_loss_reference,
 )
+from logitcache.kernels._common import OUT_SHARE_MIN
 from logitcache.kernels.errors import KernelError
 from logitcache.kernels.testing import IGNORE, MODES, assert_within_naive, make_case
 
@@ -229,6 +231,30 @@ def test_backend_extreme_logits_and_zero_weights(backend, temperature):
     case.weights[:, 0] = 0.0  # zero-weight entries stay in S
     case.tail[3] = 0.0
     _check_backend(case, backend, block_v=32, temperature=temperature)
+
+
+# Outside shares (the student's mass at T outside the cached ids) around the kernel's switch from
+# "row sum minus S's sum" to a direct outside sum (OUT_SHARE_MIN = 1/16), and far below it.
+OUTSIDE_SHARES = [0.9, 0.5, 1.02 / 16, 0.98 / 16, 1e-3, 1e-6]
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ghost_outside_sum_on_both_sides_of_the_direct_sum_switch(backend, temperature, divergence):
+    """Rows whose cached ids hold from 10 % to nearly all of the student's mass, in one batch: the
+    Triton kernel subtracts in the first rows and sums directly in the last (where subtracting
+    would cancel: the ghost term would be off by orders of magnitude); both match the reference."""
+    assert OUT_SHARE_MIN == 1.0 / 16.0  # the shares above straddle it
+    vocab, k = 96, 8
+    case = make_case(len(OUTSIDE_SHARES), vocab, k, "ghost", seed=11, ignore_every=0)
+    noise = torch.randn(case.logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for row, share in enumerate(OUTSIDE_SHARES):
+        # S's logits at a, the others near 0: share = (V - k) / ((V - k) + k exp(a / T)), about
+        a = temperature * math.log((vocab - k) * (1.0 - share) / (k * share))
+        case.logits[row] = 0.01 * noise[row]
+        case.logits[row, case.ids[row]] += a
+    _check_backend(case, backend, temperature=temperature, divergence=divergence)
 
 
 def test_triton_sorted_and_unsorted_ids_agree():
