@@ -235,8 +235,11 @@ def _num(value: object) -> float | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def probe_environment(dry: bool) -> dict:
-    """Facts and the physical ceilings of this machine (runs in a child process: ``--probe-env``)."""
+def probe_environment(dry: bool, facts_only: bool = False) -> dict:
+    """Facts and the physical ceilings of this machine (runs in a child process: ``--probe-env``).
+
+    ``facts_only``: the versions, GPU and driver without the measurements (a run without part a
+    still names its machine in the report)."""
     import importlib.metadata as md
     import platform
 
@@ -289,6 +292,8 @@ def probe_environment(dry: bool) -> dict:
             facts["driver"] = f"nvidia-smi failed: {exc}"
     else:
         facts.update(gpu="none (CPU)", driver="none")
+    if facts_only:
+        return facts
 
     # Device-to-device copy: read + write of a buffer far larger than L2 (random data, not zeros).
     nbytes = 8 * 2**20 if dry else 2 * 2**30
@@ -316,6 +321,14 @@ def probe_environment(dry: bool) -> dict:
     facts["matmul_bf16_tflops"] = round(2 * size**3 / ms / 1e9, 1)
     facts["matmul_peak_mib"] = None if math.isnan(peak.peak_mib) else round(peak.peak_mib, 1)
     return facts
+
+
+def probe_facts_only(check: Check) -> dict:
+    """The machine's facts for the report when part a does not run (no measurements; {} on failure)."""
+    path = check.work / "env-facts.json"
+    argv = [check.python, "-m", "benchmarks.gpu_check", "--probe-env", str(path), "--facts-only"]
+    result = check.run(argv + (["--dry-run"] if check.dry else []), timeout=60)
+    return json.loads(path.read_text()) if result.ok and path.is_file() else {}
 
 
 def part_environment(check: Check, part: PartResult) -> None:
@@ -1023,7 +1036,9 @@ def write_outputs(check: Check, results: list[PartResult], command: str) -> dict
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(check.started_wall)),
         "wall_s": time.time() - check.started_wall,
         "budget_s": check.budget_s,
-        "environment": parts["a"].figures if "a" in parts else {},
+        "environment": parts["a"].figures
+        if parts.get("a") and parts["a"].figures
+        else check.shared.get("env", {}),
         "parts": [asdict(r) for r in results],
         "targets": evaluate_targets(parts),
     }
@@ -1049,10 +1064,12 @@ def _json_safe(value: object) -> object:
 def run_check(args: argparse.Namespace) -> int:
     check = Check(args)
     wanted = args.parts or PART_KEYS
-    command = "bash scripts/gpu-check.sh" + (" --dry-run" if check.dry else "")
+    command = command_line(args)
     results: list[PartResult] = []
     check.say(f"gpu-check: {'dry run on CPU' if check.dry else 'GPU run'}, budget {check.budget_s:.0f} s, "
               f"{check.remaining():.0f} s left, out {check.out}, work {check.work}")  # fmt: skip
+    if "a" not in wanted:  # the report still names the machine and the versions
+        check.shared["env"] = probe_facts_only(check)
     try:
         for key, name, budget, dry_budget, fn in PARTS:
             part = PartResult(key=key, name=name, budget_s=float(dry_budget if check.dry else budget))
@@ -1097,6 +1114,19 @@ def run_check(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "fail" for r in results) else 0
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command as the report shows it: the script and the options that change what runs."""
+    words = ["bash", "scripts/gpu-check.sh"] + (["--dry-run"] if args.dry_run else [])
+    for flag, value in (
+        ("--parts", args.parts),
+        ("--budget-s", args.budget_s),
+        ("--small-config", args.small_config),
+    ):
+        if value is not None:
+            words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(words)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -1120,6 +1150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--small-config", default=None, help="config of part g (default: configs/small.toml)")
     parser.add_argument("--probe-env", default=None, help=argparse.SUPPRESS)  # part a's child process
+    parser.add_argument("--facts-only", action="store_true", help=argparse.SUPPRESS)  # with --probe-env
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(Path(os.environ.get("OUT") or "/tmp") / "gpu-check")
@@ -1131,7 +1162,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe_env:
         if args.dry_run:
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        Path(args.probe_env).write_text(json.dumps(probe_environment(args.dry_run), indent=1) + "\n")
+        facts = probe_environment(args.dry_run, facts_only=args.facts_only)
+        Path(args.probe_env).write_text(json.dumps(facts, indent=1) + "\n")
         return
     sys.exit(run_check(args))
 

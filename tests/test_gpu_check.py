@@ -145,6 +145,25 @@ def test_dry_run_writes_markdown_log_and_summary(dry_run):
     assert len(summary.splitlines()) <= 40  # one screen
 
 
+def test_partial_run_names_its_machine_and_options(tmp_path):
+    """Without part a the report still names the GPU and versions, and the command its options (the
+    first GPU rerun of parts b, c and e printed "?" for both and dropped --parts)."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    argv = ["bash", str(REPO / "scripts" / "gpu-check.sh"), "--dry-run", "--parts", "c", "--budget-s", "200"]
+    proc = subprocess.run(
+        argv + ["--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["command"] == "bash scripts/gpu-check.sh --dry-run --parts c --budget-s 200"
+    assert report["environment"]["gpu"] == "none (CPU)" and "copy_gbs" not in report["environment"]
+    heading = (tmp_path / "gpu-check.md").read_text().splitlines()[0]
+    assert heading.startswith("### GPU check (dry run on CPU: numbers mean nothing): none (CPU), ")
+    assert "?" not in heading
+    assert {p["key"]: p["status"] for p in report["parts"]}["c"] == "pass"
+
+
 # ------------------------------------------------------------------------------------------------
 # the helpers, on CPU and with a faked torch.cuda
 # ------------------------------------------------------------------------------------------------
