@@ -15,6 +15,10 @@ evaluation and checkpoint saving excluded by the loop's clock). The modes altern
 of ``--repeats`` rounds, the order rotating from round to round; every round is printed with the
 machine's load average and its ratios, and the **median of the per-round ratios** is printed last.
 
+``--profile-steps N`` then trains each mode once more, N steps under torch.profiler, and prints its
+top ops by self time on the device and the time per step the loop waited for the DataLoader (does
+reading the cache starve the GPU?); ``--repeats 0`` runs only that.
+
 ``--workers 0,1,2`` adds the `cache` student at each loader worker count to every round, and
 ``--loader-windows N`` the loader alone (the DataLoader the loop builds, iterated without
 training: windows/s it delivers).
@@ -23,12 +27,15 @@ training: windows/s it delivers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import math
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -41,16 +48,23 @@ from logitcache.pipeline.prepare import PreparedData
 from logitcache.pipeline.student import make_dataset, make_order, student_seed, train_student
 
 
-def student_rate(
-    config_path: str, run_dir: Path, mode: str, warmup: int, steps: int, overrides: list[str]
-) -> float:
-    """Steady-state tokens/s of `train_student` in ``mode``: steps ``warmup .. warmup + steps``."""
+@contextlib.contextmanager
+def scratch_run(run_dir: Path) -> Iterator[Path]:
+    """A temporary run directory that links RUN/data, RUN/teachers and RUN/cache (students go there)."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         run.mkdir()
         for name in ("data", "teachers", "cache"):
             if (run_dir / name).exists():
                 (run / name).symlink_to(run_dir.resolve() / name)
+        yield run
+
+
+def student_rate(
+    config_path: str, run_dir: Path, mode: str, warmup: int, steps: int, overrides: list[str]
+) -> float:
+    """Steady-state tokens/s of `train_student` in ``mode``: steps ``warmup .. warmup + steps``."""
+    with scratch_run(run_dir) as run:
         settings = [
             *overrides,
             f"student.mode={mode}",
@@ -95,6 +109,44 @@ def loader_rate(config_path: str, run_dir: Path, overrides: list[str], windows_l
     return delivered / seconds
 
 
+LOADER_WAIT_PREFIX = "enumerate(DataLoader)"  # torch's profiler label of each next(loader) call
+
+
+def profile_student(
+    config_path: str, run_dir: Path, mode: str, steps: int, overrides: list[str], row_limit: int = 15
+) -> tuple[str, dict[str, float]]:
+    """`train_student` in ``mode`` for ``steps`` steps under torch.profiler (start-up included).
+
+    Returns the table of the ``row_limit`` ops with the most self time on the training device (the
+    CPU when there is no GPU), and figures: the training loop's own seconds per step and the
+    seconds per step the loop waited for the DataLoader (``next(loader)``, torch's
+    ``enumerate(DataLoader)...`` events), the test of whether reading the cache starves the GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with scratch_run(run_dir) as run:
+        settings = [
+            *overrides,
+            f"student.mode={mode}",
+            f"student.train.max_steps={steps}",
+            f"student.train.log_every={steps}",
+            "student.train.checkpoint_every=1000000",
+        ]
+        config = load_config(config_path, settings, run_dir=run)
+        with profile(activities=activities) as prof:
+            out = train_student(config, progress=False)
+        summary_path = out / "train_summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    averages = prof.key_averages()
+    wait_us = sum(e.cpu_time_total for e in averages if e.key.startswith(LOADER_WAIT_PREFIX))
+    figures = {"loader_wait_ms_per_step": wait_us / 1e3 / steps}
+    if summary.get("train_s"):
+        figures["train_ms_per_step"] = 1e3 * float(summary["train_s"]) / steps
+    return averages.table(sort_by=sort_by, row_limit=row_limit), figures
+
+
 def load() -> str:
     return "load {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
@@ -113,6 +165,12 @@ def main() -> None:
     parser.add_argument("--modes", default="cache,ce", help="e.g. cache,ce,online")
     parser.add_argument("--workers", default="", help="student.loader.workers values to compare, e.g. 0,1,2")
     parser.add_argument("--loader-windows", type=int, default=0, help="windows read by the loader-alone test")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the rounds, train each mode this many steps under torch.profiler: top ops, loader wait",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--csv", default="benchmarks/results/student.csv")
     args = parser.parse_args()
@@ -175,6 +233,10 @@ def main() -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print_table(rows, [c for c in columns if c not in base or c in ("commit",)])
     append_csv(Path(args.csv), rows, columns)
+    for mode in modes if args.profile_steps else []:
+        table, figures = profile_student(args.config, args.run_dir, mode, args.profile_steps, args.overrides)
+        print(f"profile of {mode}, {args.profile_steps} steps (start-up included):\n{table}", flush=True)
+        print(f"profile of {mode}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()), flush=True)
     for name, values in ratios.items():
         print(
             f"median {name.replace('_over_', ' / ')} over {len(values)} rounds: {statistics.median(values):.3f}"

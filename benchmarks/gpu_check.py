@@ -523,15 +523,18 @@ def part_fused_linear(check: Check, part: PartResult) -> None:
 TRAIN_GPU = dict(
     max_chars=800_000, vocab=16000, seq_len=256, hidden=512, layers=6, heads=8, kv_heads=4, ffn=1408,
     gpt_ffn=2048, batch=32, steps=140, warmup=30, log_every=10, teacher_steps=10, cache_batch=64,
-    held_out_fraction=0.02,
+    held_out_fraction=0.02, profile_steps=40,
 )  # fmt: skip
 TRAIN_DRY = dict(
     max_chars=12_000, vocab=512, seq_len=32, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64,
     gpt_ffn=64, batch=16, steps=8, warmup=3, log_every=1, teacher_steps=1, cache_batch=64,
     held_out_fraction=0.1,  # 8 sources x 12k characters: 0.02 leaves the test split empty
+    profile_steps=3,
 )  # fmt: skip
 TEACHERS = ("llama", "gpt2")
 ONLINE_COMPILE_MIN_S = 60  # GPU: compile the online student only with this much of part e's budget left
+PROFILE_MIN_S = 45  # GPU: profile the eager cache and ce students only with this much of part e's budget left
+PROFILE_LINE = re.compile(r"^profile of (\w+): (.*)$")
 STUDENT_MODES = ("cache", "ce", "online")
 
 
@@ -704,8 +707,37 @@ def part_training(check: Check, part: PartResult) -> None:
     if cut_off:
         part.figures["cut_off"] = cut_off
         part.headline += f" ({', '.join(cut_off)} cut off at the budget)"
+    profile_students(check, part, shape, config, run_dir, sets, left())
+    if str(part.figures.get("profile", "")).startswith("loader wait"):
+        part.headline += f"; {part.figures['profile']}"
     if failures:
         raise PartFailed("; ".join(failures))
+
+
+def profile_students(
+    check: Check, part: PartResult, shape: dict, config: Path, run_dir: Path, sets: list[str], left: float
+) -> None:
+    """The eager cache and ce students again, a few steps each under torch.profiler, when the part's
+    budget allows: their top ops go to the log, the loop's wait for the DataLoader per step to the
+    figures (``profile_<mode>_loader_wait_ms_per_step``): does reading the cache starve the GPU?"""
+    if left < (5 if check.dry else PROFILE_MIN_S):
+        part.figures["profile"] = f"skipped: under {PROFILE_MIN_S} s of part e's budget left"
+        return
+    argv = [check.python, "-m", "benchmarks.bench_student", str(config), "--run-dir", str(run_dir),
+            "--repeats", "0", "--profile-steps", str(shape["profile_steps"]), "--modes", "cache,ce",
+            "--csv", str(check.work / "student_profile.csv"), *sets,
+            "--set", "student.train.compile=false"]  # fmt: skip
+    result = check.run(argv, timeout=left)
+    if not result.ok:
+        part.figures["profile"] = f"failed: {result.error()}"  # diagnostics only: not a part failure
+        return
+    for line in result.lines:
+        match = PROFILE_LINE.match(line.strip())
+        for name, value in (item.rsplit(" ", 1) for item in match.group(2).split(", ")) if match else []:
+            part.figures[f"profile_{match.group(1)}_{name}"] = float(value)
+    waits = [f"{m} {part.figures[f'profile_{m}_loader_wait_ms_per_step']:.1f}" for m in ("cache", "ce")
+             if f"profile_{m}_loader_wait_ms_per_step" in part.figures]  # fmt: skip
+    part.figures["profile"] = "loader wait ms/step: " + ", ".join(waits) if waits else "no profile lines"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,7 +869,7 @@ PARTS: list[tuple[str, str, float, float, Callable[[Check, PartResult], None]]] 
     ("b", "pytest -m gpu", 120, 90, part_pytest),
     ("c", "kernel benchmark", 90, 60, part_kernel),
     ("d", "fused-linear benchmark", 90, 60, part_fused_linear),
-    ("e", "training: cache vs ce vs online", 230, 180, part_training),
+    ("e", "training: cache vs ce vs online", 275, 180, part_training),
     ("f", "cache-logits vs forward", 60, 60, part_cache_logits),
     # GPU: whatever time is left; dry run: part e's tiny run has most stages done: ~20 s (under
     # load, 10 s did not reach the first stage line: Python start-up alone takes that long)

@@ -107,6 +107,11 @@ def test_dry_run_figures_have_the_gpu_run_format(dry_run):
         assert rows[name]["note"].startswith("skipped: dry run"), name
     for key in ("cache_over_ce_eager", "cache_over_online_eager", "train_windows", "cache_logits_s"):
         assert train["figures"][key] > 0, key
+    # the profiled eager students: the loop's wait for the DataLoader and its time, per step
+    for mode in ("cache", "ce"):
+        assert train["figures"][f"profile_{mode}_train_ms_per_step"] > 0, mode
+        assert train["figures"][f"profile_{mode}_loader_wait_ms_per_step"] >= 0, mode
+    assert train["figures"]["profile"].startswith("loader wait ms/step: cache ")
 
     cache = parts["f"]["figures"]
     assert cache["ratio"] > 0 and cache["forward_tokens_per_s"] > 0
