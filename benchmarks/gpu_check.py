@@ -990,8 +990,13 @@ def render_markdown(report: dict) -> str:
         f"Command: `{report['command']}`; wall {report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget. "
         f"torch {env.get('version_torch', '?')} (CUDA {env.get('torch_cuda', '?')}), triton "
         f"{env.get('version_triton', '?')}, driver {env.get('driver', '?')}, Liger {env.get('version_liger-kernel', '?')}, "
-        f"CCE {env.get('version_cut-cross-entropy', '?')}; copy bandwidth {env.get('copy_gbs', '?')} GB/s "
-        f"(read + write), bf16 matmul {env.get('matmul_bf16_tflops', '?')} TFLOP/s.",
+        f"CCE {env.get('version_cut-cross-entropy', '?')}; "
+        + (
+            f"copy bandwidth {env['copy_gbs']} GB/s (read + write), bf16 matmul "
+            f"{env.get('matmul_bf16_tflops', '?')} TFLOP/s."
+            if "copy_gbs" in env
+            else "copy bandwidth and matmul rate not measured (part a did not run)."
+        ),
         "",
     ]
     lines += _table(

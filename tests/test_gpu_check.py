@@ -166,6 +166,10 @@ def test_partial_run_names_its_machine_and_options(tmp_path):
     heading = (tmp_path / "gpu-check.md").read_text().splitlines()[0]
     assert heading.startswith("### GPU check (dry run on CPU: numbers mean nothing): none (CPU), ")
     assert "?" not in heading
+    assert (
+        "copy bandwidth and matmul rate not measured (part a did not run)."
+        in (tmp_path / "gpu-check.md").read_text()
+    )
     assert {p["key"]: p["status"] for p in report["parts"]}["c"] == "pass"
 
 
