@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import append_csv, device_name, git_commit, print_table, steady_state_rate
-from logitcache.pipeline.config import load_config
+from logitcache.pipeline.config import Config, load_config
 from logitcache.pipeline.data_order import MicroBatchSampler, loader_workers, make_loader
 from logitcache.pipeline.distributed import resolve_device
 from logitcache.pipeline.prepare import PreparedData
@@ -60,19 +60,27 @@ def scratch_run(run_dir: Path) -> Iterator[Path]:
         yield run
 
 
+def student_config(
+    config_path: str, run: Path, overrides: list[str], mode: str, steps: int, log_every: int
+) -> Config:
+    """The config of one measured student in the scratch ``run``: ``mode``, ``steps`` steps, no checkpoints."""
+    settings = [
+        *overrides,
+        f"student.mode={mode}",
+        f"student.train.max_steps={steps}",
+        f"student.train.log_every={log_every}",
+        "student.train.checkpoint_every=1000000",
+    ]
+    return load_config(config_path, settings, run_dir=run)
+
+
 def student_rate(
     config_path: str, run_dir: Path, mode: str, warmup: int, steps: int, overrides: list[str]
 ) -> float:
     """Steady-state tokens/s of `train_student` in ``mode``: steps ``warmup .. warmup + steps``."""
     with scratch_run(run_dir) as run:
-        settings = [
-            *overrides,
-            f"student.mode={mode}",
-            f"student.train.max_steps={warmup + steps}",
-            f"student.train.log_every={math.gcd(warmup, steps) if warmup else steps}",
-            "student.train.checkpoint_every=1000000",
-        ]
-        config = load_config(config_path, settings, run_dir=run)
+        log_every = math.gcd(warmup, steps) if warmup else steps
+        config = student_config(config_path, run, overrides, mode, warmup + steps, log_every)
         out = train_student(config, progress=False)
         rate = steady_state_rate(out / "metrics.jsonl", warmup)["steady_tokens_per_s"]
         if rate is None:
@@ -127,14 +135,7 @@ def profile_student(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     with scratch_run(run_dir) as run:
-        settings = [
-            *overrides,
-            f"student.mode={mode}",
-            f"student.train.max_steps={steps}",
-            f"student.train.log_every={steps}",
-            "student.train.checkpoint_every=1000000",
-        ]
-        config = load_config(config_path, settings, run_dir=run)
+        config = student_config(config_path, run, overrides, mode, steps, steps)
         with profile(activities=activities) as prof:
             out = train_student(config, progress=False)
         summary_path = out / "train_summary.json"
