@@ -323,21 +323,24 @@ def probe_environment(dry: bool, facts_only: bool = False) -> dict:
     return facts
 
 
+def run_probe(check: Check, timeout: float, *, facts_only: bool = False) -> tuple[CmdResult, dict | None]:
+    """:func:`probe_environment` in a child process: its result and the facts (None if none came)."""
+    path = check.work / ("env-facts.json" if facts_only else "env.json")
+    argv = [check.python, "-m", "benchmarks.gpu_check", "--probe-env", str(path)]
+    argv += (["--facts-only"] if facts_only else []) + (["--dry-run"] if check.dry else [])
+    result = check.run(argv, timeout=timeout)
+    return result, json.loads(path.read_text()) if result.ok and path.is_file() else None
+
+
 def probe_facts_only(check: Check) -> dict:
     """The machine's facts for the report when part a does not run (no measurements; {} on failure)."""
-    path = check.work / "env-facts.json"
-    argv = [check.python, "-m", "benchmarks.gpu_check", "--probe-env", str(path), "--facts-only"]
-    result = check.run(argv + (["--dry-run"] if check.dry else []), timeout=60)
-    return json.loads(path.read_text()) if result.ok and path.is_file() else {}
+    return run_probe(check, 60, facts_only=True)[1] or {}
 
 
 def part_environment(check: Check, part: PartResult) -> None:
-    path = check.work / "env.json"
-    argv = [check.python, "-m", "benchmarks.gpu_check", "--probe-env", str(path)]
-    result = check.run(argv + (["--dry-run"] if check.dry else []), timeout=part.budget_s)
-    if not result.ok or not path.is_file():
+    result, facts = run_probe(check, part.budget_s)
+    if facts is None:
         raise PartFailed(result.error())
-    facts = json.loads(path.read_text())
     part.figures.update(facts)
     check.shared["copy_gbs"] = facts.get("copy_gbs")
     check.shared["env"] = facts
@@ -720,8 +723,9 @@ def profile_students(
     """The eager cache and ce students again, a few steps each under torch.profiler, when the part's
     budget allows: their top ops go to the log, the loop's wait for the DataLoader per step to the
     figures (``profile_<mode>_loader_wait_ms_per_step``): does reading the cache starve the GPU?"""
-    if left < (5 if check.dry else PROFILE_MIN_S):
-        part.figures["profile"] = f"skipped: under {PROFILE_MIN_S} s of part e's budget left"
+    min_s = 5 if check.dry else PROFILE_MIN_S
+    if left < min_s:
+        part.figures["profile"] = f"skipped: under {min_s} s of part e's budget left"
         return
     argv = [check.python, "-m", "benchmarks.bench_student", str(config), "--run-dir", str(run_dir),
             "--repeats", "0", "--profile-steps", str(shape["profile_steps"]), "--modes", "cache,ce",

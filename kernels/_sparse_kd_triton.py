@@ -98,8 +98,6 @@ def sparse_kd_fwd_kernel(
     z_y = tl.load(logits_row + target).to(tl.float32)
     if HAS_TAIL:
         tail_mass = tl.load(tail_ptr + row).to(tl.float32)
-        # padding slots past K sort after every vocab id for the per-chunk range counts
-        ids_for_count = tl.where(k_in, ids, 1 << 40)
     else:
         tail_mass = 0.0
 
@@ -140,6 +138,8 @@ def sparse_kd_fwd_kernel(
             out_sum = total_t - in_sum
         else:
             offs_t = tl.arange(0, BLOCK_T)
+            # padding slots past K sort after every vocab id for the per-chunk range counts
+            ids_for_count = tl.where(k_in, ids, 1 << 40)
             for chunk_start in range(0, vocab_size, BLOCK_T):
                 offs = chunk_start + offs_t
                 in_vocab = offs < vocab_size

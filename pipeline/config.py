@@ -666,10 +666,14 @@ def from_dict(cls: type[T], raw: Any, *, where: str) -> T:
     return cls(**kwargs)
 
 
+_TYPE_WORDS: Final = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _describe_type(tp: Any) -> str:
+    """How a config error names type ``tp`` ("an integer", "'auto'")."""
     if typing.get_origin(tp) is Literal:
         return " or ".join(map(repr, typing.get_args(tp)))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return _TYPE_WORDS.get(tp, str(tp))
 
 
 def _convert(tp: Any, value: Any, dotted: str) -> Any:
@@ -706,19 +710,19 @@ def _convert(tp: Any, value: Any, dotted: str) -> Any:
         raise ConfigError(f"Expected {dotted!r} to be {expected}. Got {value!r}.")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"Expected {dotted!r} to be a number. Got {value!r}.")
+            raise ConfigError(f"Expected {dotted!r} to be {_describe_type(float)}. Got {value!r}.")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"Expected {dotted!r} to be an integer. Got {value!r}.")
+            raise ConfigError(f"Expected {dotted!r} to be {_describe_type(int)}. Got {value!r}.")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"Expected {dotted!r} to be true or false. Got {value!r}.")
+            raise ConfigError(f"Expected {dotted!r} to be {_describe_type(bool)}. Got {value!r}.")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"Expected {dotted!r} to be a string. Got {value!r}.")
+            raise ConfigError(f"Expected {dotted!r} to be {_describe_type(str)}. Got {value!r}.")
         return value
     raise TypeError(f"unsupported config type {tp}")
 
